@@ -1,0 +1,46 @@
+"""One error type for everything a user can get wrong, and the CLI wrapper that
+turns it into a single line on stderr and a non-zero exit instead of a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class SpecmoeError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class UnsupportedModelError(SpecmoeError):
+    """The model is dense, or of an MoE family specmoe does not describe."""
+
+
+class CorruptFileError(SpecmoeError):
+    """A file on disk does not match what its manifest promises."""
+
+
+class MismatchError(SpecmoeError):
+    """Two artefacts (model, trace, estimator) do not belong together."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Run a command's main(); report SpecmoeError as `<prog>: error: ...` and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        prog = main.__module__.split(".")[0]
+        try:
+            return main(*args, **kwargs) or 0
+        except SpecmoeError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; completed work is kept (rerun with --resume)", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return wrapper

@@ -1,0 +1,478 @@
+"""What differs between MoE model families: one declarative description per family.
+
+Tracing, the estimators and the runtime ask this module every "where is it" and
+"how does this family route" question; nothing else in specmoe hard-codes a module
+path or a routing rule. A family is a frozen `Family` record: the attribute names
+that lead from a decoder layer to its MoE block, router, fused experts, pre-MoE norm
+and shared expert; the config keys that size it; and three small functions (which
+layers are sparse, how the router turns logits into ids and weights, how one expert
+computes). Adding a family is one more `Family(...)` entry in `_ALL_FAMILIES`.
+
+Everything is read off the transformers modules themselves (router attributes such
+as `top_k`, `norm_topk_prob`, `e_score_correction_bias`, expert attributes such as
+`act_fn`, `alpha`, `limit`), not off version checks, so one description serves
+transformers 5.17 and 5.24 alike.
+
+Notation (docs/method.md): r_l is the residual after attention, s_l = LN_moe_l(r_l)
+the router input, z_l the router logits, (I_l, g_l) the top-k ids and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tracing.errors import UnsupportedModelError
+
+__all__ = ["MoESpec", "Family", "FAMILIES", "detect_family"]
+
+Tensor = torch.Tensor
+Routing = tuple[Tensor, Tensor]  # (ids LongTensor [T, k], weights [T, k])
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The sizes and shape of one model's MoE stack, read from its config."""
+
+    family: str
+    model_type: str
+    num_layers: int                 # decoder layers, dense ones included
+    moe_layers: tuple[int, ...]     # decoder layer indices with a sparse MoE block
+    num_experts: int                # routed experts per MoE layer
+    top_k: int                      # experts the model really uses per token
+    hidden_size: int
+    expert_intermediate_size: int
+    has_shared_expert: bool
+    scoring: str                    # "softmax" | "sigmoid"
+    max_position_embeddings: int
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_of(model_or_config) -> "object":
+    from transformers import PretrainedConfig
+
+    if isinstance(model_or_config, PretrainedConfig):
+        return model_or_config
+    config = getattr(model_or_config, "config", None)
+    if isinstance(config, PretrainedConfig):
+        return config
+    raise UnsupportedModelError(
+        f"expected a transformers model or config, got {type(model_or_config).__name__}"
+    )
+
+
+# ------------------------------------------------------------ which layers are sparse
+
+
+def _every_layer(config) -> tuple[int, ...]:
+    return tuple(range(config.num_hidden_layers))
+
+
+def _qwen_sparse_layers(config) -> tuple[int, ...]:
+    # Qwen2/3-MoE: mlp_only_layers wins; otherwise every decoder_sparse_step-th layer.
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    if (config.num_experts or 0) <= 0:
+        return ()
+    return tuple(
+        i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0
+    )
+
+
+def _after_first_k_dense(config) -> tuple[int, ...]:
+    # DeepSeek / GLM: the first `first_k_dense_replace` layers keep a dense MLP.
+    first = getattr(config, "first_k_dense_replace", 0) or 0
+    return tuple(range(first, config.num_hidden_layers))
+
+
+# ----------------------------------------------------------------- router logits
+
+
+def _flat(s: Tensor, hidden: int) -> Tensor:
+    return s.reshape(-1, hidden)
+
+
+def _linear_logits(router: nn.Module, s: Tensor) -> Tensor:
+    # Same dtype as the router input, as F.linear in the stock router; GPT-OSS adds a bias.
+    weight = router.weight
+    return F.linear(_flat(s, weight.shape[-1]), weight, getattr(router, "bias", None))
+
+
+def _fp32_logits(router: nn.Module, s: Tensor) -> Tensor:
+    # DeepSeek / GLM upcast both input and weight: logits are fp32 even in a bf16 model.
+    weight = router.weight
+    return F.linear(_flat(s, weight.shape[-1]).float(), weight.float())
+
+
+# ----------------------------------------------------------------------- routing
+# Each reproduces the stock router's selection op for op, including topk's `sorted`
+# flag: the order of ids is what the experts module receives, and for sorted=False
+# that order is only reproducible by running the same op on the same values.
+
+
+def _softmax_topk(router: nn.Module, logits: Tensor) -> Routing:
+    """Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts, top-k, optional renorm."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, router.top_k, dim=-1)
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # These routers hand the experts weights in the logits' dtype.
+    return ids, weights.to(logits.dtype)
+
+
+def _mixtral_route(router: nn.Module, logits: Tensor) -> Routing:
+    """Softmax over all experts, top-k, always renormalised; weights stay fp32."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, router.top_k, dim=-1)
+    return ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _topk_then_softmax(router: nn.Module, logits: Tensor) -> Routing:
+    """GPT-OSS: top-k of the (biased) logits, softmax over those k only."""
+    top, ids = torch.topk(logits, router.top_k, dim=-1)
+    return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
+
+
+def _group_keep_mask(group_scores: Tensor, topk_group: int, experts_per_group: int) -> Tensor:
+    """Boolean [T, E]: experts whose group is among the `topk_group` best groups."""
+    best = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return keep.repeat_interleave(experts_per_group, dim=1)
+
+
+def _deepseek_v2_route(router: nn.Module, logits: Tensor) -> Routing:
+    """Softmax scores; greedy or group-limited greedy top-k; scaled, never renormalised.
+
+    The stock DeepSeek-V2 router ignores `norm_topk_prob`; so do we."""
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    method = router.topk_method
+    if method == "group_limited_greedy":
+        groups = router.num_group
+        per_group = scores.shape[-1] // groups
+        group_best = scores.view(-1, groups, per_group).max(dim=-1).values
+        keep = _group_keep_mask(group_best, router.topk_group, per_group)
+        scores = scores.masked_fill(~keep, 0.0)
+    elif method != "greedy":
+        raise UnsupportedModelError(f"deepseek_v2 topk_method {method!r} is not one transformers implements")
+    weights, ids = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+    return ids, weights
+
+
+def _sigmoid_grouped_route(router: nn.Module, logits: Tensor) -> Routing:
+    """DeepSeek-V3, GLM-4 MoE: sigmoid scores; selection on scores + correction bias,
+    limited to the best `topk_group` groups (a group's merit is its two best experts);
+    weights are the UNbiased scores of the chosen experts, optionally renormalised,
+    then scaled."""
+    scores = logits.sigmoid()
+    choice = scores + router.e_score_correction_bias
+    groups = router.num_group
+    per_group = choice.shape[-1] // groups
+    group_merit = choice.view(-1, groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    keep = _group_keep_mask(group_merit, router.topk_group, per_group)
+    choice = choice.masked_fill(~keep, float("-inf"))
+    ids = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights
+
+
+def _sparsemixer_eval_route(router: nn.Module, logits: Tensor) -> Routing:
+    """Phi-MoE's sparsemixer in eval mode: always two experts, whatever top_k says.
+
+    Expert 1 is the argmax; its weight is its softmax share among the experts whose
+    logit lies within a relative band 2*jitter of the max (the others are masked).
+    Expert 2 is the argmax once expert 1 is removed, weighted the same way around
+    the runner-up. (Training mode samples with Gumbel noise: not reproducible.)"""
+    band = 2 * router.router_jitter_noise
+
+    def pick(candidates: Tensor) -> tuple[Tensor, Tensor]:
+        best, idx = candidates.max(dim=-1, keepdim=True)
+        # Relative gap to the best, with |logit| floored at the best so tiny logits don't blow it up.
+        gap = (best - logits) / logits.abs().clamp(min=best)
+        share = torch.softmax(candidates.masked_fill(gap > band, float("-inf")), dim=-1)
+        return idx, share.gather(dim=-1, index=idx)
+
+    first, w_first = pick(logits)
+    second, w_second = pick(logits.scatter(-1, first, float("-inf")))
+    return torch.cat((first, second), dim=-1), torch.cat((w_first, w_second), dim=-1)
+
+
+# ------------------------------------------------------------------------ experts
+
+
+def _swiglu_expert(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """[gate; up] stacked along the output dim, weights [out, in] (F.linear layout)."""
+    gate, up = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, w["down_proj"])
+
+
+def _gpt_oss_expert(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Weights [in, out] with biases; gate and up interleaved (even / odd columns);
+    a clamped swish-GLU whose `up` branch is shifted by one."""
+    alpha, limit = experts.alpha, experts.limit
+    gate_up = x @ w["gate_up_proj"] + w["gate_up_proj_bias"]
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    hidden = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return hidden @ w["down_proj"] + w["down_proj_bias"]
+
+
+# ------------------------------------------------------------------------- family
+
+
+@dataclass(frozen=True)
+class Family:
+    """One MoE family, described by data. Module paths are attribute names, walked as
+
+        model.base_model.<layers_attr>[l].<moe_attr>.<router_attr | experts_attr | shared_attr>
+        model.base_model.<layers_attr>[l].<norm_attr>
+    """
+
+    name: str
+    # --- where things live
+    router_attr: str
+    layers_attr: str = "layers"
+    moe_attr: str = "mlp"
+    experts_attr: str = "experts"
+    norm_attr: str = "post_attention_layernorm"
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None         # sigmoid gate multiplying the shared expert
+    # --- config keys
+    num_experts_key: str = "num_experts"
+    expert_size_key: str = "moe_intermediate_size"
+    shared_size_key: str | None = None           # a zero/None value there means "no shared expert"
+    fixed_top_k: int | None = None               # when the router ignores num_experts_per_tok
+    # --- behaviour
+    scoring: str = "softmax"
+    sparse_layers: Callable[[object], tuple[int, ...]] = _every_layer
+    logits_fn: Callable[[nn.Module, Tensor], Tensor] = _linear_logits
+    route_fn: Callable[[nn.Module, Tensor], Routing] = _softmax_topk
+    expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    expert_fn: Callable[[nn.Module, Mapping[str, Tensor], Tensor], Tensor] = _swiglu_expert
+    model_types: tuple[str, ...] = ()            # config.model_type values; defaults to (name,)
+
+    def __post_init__(self) -> None:
+        if not self.model_types:
+            object.__setattr__(self, "model_types", (self.name,))
+
+    # ---------------------------------------------------------------- config side
+
+    def spec(self, model_or_config) -> MoESpec:
+        config = _config_of(model_or_config)
+        shared = False
+        if self.shared_size_key is not None:
+            shared = (getattr(config, self.shared_size_key, 0) or 0) > 0
+        return MoESpec(
+            family=self.name,
+            model_type=config.model_type,
+            num_layers=int(config.num_hidden_layers),
+            moe_layers=tuple(int(i) for i in self.sparse_layers(config)),
+            num_experts=int(getattr(config, self.num_experts_key)),
+            top_k=int(self.fixed_top_k or config.num_experts_per_tok),
+            hidden_size=int(config.hidden_size),
+            expert_intermediate_size=int(getattr(config, self.expert_size_key)),
+            has_shared_expert=shared,
+            scoring=self.scoring,
+            max_position_embeddings=int(config.max_position_embeddings),
+        )
+
+    def module_paths(self, layer_idx: int, prefix: str = "model.") -> dict[str, str | None]:
+        """Dotted names (as in named_modules / state dicts of a *ForCausalLM) for one layer."""
+        layer = f"{prefix}{self.layers_attr}.{layer_idx}"
+        moe = f"{layer}.{self.moe_attr}"
+        return {
+            "layer": layer,
+            "moe": moe,
+            "router": f"{moe}.{self.router_attr}",
+            "experts": f"{moe}.{self.experts_attr}",
+            "norm": f"{layer}.{self.norm_attr}",
+            "shared": f"{moe}.{self.shared_attr}" if self.shared_attr else None,
+            "shared_gate": f"{moe}.{self.shared_gate_attr}" if self.shared_gate_attr else None,
+        }
+
+    # ---------------------------------------------------------------- module side
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        # base_model resolves a *ForCausalLM to its inner model and a bare model to itself.
+        base = getattr(model, "base_model", model)
+        return getattr(base, self.layers_attr)
+
+    def moe_block(self, model: nn.Module, layer_idx: int) -> nn.Module:
+        block = getattr(self.decoder_layers(model)[layer_idx], self.moe_attr)
+        if not (hasattr(block, self.router_attr) and hasattr(block, self.experts_attr)):
+            raise ValueError(
+                f"decoder layer {layer_idx} of this {self.name} model is dense "
+                f"(MoE layers: {list(self.spec(model).moe_layers)})"
+            )
+        return block
+
+    def router(self, model: nn.Module, layer_idx: int) -> nn.Module:
+        return getattr(self.moe_block(model, layer_idx), self.router_attr)
+
+    def experts(self, model: nn.Module, layer_idx: int) -> nn.Module:
+        return getattr(self.moe_block(model, layer_idx), self.experts_attr)
+
+    def moe_norm(self, model: nn.Module, layer_idx: int) -> nn.Module:
+        return getattr(self.decoder_layers(model)[layer_idx], self.norm_attr)
+
+    def moe_forward(self, model: nn.Module, layer_idx: int, s: Tensor) -> Tensor:
+        """The stock MoE block on s (routed + shared experts), as a plain tensor.
+
+        GPT-OSS's block also returns its router scores; they are dropped here."""
+        out = self.moe_block(model, layer_idx)(s)
+        return out[0] if isinstance(out, tuple) else out
+
+    def shared_expert_output(self, model: nn.Module, layer_idx: int, s: Tensor) -> Tensor | None:
+        if self.shared_attr is None:
+            return None
+        block = self.moe_block(model, layer_idx)
+        shared = getattr(block, self.shared_attr, None)
+        if shared is None:
+            return None
+        out = shared(s)
+        if self.shared_gate_attr is not None:
+            out = torch.sigmoid(getattr(block, self.shared_gate_attr)(s)) * out
+        return out
+
+    # ------------------------------------------------------------------- routing
+
+    def router_logits(self, router: nn.Module, s: Tensor) -> Tensor:
+        """z = W s (+ bias) as [T, E], in the dtype the stock router produces."""
+        return self.logits_fn(router, s)
+
+    def route(self, router: nn.Module, logits: Tensor) -> Routing:
+        """(ids [T, k], weights [T, k]) exactly as the model hands them to its experts.
+
+        Works on any logits (true or predicted); extra state (correction bias, group
+        limits, scaling) comes from the router module."""
+        return self.route_fn(router, logits.reshape(-1, logits.shape[-1]))
+
+    def router_weight(self, router: nn.Module) -> Tensor:
+        return router.weight.detach()
+
+    def router_bias(self, router: nn.Module) -> Tensor | None:
+        bias = getattr(router, "bias", None)
+        return bias.detach() if isinstance(bias, Tensor) else None
+
+    def selection_bias(self, router: nn.Module) -> Tensor | None:
+        """The per-expert bias added only when choosing experts (DeepSeek-V3, GLM)."""
+        bias = getattr(router, "e_score_correction_bias", None)
+        return bias.detach() if isinstance(bias, Tensor) else None
+
+    # ------------------------------------------------------------------- experts
+
+    def expert_tensors(self, experts: nn.Module, e: int) -> dict[str, Tensor]:
+        """Views (no copy) of expert e's slices of the fused parameters."""
+        return {name: getattr(experts, name).detach()[e] for name in self.expert_params}
+
+    def apply_expert(self, experts: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Unweighted output of one expert given its tensors (e.g. copies on another
+        device); `experts` supplies only the activation and its constants."""
+        return self.expert_fn(experts, weights, x)
+
+    def expert_forward(self, experts: nn.Module, e: int, x: Tensor) -> Tensor:
+        """Unweighted output [T, H] of expert e on x [T, H]."""
+        return self.expert_fn(experts, self.expert_tensors(experts, e), x)
+
+
+# ----------------------------------------------------------------------- families
+
+_ALL_FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="qwen3_moe", router_attr="gate",
+        sparse_layers=_qwen_sparse_layers,
+    ),
+    Family(
+        name="qwen2_moe", router_attr="gate",
+        shared_attr="shared_expert", shared_gate_attr="shared_expert_gate",
+        shared_size_key="shared_expert_intermediate_size",
+        sparse_layers=_qwen_sparse_layers,
+    ),
+    Family(
+        name="mixtral", router_attr="gate",
+        num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+        route_fn=_mixtral_route,
+    ),
+    Family(
+        name="olmoe", router_attr="gate",
+        expert_size_key="intermediate_size",
+    ),
+    Family(
+        name="deepseek_v2", router_attr="gate",
+        shared_attr="shared_experts", shared_size_key="n_shared_experts",
+        num_experts_key="n_routed_experts",
+        sparse_layers=_after_first_k_dense, logits_fn=_fp32_logits, route_fn=_deepseek_v2_route,
+    ),
+    Family(
+        name="deepseek_v3", router_attr="gate",
+        shared_attr="shared_experts", shared_size_key="n_shared_experts",
+        num_experts_key="n_routed_experts", scoring="sigmoid",
+        sparse_layers=_after_first_k_dense, logits_fn=_fp32_logits, route_fn=_sigmoid_grouped_route,
+    ),
+    Family(
+        name="glm4_moe", router_attr="gate",
+        shared_attr="shared_experts", shared_size_key="n_shared_experts",
+        num_experts_key="n_routed_experts", scoring="sigmoid",
+        sparse_layers=_after_first_k_dense, logits_fn=_fp32_logits, route_fn=_sigmoid_grouped_route,
+    ),
+    Family(
+        name="gpt_oss", router_attr="router",
+        num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+        route_fn=_topk_then_softmax,
+        expert_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+        expert_fn=_gpt_oss_expert,
+    ),
+    Family(
+        name="phimoe", router_attr="router",
+        num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+        fixed_top_k=2, route_fn=_sparsemixer_eval_route,
+    ),
+)
+
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _ALL_FAMILIES})
+_BY_MODEL_TYPE: Mapping[str, Family] = MappingProxyType(
+    {mt: f for f in _ALL_FAMILIES for mt in f.model_types}
+)
+
+# Config fields whose presence (with a positive value) marks a Mixture-of-Experts config.
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _looks_moe(config) -> bool:
+    for key in _EXPERT_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return True
+    return False
+
+
+def detect_family(model_or_config) -> Family:
+    """The Family of a transformers model or config; UnsupportedModelError (one line) if none."""
+    config = _config_of(model_or_config)
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    supported = ", ".join(sorted(FAMILIES))
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        if _looks_moe(config):
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is an MoE family specmoe does not describe "
+                f"(supported: {supported})"
+            )
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a dense model with no MoE layers; specmoe needs a "
+            f"Mixture-of-Experts model (supported: {supported})"
+        )
+    if not family.spec(config).moe_layers:
+        raise UnsupportedModelError(
+            f"this {model_type!r} config is a dense model with no MoE layers "
+            f"(no decoder layer gets sparse experts); supported: {supported}"
+        )
+    return family
