@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   # venv + install, then the whole pipeline on the bundled demo model and corpus
+#   make test   # venv + install, then the CPU test suite (what CI runs)
+# GPU tests (marker `gpu`, skipped without CUDA): make test-gpu
+
+VENV ?= .venv
+PYTHON ?= python3
+# torch first, pinned, so pip takes a local or matching build instead of resolving a
+# random one through another package; on a CUDA machine PyPI's build of this version is the CUDA one.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specmoe-installed
+DEMO := runs/demo
+
+.PHONY: install demo test test-gpu clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m tracing.model_report --split test
+	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --resume
+	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-test --split test --resume
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
+
+test-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
+
+clean-demo:
+	rm -rf $(DEMO)
