@@ -25,6 +25,8 @@ class MismatchError(SpecmoeError):
 
 
 EXIT_USER_ERROR = 2
+# the console command each package's main() is installed as
+_COMMANDS = {"tracing": "trace", "estimators": "train", "runtime": "infer"}
 EXIT_INTERRUPTED = 130
 
 
@@ -33,7 +35,8 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
-        prog = main.__module__.split(".")[0]
+        package = main.__module__.split(".")[0]
+        prog = _COMMANDS.get(package, package)
         try:
             return main(*args, **kwargs) or 0
         except SpecmoeError as err:

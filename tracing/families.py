@@ -4,9 +4,9 @@ Tracing, the estimators and the runtime ask this module every "where is it" and
 "how does this family route" question; nothing else in specmoe hard-codes a module
 path or a routing rule. A family is a frozen `Family` record: the attribute names
 that lead from a decoder layer to its MoE block, router, fused experts, pre-MoE norm
-and shared expert; the config keys that size it; and three small functions (which
-layers are sparse, how the router turns logits into ids and weights, how one expert
-computes). Adding a family is one more `Family(...)` entry in `_ALL_FAMILIES`.
+and shared expert; the config keys that size it; and a few small functions (which
+layers are sparse, how the router computes its logits and turns them into ids and
+weights, how one expert computes). Adding a family is one more `Family(...)` entry in `_ALL_FAMILIES`.
 
 Everything is read off the transformers modules themselves (router attributes such
 as `top_k`, `norm_topk_prob`, `e_score_correction_bias`, expert attributes such as
@@ -26,6 +26,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from tracing.errors import UnsupportedModelError
 
@@ -55,9 +56,7 @@ class MoESpec:
 # --------------------------------------------------------------------------- config
 
 
-def _config_of(model_or_config) -> "object":
-    from transformers import PretrainedConfig
-
+def _config_of(model_or_config) -> PretrainedConfig:
     if isinstance(model_or_config, PretrainedConfig):
         return model_or_config
     config = getattr(model_or_config, "config", None)
@@ -162,7 +161,7 @@ def _deepseek_v2_route(router: nn.Module, logits: Tensor) -> Routing:
     elif method != "greedy":
         raise UnsupportedModelError(f"deepseek_v2 topk_method {method!r} is not one transformers implements")
     weights, ids = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
-    return ids, weights
+    return ids, weights * router.routed_scaling_factor
 
 
 def _sigmoid_grouped_route(router: nn.Module, logits: Tensor) -> Routing:
@@ -181,7 +180,7 @@ def _sigmoid_grouped_route(router: nn.Module, logits: Tensor) -> Routing:
     weights = scores.gather(1, ids)
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return ids, weights
+    return ids, weights * router.routed_scaling_factor
 
 
 def _sparsemixer_eval_route(router: nn.Module, logits: Tensor) -> Routing:
@@ -250,6 +249,8 @@ class Family:
     expert_size_key: str = "moe_intermediate_size"
     shared_size_key: str | None = None           # a zero/None value there means "no shared expert"
     fixed_top_k: int | None = None               # when the router ignores num_experts_per_tok
+    # --- how the block calls its experts module: (hidden, ids, weights) parameter names
+    experts_call: tuple[str, str, str] = ("hidden_states", "top_k_index", "top_k_weights")
     # --- behaviour
     scoring: str = "softmax"
     sparse_layers: Callable[[object], tuple[int, ...]] = _every_layer
@@ -300,10 +301,12 @@ class Family:
 
     # ---------------------------------------------------------------- module side
 
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (a *ForCausalLM's inner model, or the model itself)."""
+        return getattr(model, "base_model", model)
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        # base_model resolves a *ForCausalLM to its inner model and a bare model to itself.
-        base = getattr(model, "base_model", model)
-        return getattr(base, self.layers_attr)
+        return getattr(self.base_model(model), self.layers_attr)
 
     def moe_block(self, model: nn.Module, layer_idx: int) -> nn.Module:
         block = getattr(self.decoder_layers(model)[layer_idx], self.moe_attr)
@@ -341,6 +344,23 @@ class Family:
         if self.shared_gate_attr is not None:
             out = torch.sigmoid(getattr(block, self.shared_gate_attr)(s)) * out
         return out
+
+    # ------------------------------------------------------------- hook helpers
+
+    def captured_logits(self, router_output) -> Tensor:
+        """Router logits out of a forward hook's `output` on the router module.
+
+        Every supported router returns (logits, weights, ids); a bare tensor is taken as is."""
+        return router_output[0] if isinstance(router_output, (tuple, list)) else router_output
+
+    def captured_routing(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """(hidden [T, H], ids [T, k], weights [T, k]) out of a forward pre-hook on the
+        experts module registered with with_kwargs=True: what the model really used."""
+        values = list(args[:3])
+        for name in self.experts_call[len(values):]:
+            values.append(kwargs[name])
+        hidden, ids, weights = values
+        return hidden, ids, weights
 
     # ------------------------------------------------------------------- routing
 
@@ -427,6 +447,7 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         name="gpt_oss", router_attr="router",
         num_experts_key="num_local_experts", expert_size_key="intermediate_size",
         route_fn=_topk_then_softmax,
+        experts_call=("hidden_states", "router_indices", "routing_weights"),
         expert_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
         expert_fn=_gpt_oss_expert,
     ),

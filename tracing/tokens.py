@@ -25,7 +25,7 @@ def iter_rows(dataset, tokenizer, text_field: str, seq_len: int, max_tokens: int
     emitted = 0
     for start in range(0, len(dataset), chunk):
         texts = dataset[start:start + chunk][text_field]
-        for ids in tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer([t or "" for t in texts], add_special_tokens=False, verbose=False)["input_ids"]:
             buffer.extend(ids)
             buffer.append(eos)
         while len(buffer) >= seq_len:

@@ -1,0 +1,275 @@
+"""The trace stage against independent references: the stock model's own modules,
+brute-force recomputation, an uninterrupted run, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny_models import TINY_FAMILIES, tiny_model
+from tracing.cli import main as trace_main
+from tracing.families import detect_family
+from tracing.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, REPO_ROOT
+from tracing.store import TraceReader
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """A few hundred lines of the demo corpus's train split as a plain .txt file."""
+    import gzip
+
+    path = tmp_path_factory.mktemp("data") / "sample.txt"
+    with gzip.open(DEMO_CORPUS_DIR / "train.jsonl.gz", "rt") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(12)]
+    path.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    return path
+
+
+def save_tiny(model_type: str, root: Path) -> Path:
+    """A tiny random model of a family, saved like a hub checkout, with the demo tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = root / model_type
+    if not (out / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+        model = tiny_model(model_type, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           experts_implementation="eager")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def run_cli(*args: str) -> int:
+    return trace_main([str(a) for a in args])
+
+
+# -- what is recorded equals what the model did -------------------------------------------------------
+
+def _independent_reading(model, family, input_ids):
+    """What the stock model really did, read by wrapping the experts' forward (not by hooks)."""
+    seen = {}
+    originals = {}
+    for layer in family.spec(model.config).moe_layers:
+        experts = family.experts(model, layer)
+        originals[layer] = experts.forward
+
+        def wrapped(*args, _layer=layer, _orig=experts.forward, **kwargs):
+            import inspect
+            bound = inspect.signature(_orig).bind(*args, **kwargs)
+            hidden, ids, weights = list(bound.arguments.values())[:3]
+            seen[_layer] = (hidden.clone(), ids.clone(), weights.clone())
+            return _orig(*args, **kwargs)
+
+        experts.forward = wrapped
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for layer, fwd in originals.items():
+            family.experts(model, layer).forward = fwd
+    return seen
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES + ["demo"])
+def test_trace_records_the_models_own_routing(model_type, models_dir, text_file, tmp_path):
+    model_dir = DEMO_MODEL_DIR if model_type == "demo" else save_tiny(model_type, models_dir)
+    out = tmp_path / "trace"
+    assert run_cli("--model", model_dir, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+                   "--max-tokens", 4 * SEQ_LEN, "--store-dtype", "fp32", "--out", out) == 0
+    reader = TraceReader(out, verify=True)
+
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    family = detect_family(model)
+    input_ids = reader.token_ids().view(-1, SEQ_LEN).long()
+    seen = _independent_reading(model, family, input_ids)
+
+    for layer in family.spec(model.config).moe_layers:
+        rec = reader.layer(layer)
+        hidden, ids, weights = seen[layer]
+        assert torch.equal(rec["topk_ids"].long(), ids.long()), f"layer {layer}: recorded ids differ"
+        torch.testing.assert_close(rec["topk_weights"], weights.float(), rtol=1e-6, atol=1e-6)
+        # LN_moe(r_l) is the router input: apply the stock norm module to the stored residual
+        norm = family.moe_norm(model, layer)
+        with torch.no_grad():
+            s = norm(rec["residual"])
+        torch.testing.assert_close(s, hidden.reshape(s.shape), rtol=1e-5, atol=1e-5)
+        # router logits: a plain matmul with the router's weight (and bias, where it has one)
+        router = family.router(model, layer)
+        bias = getattr(router, "bias", None)
+        z = F.linear(s.float(), router.weight.float(), bias.float() if isinstance(bias, torch.Tensor) else None)
+        torch.testing.assert_close(rec["router_logits"], z, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_default_vectors_equal_brute_force(model_type, models_dir, text_file, tmp_path):
+    model_dir = save_tiny(model_type, models_dir)
+    out = tmp_path / "trace"
+    assert run_cli("--model", model_dir, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+                   "--max-tokens", 4 * SEQ_LEN, "--store-dtype", "fp32", "--out", out) == 0
+    reader = TraceReader(out)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    family = detect_family(model)
+    dv, counts = reader.default_vectors(), reader.expert_counts()
+    for layer in reader.layers:
+        rec = reader.layer(layer)
+        with torch.no_grad():
+            s = family.moe_norm(model, layer)(rec["residual"])
+        experts = family.experts(model, layer)
+        E = dv[layer].shape[0]
+        for e in range(E):
+            routed = (rec["topk_ids"] == e).any(dim=1).nonzero().flatten()
+            assert counts[layer][e] == (rec["topk_ids"] == e).sum()
+            if len(routed) == 0:
+                assert torch.all(dv[layer][e] == 0)
+                continue
+            # brute force: the stock experts module, one token at a time, with weight 1 on expert e
+            outs = []
+            for t in routed.tolist():
+                with torch.no_grad():
+                    outs.append(experts(s[t:t + 1], torch.tensor([[e]]), torch.ones(1, 1)))
+            torch.testing.assert_close(dv[layer][e], torch.cat(outs).mean(0), rtol=1e-4, atol=1e-5)
+
+
+# -- reliability ---------------------------------------------------------------------------------------
+
+def _shard_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.glob("*.safetensors")) if p.name != "state.safetensors"}
+
+
+def test_kill_and_resume_gives_identical_trace(models_dir, text_file, tmp_path):
+    model_dir = save_tiny("qwen3_moe", models_dir)
+    total_rows = 400  # long enough that the kill surely lands mid-run
+    common = ["--model", model_dir, "--dataset", DEMO_CORPUS_DIR, "--seq-len", SEQ_LEN, "--batch-size", 2,
+              "--shard-tokens", 4 * SEQ_LEN, "--max-tokens", total_rows * SEQ_LEN]
+    whole = tmp_path / "whole"
+    assert run_cli(*common, "--out", whole) == 0
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tracing", *map(str, common), "--out", str(cut)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        manifest = cut / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text()).get("shards", [])) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(json.loads((cut / "manifest.json").read_text())["shards"])
+    assert 2 <= done < total_rows // 4, "the kill must land mid-run"
+
+    assert run_cli(*common, "--out", cut, "--resume") == 0
+    assert _shard_hashes(cut) == _shard_hashes(whole)
+    a, b = TraceReader(whole, verify=True), TraceReader(cut, verify=True)
+    for layer in a.layers:
+        assert torch.equal(a.default_vectors()[layer], b.default_vectors()[layer])
+        assert torch.equal(a.expert_counts()[layer], b.expert_counts()[layer])
+
+
+def test_corrupted_shard_is_caught(models_dir, text_file, tmp_path, capsys):
+    model_dir = save_tiny("qwen3_moe", models_dir)
+    out = tmp_path / "trace"
+    common = ["--model", model_dir, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+              "--shard-tokens", 2 * SEQ_LEN, "--max-tokens", 8 * SEQ_LEN, "--out", out]
+    assert run_cli(*common) == 0
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run_cli(*common, "--resume") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trace:")]
+    assert len(err) == 1 and "shard-00001.safetensors" in err[0]
+    with pytest.raises(Exception, match="shard-00001"):
+        TraceReader(out, verify=True)
+    shard.write_bytes(bytes(data[:-100]))  # truncated: caught even without a checksum pass
+    with pytest.raises(Exception, match="shard-00001"):
+        TraceReader(out)
+
+
+# -- bad input: one line on stderr, exit 2, nothing already written is lost ---------------------------
+
+def _dense_model(root: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    out = root / "dense-llama"
+    if not out.exists():
+        tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing-model", "dense-model", "not-a-model-dir", "wrong-text-field",
+                                  "empty-dataset", "missing-dataset", "seq-len-too-long", "bad-layers",
+                                  "existing-trace", "no-disk-space"])
+def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_path, capsys, monkeypatch):
+    model = save_tiny("qwen3_moe", models_dir)
+    args = {"--model": model, "--dataset": text_file, "--seq-len": SEQ_LEN, "--max-tokens": 2 * SEQ_LEN,
+            "--out": tmp_path / "out"}
+    expect = None
+    if case == "missing-model":
+        args["--model"], expect = tmp_path / "nope", "does not exist"
+    elif case == "dense-model":
+        args["--model"], expect = _dense_model(models_dir), "dense"
+    elif case == "not-a-model-dir":
+        args["--model"], expect = tmp_path, "config.json"
+    elif case == "wrong-text-field":
+        args["--text-field"], expect = "body", "no text field 'body'"
+    elif case == "empty-dataset":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        args["--dataset"], expect = empty, "empty"
+    elif case == "missing-dataset":
+        args["--dataset"], expect = tmp_path / "missing.txt", "does not exist"
+    elif case == "seq-len-too-long":
+        args["--seq-len"], expect = 100_000, "context"
+    elif case == "bad-layers":
+        args["--layers"], expect = "0-1", "not MoE layers"
+    elif case == "existing-trace":
+        assert run_cli(*[x for kv in args.items() for x in kv]) == 0
+        expect = "already holds a trace"
+    elif case == "no-disk-space":
+        import collections
+        usage = collections.namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+        expect = "disk"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*")} if (tmp_path / "out").exists() else {}
+    capsys.readouterr()
+    assert run_cli(*[x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if line.startswith("trace:")]
+    assert len(err) == 1 and expect.lower() in err[0].lower(), err
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*")} if (tmp_path / "out").exists() else {}
+    assert all(after.get(p) == t for p, t in before.items()), "existing trace files were touched"
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tracing", "--model", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("trace: error:")
