@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +46,49 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+class BackgroundWriter:
+    """Writes trace batches on a thread so the GPU computes the next batch meanwhile.
+
+    The queue is short: when the disk is slower than the model, tracing slows to the
+    disk's pace instead of filling memory."""
+
+    def __init__(self, writer, depth: int = 3):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from .recorder import wait_host
+
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure
+            batch, state = item
+            try:
+                self.writer.add(wait_host(batch), state=(lambda s=state: s) if state is not None else None)
+            except BaseException as err:  # re-raised on the main thread
+                self.error = err
+
+    def put(self, batch: dict, state: dict | None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((batch, state))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """On interruption: let the thread finish the shard it may be writing, then return."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,12 +163,18 @@ def run_trace(args: argparse.Namespace) -> dict:
     device = loaded.input_device
     bar = tqdm(total=n_rows * args.seq_len, initial=start_row * args.seq_len, unit="tok", unit_scale=True,
                desc=f"trace {spec.family}", dynamic_ncols=True)
+    background = BackgroundWriter(writer)
     try:
         for i in range(start_row, n_rows, args.batch_size):
             batch = recorder.run_batch(rows[i:i + args.batch_size].to(device))
-            writer.add(batch, state=recorder.state)
-            bar.update(batch["token_ids"].numel())
+            end = min(i + args.batch_size, n_rows)
+            # shards hold whole batches, so the accumulators match a shard exactly at its last batch
+            state = recorder.state() if end % seqs_per_shard == 0 else None
+            background.put(batch, state)
+            bar.update((end - i) * args.seq_len)
+        background.finish()
     finally:
+        background.stop()
         bar.close()
     writer.close(recorder.default_vectors())
     recorder.close()

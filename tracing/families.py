@@ -398,6 +398,16 @@ class Family:
         device); `experts` supplies only the activation and its constants."""
         return self.expert_fn(experts, weights, x)
 
+    def unweighted_expert_outputs(self, experts: nn.Module, hidden: Tensor, ids: Tensor) -> Tensor:
+        """[T*k, H]: row t*k+j is Expert_{ids[t,j]}(hidden[t]) with weight 1.
+
+        Runs the stock experts module (so its fast kernels) on one row per
+        (token, slot), each routed to a single expert."""
+        k = ids.shape[1]
+        rows = hidden.repeat_interleave(k, dim=0)
+        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+        return experts(rows, ids.reshape(-1, 1), ones)
+
     def expert_forward(self, experts: nn.Module, e: int, x: Tensor) -> Tensor:
         """Unweighted output [T, H] of expert e on x [T, H]."""
         return self.expert_fn(experts, self.expert_tensors(experts, e), x)

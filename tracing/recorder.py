@@ -16,6 +16,37 @@ import torch
 from .store import TraceWriter  # noqa: F401  (documentation: the batches below are what TraceWriter.add takes)
 
 
+def to_host(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Start device->host copies into pinned memory without waiting for them.
+
+    The caller must synchronise (HostBatch.wait) before reading; meanwhile the GPU
+    can run the next forward pass."""
+    if all(t.device.type == "cpu" for t in batch.values()):
+        return batch
+    out, devices = {}, set()
+    for key, t in batch.items():
+        if t.device.type == "cpu":
+            out[key] = t
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        out[key] = host
+        devices.add(t.device)
+    events = []
+    for device in devices:  # a model sharded over GPUs copies from each GPU's own stream
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    out["__events__"] = events  # type: ignore[assignment]
+    return out
+
+
+def wait_host(batch: dict) -> dict[str, torch.Tensor]:
+    for event in batch.pop("__events__", []):
+        event.synchronize()
+    return batch
+
+
 class _StopForward(Exception):
     """Raised after the last traced layer so the untraced rest of the model is not computed."""
 
@@ -32,6 +63,8 @@ class TraceRecorder:
         self.dv_sum = {l: torch.zeros(E, H, dtype=torch.float64) for l in self.layers}
         self.dv_tokens = {l: torch.zeros(E, dtype=torch.long) for l in self.layers}
         self.counts = {l: torch.zeros(E, dtype=torch.long) for l in self.layers}
+        self._in_default_vectors = False
+        self._device_sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._batch: dict[str, torch.Tensor] = {}
         self._token_offset = 0  # global index of the current batch's first token, for the D_l subsample
         self._handles = []
@@ -62,6 +95,8 @@ class TraceRecorder:
 
     def _on_experts_input(self, layer: int):
         def hook(module, args, kwargs):
+            if self._in_default_vectors:  # our own call of the experts below
+                return None
             hidden, ids, weights = self.family.captured_routing(args, kwargs)
             self._batch[f"layers.{layer}.topk_ids"] = ids.to(torch.int32)
             self._batch[f"layers.{layer}.topk_weights"] = weights.to(torch.float32)
@@ -73,24 +108,28 @@ class TraceRecorder:
     @torch.no_grad()
     def _accumulate(self, layer: int, experts, hidden: torch.Tensor, ids: torch.Tensor) -> None:
         E = self.spec.num_experts
-        self.counts[layer] += torch.bincount(ids.flatten(), minlength=E).cpu()
+        if layer not in self._device_sums:  # accumulate where the layer lives: no host sync per batch
+            dev = hidden.device
+            self._device_sums[layer] = (self.dv_sum[layer].to(dev), self.dv_tokens[layer].to(dev),
+                                        self.counts[layer].to(dev))
+        sums, tokens, counts = self._device_sums[layer]
+        counts += torch.bincount(ids.flatten(), minlength=E)
         if self.every > 1:
             first = (-self._token_offset) % self.every
             pick = torch.arange(first, hidden.shape[0], self.every, device=hidden.device)
             hidden, ids = hidden[pick], ids[pick]
-        flat_ids = ids.flatten()
-        token_of = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(ids.shape[1])
-        order = torch.argsort(flat_ids, stable=True)
-        per_expert = torch.bincount(flat_ids, minlength=E)
-        sums = torch.zeros(E, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-        start = 0
-        for e, n in enumerate(per_expert.tolist()):
-            if n:
-                tokens = token_of[order[start:start + n]]
-                sums[e] = self.family.expert_forward(experts, e, hidden[tokens]).float().sum(0)
-                start += n
-        self.dv_sum[layer] += sums.double().cpu()
-        self.dv_tokens[layer] += per_expert.cpu()
+        flat_ids = ids.reshape(-1)
+        self._in_default_vectors = True
+        try:
+            outputs = self.family.unweighted_expert_outputs(experts, hidden, ids)
+        finally:
+            self._in_default_vectors = False
+        sums.index_add_(0, flat_ids, outputs.to(sums.dtype))
+        tokens += torch.bincount(flat_ids, minlength=E)
+
+    def _sync_to_host(self) -> None:
+        for layer, (sums, tokens, counts) in self._device_sums.items():
+            self.dv_sum[layer], self.dv_tokens[layer], self.counts[layer] = sums.cpu(), tokens.cpu(), counts.cpu()
 
     # -- driving ------------------------------------------------------------
     @torch.no_grad()
@@ -103,17 +142,18 @@ class TraceRecorder:
         except _StopForward:
             pass
         self._token_offset += input_ids.numel()
-        out = {"token_ids": input_ids.reshape(-1).to("cpu", torch.int32)}
-        for key, value in self._batch.items():
-            out[key] = value.to("cpu")
-        return out
+        out = {"token_ids": input_ids.reshape(-1).to(torch.int32)}
+        out.update(self._batch)
+        return to_host(out)
 
     def state(self) -> dict[str, torch.Tensor]:
+        """A host copy of the accumulators (taken at shard boundaries, for --resume)."""
+        self._sync_to_host()
         state = {"token_offset": torch.tensor([self._token_offset], dtype=torch.long)}
         for l in self.layers:
-            state[f"layers.{l}.dv_sum"] = self.dv_sum[l]
-            state[f"layers.{l}.dv_tokens"] = self.dv_tokens[l]
-            state[f"layers.{l}.counts"] = self.counts[l]
+            state[f"layers.{l}.dv_sum"] = self.dv_sum[l].clone()
+            state[f"layers.{l}.dv_tokens"] = self.dv_tokens[l].clone()
+            state[f"layers.{l}.counts"] = self.counts[l].clone()
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -122,8 +162,10 @@ class TraceRecorder:
             self.dv_sum[l] = state[f"layers.{l}.dv_sum"].clone()
             self.dv_tokens[l] = state[f"layers.{l}.dv_tokens"].clone()
             self.counts[l] = state[f"layers.{l}.counts"].clone()
+        self._device_sums = {}
 
     def default_vectors(self) -> dict[str, torch.Tensor]:
+        self._sync_to_host()
         out = {}
         for l in self.layers:
             n = self.dv_tokens[l].clamp(min=1).double().unsqueeze(1)
