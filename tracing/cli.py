@@ -91,6 +91,29 @@ class BackgroundWriter:
             self.thread.join()
 
 
+def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, seqs_per_shard: int,
+                desc: str | None = "trace") -> None:
+    """Run rows[writer.sequences_done:] through the model in batches and hand them to the writer."""
+    n_rows, seq_len = rows.shape
+    start_row = writer.sequences_done
+    device = recorder.model.get_input_embeddings().weight.device
+    bar = tqdm(total=n_rows * seq_len, initial=start_row * seq_len, unit="tok", unit_scale=True, desc=desc,
+               dynamic_ncols=True, disable=desc is None)
+    background = BackgroundWriter(writer)
+    try:
+        for i in range(start_row, n_rows, batch_size):
+            batch = recorder.run_batch(rows[i:i + batch_size].to(device, non_blocking=True))
+            end = min(i + batch_size, n_rows)
+            # shards hold whole batches, so the accumulators match a shard exactly at its last batch
+            state = recorder.state() if end % seqs_per_shard == 0 else None
+            background.put(batch, state)
+            bar.update((end - i) * seq_len)
+        background.finish()
+    finally:
+        background.stop()
+        bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trace", description="Record residuals, router logits and routing of an MoE model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -159,23 +182,7 @@ def run_trace(args: argparse.Namespace) -> dict:
     recorder = TraceRecorder(loaded, layers, store_dtype, args.default_vector_every)
     if writer.state is not None:
         recorder.load_state(writer.state)
-    start_row = writer.sequences_done
-    device = loaded.input_device
-    bar = tqdm(total=n_rows * args.seq_len, initial=start_row * args.seq_len, unit="tok", unit_scale=True,
-               desc=f"trace {spec.family}", dynamic_ncols=True)
-    background = BackgroundWriter(writer)
-    try:
-        for i in range(start_row, n_rows, args.batch_size):
-            batch = recorder.run_batch(rows[i:i + args.batch_size].to(device))
-            end = min(i + args.batch_size, n_rows)
-            # shards hold whole batches, so the accumulators match a shard exactly at its last batch
-            state = recorder.state() if end % seqs_per_shard == 0 else None
-            background.put(batch, state)
-            bar.update((end - i) * args.seq_len)
-        background.finish()
-    finally:
-        background.stop()
-        bar.close()
+    record_rows(recorder, writer, rows, args.batch_size, seqs_per_shard, desc=f"trace {spec.family}")
     writer.close(recorder.default_vectors())
     recorder.close()
     return {"tokens": n_rows * args.seq_len, "bytes": writer.bytes_written, "seconds": time.time() - t0,
