@@ -98,14 +98,14 @@ def time_record_only(loaded, batches, every: int) -> float:
     return seconds
 
 
-def time_trace(loaded, rows, batch_size, every: int, out: Path, shard_tokens: int) -> tuple[float, int]:
+def time_trace(loaded, rows, batch_size, every: int, out: Path, shard_tokens: int, fsync: bool) -> tuple[float, int]:
     if out.exists():
         shutil.rmtree(out)
     seq_len = rows.shape[1]
     seqs_per_shard = max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
     layers = list(loaded.spec.moe_layers)
     writer = TraceWriter(out, {"model": {"id": loaded.model_id, "family": loaded.spec.family}, "dataset": {}},
-                         layers, seq_len, seqs_per_shard, "bf16")
+                         layers, seq_len, seqs_per_shard, "bf16", fsync=fsync)
     recorder = TraceRecorder(loaded, layers, torch.bfloat16, every)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -124,17 +124,21 @@ def bench_model(name, loaded, rows, batch_size, repeats, workdir: Path, bandwidt
     time_plain(loaded, batches[:2])
     time_record_only(loaded, batches[:2], 1)
     modes: dict[str, list[float]] = {"plain forward": [], "record, no write (D every token)": [],
-                                     "record, no write (D every 4th token)": [], "trace to disk (D every token)": [],
-                                     "trace to disk (D every 4th token)": []}
+                                     "record, no write (D every 4th token)": [],
+                                     "trace to disk, fsync per shard (D every token)": [],
+                                     "trace to disk, no fsync (D every token)": [],
+                                     "trace to disk, no fsync (D every 4th token)": []}
     written = 0
     for _ in range(repeats):  # interleaved, so drift in the machine hits every mode alike
         modes["plain forward"].append(time_plain(loaded, batches))
         modes["record, no write (D every token)"].append(time_record_only(loaded, batches, 1))
         modes["record, no write (D every 4th token)"].append(time_record_only(loaded, batches, 4))
-        t, written = time_trace(loaded, rows, batch_size, 1, workdir / "t1", shard_tokens)
-        modes["trace to disk (D every token)"].append(t)
-        t, written = time_trace(loaded, rows, batch_size, 4, workdir / "t4", shard_tokens)
-        modes["trace to disk (D every 4th token)"].append(t)
+        t, written = time_trace(loaded, rows, batch_size, 1, workdir / "t1", shard_tokens, fsync=True)
+        modes["trace to disk, fsync per shard (D every token)"].append(t)
+        t, written = time_trace(loaded, rows, batch_size, 1, workdir / "t2", shard_tokens, fsync=False)
+        modes["trace to disk, no fsync (D every token)"].append(t)
+        t, written = time_trace(loaded, rows, batch_size, 4, workdir / "t3", shard_tokens, fsync=False)
+        modes["trace to disk, no fsync (D every 4th token)"].append(t)
     plain = statistics.median(modes["plain forward"])
     bytes_per_token = written / tokens
     result = {"model": name, "tokens": tokens, "batch": list(rows[:batch_size].shape), "repeats": repeats,

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard (rounded to whole batches)")
     p.add_argument("--default-vector-every", type=int, default=1,
                    help="compute default vectors from every N-th token (1: all tokens)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not force each shard to disk: faster; a killed process still loses nothing, "
+                        "a power cut may damage the last shards (their checksums catch it)")
     p.add_argument("--out", type=Path, required=True, help="trace directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted trace in --out")
     return p
@@ -175,7 +178,7 @@ def run_trace(args: argparse.Namespace) -> dict:
     expected = estimate_trace_bytes(n_rows * args.seq_len, layers=layers, hidden_size=spec.hidden_size,
                                     num_experts=spec.num_experts, top_k=spec.top_k, store_dtype=args.store_dtype)
     writer = TraceWriter(args.out, meta, layers, args.seq_len, seqs_per_shard, args.store_dtype,
-                         resume=args.resume, expected_bytes=expected)
+                         resume=args.resume, expected_bytes=expected, fsync=not args.no_fsync)
 
     from .recorder import TraceRecorder
 

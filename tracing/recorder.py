@@ -107,13 +107,13 @@ class TraceRecorder:
 
     @torch.no_grad()
     def _accumulate(self, layer: int, experts, hidden: torch.Tensor, ids: torch.Tensor) -> None:
-        E = self.spec.num_experts
         if layer not in self._device_sums:  # accumulate where the layer lives: no host sync per batch
             dev = hidden.device
             self._device_sums[layer] = (self.dv_sum[layer].to(dev), self.dv_tokens[layer].to(dev),
                                         self.counts[layer].to(dev))
         sums, tokens, counts = self._device_sums[layer]
-        counts += torch.bincount(ids.flatten(), minlength=E)
+        # index_add_, not bincount: bincount on CUDA waits for the GPU to size its output
+        counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1), dtype=counts.dtype))
         if self.every > 1:
             first = (-self._token_offset) % self.every
             pick = torch.arange(first, hidden.shape[0], self.every, device=hidden.device)
@@ -125,7 +125,7 @@ class TraceRecorder:
         finally:
             self._in_default_vectors = False
         sums.index_add_(0, flat_ids, outputs.to(sums.dtype))
-        tokens += torch.bincount(flat_ids, minlength=E)
+        tokens.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=tokens.dtype))
 
     def _sync_to_host(self) -> None:
         for layer, (sums, tokens, counts) in self._device_sums.items():

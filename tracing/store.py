@@ -44,7 +44,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from concurrent.futures import ThreadPoolExecutor
+
+from safetensors.torch import save
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
 
@@ -166,12 +168,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-sha256")
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                         fsync: bool = True) -> tuple[str, int]:
+    """Write tensors under a temporary name, then rename; return (sha256, bytes).
+
+    The checksum is taken from the serialised bytes on another thread (hashlib
+    releases the GIL) while this one writes them, instead of re-reading the file.
+    Without fsync the file is safe against a killed process but not a power cut;
+    the checksums in the manifest catch a file damaged either way."""
+    data = save(tensors, metadata=metadata)
+    digest = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
+    return digest.result(), len(data)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -259,8 +278,10 @@ class TraceWriter:
         store_dtype: str,
         resume: bool = False,
         expected_bytes: int | None = None,
+        fsync: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.fsync = bool(fsync)
         self.layers = self._check_layers(layers)
         if int(seq_len) <= 0 or int(sequences_per_shard) <= 0:
             raise SpecmoeError("seq_len and sequences_per_shard must be positive")
@@ -366,10 +387,8 @@ class TraceWriter:
             self._flush_shard()
             self._write_state(self._last_state_fn)
         path = self.out_dir / DEFAULT_VECTORS_FILE
-        _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA))
-        self._default_vectors_entry = {
-            "file": DEFAULT_VECTORS_FILE, "sha256": _sha256_file(path), "bytes": path.stat().st_size,
-        }
+        sha, nbytes = _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA))
+        self._default_vectors_entry = {"file": DEFAULT_VECTORS_FILE, "sha256": sha, "bytes": nbytes}
         self.complete = True
         self._write_manifest()
         self._buf = None
@@ -505,13 +524,13 @@ class TraceWriter:
         tokens = self._buffered * self.seq_len
         tensors = {key: t[:tokens] for key, t in self._buf.items()}
         path = self.out_dir / shard_name(index)
-        _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA))
+        sha, nbytes = _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA), self.fsync)
         self._shards.append({
             "file": path.name,
             "sequences": self._buffered,
             "tokens": tokens,
-            "sha256": _sha256_file(path),
-            "bytes": path.stat().st_size,
+            "sha256": sha,
+            "bytes": nbytes,
         })
         if self._buffered < self.sequences_per_shard:
             self._closed_short = True
@@ -536,9 +555,9 @@ class TraceWriter:
             _STATE_META_PENDING: str(self._buffered),
         }
         path = self.out_dir / STATE_FILE
-        _atomic_save_tensors(path, tensors, metadata)
+        sha, nbytes = _atomic_save_tensors(path, tensors, metadata, self.fsync)
         self._state_entry = {
-            "file": STATE_FILE, "sha256": _sha256_file(path), "bytes": path.stat().st_size,
+            "file": STATE_FILE, "sha256": sha, "bytes": nbytes,
             "shards": len(self._shards), "pending_sequences": self._buffered,
         }
 
