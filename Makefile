@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m tracing.model_report --split test
-	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --resume
+	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --max-tokens 262144 --resume
 	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-test --split test --resume
 
 test: $(STAMP)

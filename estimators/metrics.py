@@ -43,19 +43,26 @@ rank_alignment[r]
     distinct weights this is plain equality of the ``r``-th experts.  Note that
     ``rank_alignment[0] <= top1``.
 
-Exactness: every statistic is kept as an integer count.  The weighted coverage
-of each token is rounded to a multiple of 2**-32 (error below 1.2e-10 per token)
-before being summed in int64, so streaming (:class:`MetricAccumulator`), merging
-and all-reducing across processes give bit-identical results to
-:func:`compute_metrics` on the concatenated data, whatever the batching.  The
-int64 weight sum overflows only past ~2e9 tokens in one accumulator.
+Exactness: every statistic is kept as an integer count.  For the weighted
+coverage, each weight is first made an integer multiple of 2**-40 of its
+token's largest weight (row sums are then exact in any order), and each token's
+coverage is rounded to a multiple of 2**-32 (error below 1.2e-10 per token)
+before being summed in int64.  So streaming (:class:`MetricAccumulator`),
+merging and all-reducing across processes give bit-identical results to
+:func:`compute_metrics` on the concatenated data, whatever the batching, and
+CPU and CUDA agree bit for bit.  The int64 coverage sum overflows only past
+~2e9 tokens in one accumulator.
 
-Implementation note: everything is vectorised torch, processed in chunks of
-``CHUNK_ROWS`` tokens to bound memory (the pairwise id comparison is [n, k, k]).
-``sklearn.metrics`` (multi-hot ``recall_score(average="samples")`` and
-``accuracy_score``) gives the same recall and exact match but is one to two
-orders of magnitude slower at N=1e6, k=8, E=128 (it must build a dense [N, E]
-indicator and inspect it), so it is only used in the tests as a cross-check.
+Implementation note: everything is vectorised torch (Python loops run over
+chunks or over k, never over tokens), processed in chunks of ``CHUNK_ROWS``
+tokens to bound memory (the pairwise id comparison is [n, k, k]).  Measured at
+N=1e6, k=8, E=128, all metrics at once (``compute_metrics``, validation on /
+off): 0.13 / 0.10 s on 16 CPU cores, 0.3-0.6 / 0.3-0.4 s on 2, 14 / 13 ms on an
+H200.  ``sklearn.metrics`` (multi-hot ``recall_score(average="samples")``,
+``accuracy_score``) gives the same recall and exact match but took 6.1 s and
+3.5 s for those two alone (it validates and scans dense [N, E] indicator
+matrices), against 0.02-0.2 s each here, so it is used only in the tests, as a
+cross-check.
 """
 
 from __future__ import annotations
@@ -181,7 +188,8 @@ def _inputs(pred_ids, true_ids, true_weights=None, *, validate: bool = True):
     return pred, true, w
 
 
-def _chunks(n: int, size: int = CHUNK_ROWS) -> Iterator[slice]:
+def _chunks(n: int, size: int | None = None) -> Iterator[slice]:
+    size = CHUNK_ROWS if size is None else size
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -199,19 +207,25 @@ def _match(pred: Tensor, true: Tensor) -> Tensor:
 def _coverage_fixed(true_hit: Tensor, w: Tensor) -> Tensor:
     """Per-token weighted coverage as int64 multiples of 1/WEIGHT_SCALE.
 
-    Sums run column by column (an elementwise op per column), so each token's
-    value is bit-identical whatever the chunk/batch it is computed in.
+    The weights are first turned into integers (multiples of 2**-40 of the
+    token's largest weight; elementwise, so exact to reproduce), and the row sums
+    are taken in int64, which is exact in any summation order.  A token's value
+    therefore does not depend on the batch or chunk it is computed in, which
+    is what makes streaming and all-reduce bit-identical to one-shot.
     """
     w = w.to(torch.float64)
-    zero = w.new_zeros(())
-    total = w[:, 0].clone()
-    covered = torch.where(true_hit[:, 0], w[:, 0], zero)
-    hits = true_hit[:, 0].to(torch.float64)
-    for j in range(1, w.shape[1]):
-        total = total + w[:, j]
-        covered = covered + torch.where(true_hit[:, j], w[:, j], zero)
-        hits = hits + true_hit[:, j].to(torch.float64)
-    cov = torch.where(total > 0, covered / torch.where(total > 0, total, 1.0), hits / w.shape[1])
+    top = w.amax(dim=1, keepdim=True)
+    relative = w / torch.where(top > 0, top, 1.0)  # in [0, 1]; exact to reproduce
+    wi = torch.round(relative * float(1 << 40)).to(torch.int64)
+    total = wi.sum(dim=1)
+    covered = torch.where(true_hit, wi, 0).sum(dim=1)
+    hits = true_hit.sum(dim=1)
+    positive = total > 0
+    cov = torch.where(
+        positive,
+        covered.to(torch.float64) / torch.where(positive, total, 1).to(torch.float64),
+        hits.to(torch.float64) / w.shape[1],
+    )
     return torch.round(cov.clamp(0.0, 1.0) * WEIGHT_SCALE).to(torch.int64)
 
 
@@ -253,17 +267,19 @@ def _rank_flags(pred: Tensor, true: Tensor, w: Tensor, *, subset_ties: bool | No
 
 def _chunk_state(pred: Tensor, true: Tensor, w: Tensor) -> Tensor:
     """int64 state vector [5 + k] of one chunk (see ``MetricAccumulator``)."""
-    n, k = true.shape
+    n = true.shape[0]
     match = _match(pred, true)
     true_hit = match.any(dim=1)
-    pred_hit = match.any(dim=2)
-    state = torch.empty(_N_SCALAR + k, dtype=torch.int64, device=true.device)
-    state[_TOKENS] = n
-    state[_HITS] = true_hit.sum()
-    state[_WCOV] = _coverage_fixed(true_hit, w).sum()
-    state[_EXACT] = (true_hit.all(dim=1) & pred_hit.all(dim=1)).sum()
-    state[_TOP1] = _top1_flags(true_hit, w).sum()
-    state[_N_SCALAR:] = _rank_flags(pred, true, w).sum(dim=0)
+    scalars = torch.stack(
+        [
+            torch.tensor(n, dtype=torch.int64, device=true.device),
+            true_hit.sum(),
+            _coverage_fixed(true_hit, w).sum(),
+            true_hit.all(dim=1).sum(),  # distinct ids, same k: all true hit <=> same set
+            _top1_flags(true_hit, w).sum(),
+        ]
+    )
+    state = torch.cat([scalars, _rank_flags(pred, true, w).sum(dim=0)])
     return state
 
 
@@ -339,8 +355,8 @@ def exact_match(pred_ids: Tensor, true_ids: Tensor, *, validate: bool = True) ->
     pred, true, _ = _inputs(pred_ids, true_ids, validate=validate)
     count = 0
     for sl in _chunks(true.shape[0]):
-        m = _match(pred[sl], true[sl])
-        count += int((m.any(dim=1).all(dim=1) & m.any(dim=2).all(dim=1)).sum())
+        # ids are distinct and both sets have k members: equal sets <=> every true expert hit
+        count += int(_match(pred[sl], true[sl]).any(dim=1).all(dim=1).sum())
     return _mean(count, true.shape[0], "exact_match")
 
 
