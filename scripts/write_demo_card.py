@@ -10,6 +10,7 @@ scripts/train_demo_model.py) and routing_report.json (written by the command abo
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tracing.paths import DEMO_MODEL_DIR  # noqa: E402
 def main() -> None:
     summary = json.loads((DEMO_MODEL_DIR / "training_summary.json").read_text())
     report = json.loads((DEMO_MODEL_DIR / "routing_report.json").read_text())
+    report["model"] = "checkpoints/demo-moe"
     config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
     cfg = summary["config"]
     layers = report["layers"]
@@ -89,11 +91,13 @@ that one layer's router is replaced by a random one of the same shape and scale
 {format_report(report)}
 ```
 
-The load-balancing loss keeps the load nearly even (entropy {min(entropies):.3f} to {max(entropies):.3f},
-top-eighth share {min(tops):.3f} to {max(tops):.3f}), so load alone says little; what shows
-that each router has learned which expert a token needs is the damage done by
-a random router: perplexity rises by {100 * min(rises):.1f}% to {100 * max(rises):.1f}% depending on the layer
-(mean {100 * sum(rises) / len(rises):.1f}%).
+The load is far from even despite the load-balancing loss: load entropy
+{min(entropies):.3f} to {max(entropies):.3f}, and the most popular eighth of the experts take
+{100 * min(tops):.0f}% to {100 * max(tops):.0f}% of all assignments where an even load would give 12.5%.
+That the routers have learned which expert each token needs shows in what a
+random router does to a single layer: perplexity rises by {100 * min(rises):.1f}% to
+{100 * max(rises):.0f}% depending on the layer (median {100 * statistics.median(rises):.1f}%); the first
+layer's routing matters most.
 
 Remake the figures: `python -m tracing.model_report --split test --json checkpoints/demo-moe/routing_report.json && python scripts/write_demo_card.py`.
 
