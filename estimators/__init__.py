@@ -1,0 +1,15 @@
+"""Predict which experts a later MoE layer will use (estimators stage).
+
+Public API (see each module's docstring):
+    Estimator, SourceState, Predictor      estimators.predictors
+    load_estimator, save_estimator,
+    router_fingerprint                     estimators.checkpoint (checkpoint format v1)
+    compute_metrics, MetricAccumulator     estimators.metrics
+The `train` command: estimators.cli (python -m estimators).
+"""
+
+from .checkpoint import load_estimator, router_fingerprint, save_estimator
+from .predictors import KINDS, PREDICTORS, Estimator, Predictor, SourceState
+
+__all__ = ["Estimator", "Predictor", "SourceState", "KINDS", "PREDICTORS", "load_estimator", "save_estimator",
+           "router_fingerprint"]

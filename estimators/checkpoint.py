@@ -1,0 +1,243 @@
+"""Estimator checkpoints: the public, versioned format a runtime loads.
+
+    checkpoints/NAME/
+        estimator.safetensors   corrections.{t}.{param}  correction-net weights per target layer t
+                                default_vectors.{l}      D_l [E, H] float32 per source layer l
+        config.json             see below
+        report.json, report.md, recall_per_layer.png   (written by the train command)
+
+config.json (format "specmoe-estimator", version 1):
+
+    model        id, family, model_type, moe_layers, num_experts, top_k, hidden_size and
+                 fingerprint = sha256 over every MoE layer's router weight, router bias and
+                 selection (correction) bias, each rounded to bf16 (so a model loaded in
+                 fp32 or bf16 gives the same fingerprint)
+    lookahead    h; pairs: [[source, target], ...] decoder-layer indices
+    predictor    deployed kind per target layer ("current" | "quasi" | "learned")
+    hybrid       per target layer choice of the hybrid predictor, or null
+    estimator    width, depth, activation, add_shared, learned (whether corrections exist)
+    parameters   correction / default-vector counts and their share of the expert parameters
+    metrics      validation (and eval) metrics per predictor: mean and per layer
+    weights_sha256   of estimator.safetensors
+
+`load_estimator(path, model)` refuses (MismatchError, one line) a checkpoint made
+for another model, and (CorruptFileError) one whose files are damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+
+from .predictors import CorrectionNet, Estimator, collect_parts
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "router_fingerprint",
+           "save_estimator", "load_estimator", "read_config"]
+
+FORMAT_NAME = "specmoe-estimator"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "estimator.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def router_fingerprint(model, family=None) -> str:
+    """sha256 identifying a model's routing: every MoE layer's router weight, bias and
+    selection bias, rounded to bf16, with their layer indices and shapes."""
+    from tracing.families import detect_family
+
+    family = family or detect_family(model)
+    spec = family.spec(model)
+    h = hashlib.sha256()
+    h.update(json.dumps({"family": spec.family, "moe_layers": list(spec.moe_layers),
+                         "num_experts": spec.num_experts, "hidden_size": spec.hidden_size}).encode())
+    for l in spec.moe_layers:
+        router = family.router(model, l)
+        named = (("weight", family.router_weight(router)), ("bias", family.router_bias(router)),
+                 ("selection_bias", family.selection_bias(router)))
+        for name, t in named:
+            if t is None:
+                continue
+            t = t.detach().to("cpu", torch.bfloat16).contiguous()
+            h.update(f"|{l}.{name}{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def estimator_tensors(estimator: Estimator) -> dict[str, torch.Tensor]:
+    out = {}
+    for t, net in estimator.corrections.items():
+        for name, p in net.state_dict().items():
+            out[f"corrections.{t}.{name}"] = p.detach().to("cpu", torch.float32).contiguous()
+    for s in estimator.sources:
+        out[f"default_vectors.{s}"] = estimator.default_vectors(s).detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def save_estimator(estimator: Estimator, out_dir: str | Path, *, metrics: Mapping | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write estimator.safetensors and config.json into out_dir (created if needed);
+    each file is replaced atomically. Returns the config path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE
+    _atomic_write(weights, lambda p: save_file(estimator_tensors(estimator), str(p), metadata={"format": "pt"}))
+    meta = dict(estimator.meta)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "id": meta.get("id"), "family": estimator.family.name, "model_type": meta.get("model_type"),
+            "moe_layers": meta.get("moe_layers"), "num_experts": estimator.num_experts,
+            "top_k": estimator.top_k, "hidden_size": estimator.hidden_size,
+            "fingerprint": meta.get("fingerprint"),
+        },
+        "lookahead": estimator.lookahead,
+        "pairs": [list(p) for p in estimator.pairs],
+        "predictor": {str(t): k for t, k in estimator.kinds.items()},
+        "hybrid": None if estimator.hybrid is None else {str(t): k for t, k in estimator.hybrid.items()},
+        "estimator": {"width": estimator.width, "depth": estimator.depth, "activation": estimator.activation,
+                      "add_shared": estimator.add_shared, "learned": bool(len(estimator.corrections))},
+        "parameters": meta.get("parameters") or estimator.parameter_counts(),
+        "metrics": dict(metrics or {}),
+        "weights_sha256": _sha256(weights),
+    }
+    config.update(dict(extra or {}))
+    path = out / CONFIG_FILE
+    _atomic_write(path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of an estimator checkpoint, format-checked (SpecmoeError / CorruptFileError)."""
+    d = Path(path)
+    cfg_path = d / CONFIG_FILE
+    if not d.is_dir():
+        raise SpecmoeError(f"estimator checkpoint {d} does not exist")
+    if not cfg_path.is_file():
+        raise SpecmoeError(f"{d} is not an estimator checkpoint ({CONFIG_FILE} is missing)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{cfg_path} is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
+        raise SpecmoeError(f"{cfg_path} is not a specmoe estimator config (format is not {FORMAT_NAME!r})")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise SpecmoeError(f"{cfg_path} has estimator format version {cfg.get('format_version')!r}; "
+                           f"this specmoe reads version {FORMAT_VERSION}")
+    for key in ("model", "lookahead", "pairs", "predictor", "estimator"):
+        if key not in cfg:
+            raise CorruptFileError(f"{cfg_path} is damaged: field {key!r} is missing")
+    return cfg
+
+
+def _check_model(cfg: Mapping, model, family, spec, where: str) -> None:
+    m = cfg["model"]
+    mine = {"family": spec.family, "num_experts": spec.num_experts, "top_k": spec.top_k,
+            "hidden_size": spec.hidden_size, "moe_layers": list(spec.moe_layers)}
+    for key, value in mine.items():
+        theirs = m.get(key)
+        if theirs is not None and theirs != value:
+            raise MismatchError(f"{where} was made for another model ({key} {theirs!r}; this model has {value!r})")
+    layers = {l for p in cfg["pairs"] for l in p}
+    if not layers <= set(spec.moe_layers):
+        raise MismatchError(f"{where} predicts layers {sorted(layers - set(spec.moe_layers))} "
+                            "that are not MoE layers of this model")
+    fp = m.get("fingerprint")
+    if fp is not None:
+        mine_fp = router_fingerprint(model, family)
+        if fp != mine_fp:
+            raise MismatchError(f"{where} was made for another model (router fingerprint {fp[:12]}... "
+                                f"vs this model's {mine_fp[:12]}...)")
+
+
+def load_estimator(path: str | Path, model, device: torch.device | str | None = None) -> Estimator:
+    """The Estimator saved in `path`, bound to `model` (its norms and routers, copied to fp32;
+    with add_shared its shared experts are referenced, not copied). Placed on `device`
+    (default: the device of the model's first target router)."""
+    from tracing.families import detect_family
+
+    d = Path(path)
+    cfg = read_config(d)
+    where = f"the estimator in {d}"
+    family = detect_family(model)
+    spec = family.spec(model)
+    _check_model(cfg, model, family, spec, where)
+
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CorruptFileError(f"{weights} is missing")
+    if cfg.get("weights_sha256") and _sha256(weights) != cfg["weights_sha256"]:
+        raise CorruptFileError(f"{weights} does not match its sha256 in {CONFIG_FILE} (file is damaged)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
+        raise CorruptFileError(f"{weights} cannot be read ({err})") from None
+
+    try:
+        pairs = [(int(s), int(t)) for s, t in cfg["pairs"]]
+        est_cfg = cfg["estimator"]
+        kinds = {int(t): str(k) for t, k in cfg["predictor"].items()}
+        hybrid = {int(t): str(k) for t, k in cfg["hybrid"].items()} if cfg.get("hybrid") else None
+        learned = bool(est_cfg.get("learned", True))
+        width, depth = int(est_cfg["width"]), int(est_cfg.get("depth", 1))
+        activation, add_shared = str(est_cfg.get("activation", "silu")), bool(est_cfg.get("add_shared", False))
+        lookahead = int(cfg["lookahead"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CorruptFileError(f"{d / CONFIG_FILE} is damaged ({type(err).__name__}: {err})") from None
+
+    default_vectors = {}
+    for s, _ in pairs:
+        key = f"default_vectors.{s}"
+        if key not in tensors:
+            raise CorruptFileError(f"{weights} lacks {key}")
+        default_vectors[s] = tensors[key]
+    parts = collect_parts(model, family, pairs, add_shared, copy_shared=False)
+    meta = {k: cfg["model"].get(k) for k in ("id", "model_type", "moe_layers", "fingerprint")}
+    meta["parameters"] = cfg.get("parameters")
+    est = Estimator(family, pairs=pairs, default_vectors=default_vectors, parts=parts,
+                    num_experts=spec.num_experts, top_k=spec.top_k, hidden_size=spec.hidden_size,
+                    lookahead=lookahead, width=width, depth=depth, activation=activation,
+                    add_shared=add_shared, learned=learned, meta=meta)
+    if learned:
+        for _, t in pairs:
+            net: CorrectionNet = est.corrections[str(t)]
+            state = {}
+            for name, p in net.state_dict().items():
+                key = f"corrections.{t}.{name}"
+                if key not in tensors:
+                    raise CorruptFileError(f"{weights} lacks {key}")
+                if tuple(tensors[key].shape) != tuple(p.shape):
+                    raise MismatchError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, "
+                                        f"expected {tuple(p.shape)} for this model and width {width}")
+                state[name] = tensors[key]
+            net.load_state_dict(state)
+    est.set_kinds(kinds)
+    if hybrid is not None:
+        est.hybrid = est._checked_kinds(hybrid, "hybrid")
+    if device is None:
+        device = family.router_weight(family.router(model, pairs[0][1])).device
+    return est.to(device).eval()

@@ -1,0 +1,153 @@
+"""Settings of the estimator stage, as one dataclass read from YAML.
+
+    cfg = load_config("configs/estimator.yaml", max_steps=200)   # overrides win over the file
+
+Unknown keys and values of the wrong type are refused with a one-line
+SpecmoeError, so a typo in the YAML never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from tracing.errors import SpecmoeError
+from tracing.paths import CONFIGS_DIR
+
+DEFAULT_CONFIG_PATH = CONFIGS_DIR / "estimator.yaml"
+
+ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
+
+
+@dataclasses.dataclass
+class EstimatorConfig:
+    # --- correction networks (one per target layer)
+    width: int = 64                 # hidden width of each correction MLP
+    depth: int = 1                  # hidden layers of each correction MLP
+    activation: str = "silu"
+    add_shared: bool = False        # quasi state also adds shared_l(s_l) (families with a shared expert)
+    max_param_share: float = 0.02   # refuse estimators above this share of the model's expert parameters
+    # --- optimisation
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    batch_size: int = 1024          # tokens per training batch (per device)
+    eval_batch_size: int = 4096     # tokens per validation / evaluation batch
+    max_epochs: int = 5
+    max_steps: int = -1             # -1: no step limit
+    patience: int = 3               # validations without improvement before early stopping
+    min_delta: float = 0.0          # smallest mean-recall gain that counts as improvement
+    val_every_steps: int | None = None   # validate every N training steps (None: once per epoch)
+    # --- data
+    val_fraction: float = 0.1       # share of whole sequences held out for validation
+    buffer_mb: int = 512            # host memory for the shuffled group of shards in flight
+    num_workers: int = 0            # DataLoader workers
+    verify_traces: bool = True      # sha256 every shard before training
+    # --- hardware
+    device: str = "auto"            # cpu | cuda | auto
+    devices: int | str = 1          # GPUs (or CPU processes); "auto" = all visible GPUs; >1 uses DDP
+    precision: str = "auto"         # auto: bf16-mixed on GPU, 32 on CPU; or any Lightning precision string
+    model_dtype: str = "auto"       # dtype the model is loaded in (only norms/routers are used, in fp32)
+    cpu_threads: int = 0            # torch intra-op threads on CPU (0: torch's default)
+    seed: int = 0
+    progress_bar: bool = False
+
+    def validate(self) -> "EstimatorConfig":
+        def bad(msg: str) -> SpecmoeError:
+            return SpecmoeError(f"estimator config: {msg}")
+
+        if self.width < 1 or self.depth < 1:
+            raise bad(f"width and depth must be at least 1 (got width={self.width}, depth={self.depth})")
+        if self.activation not in ACTIVATIONS:
+            raise bad(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise bad(f"val_fraction must lie strictly between 0 and 1 (got {self.val_fraction})")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise bad("batch_size and eval_batch_size must be positive")
+        if self.max_epochs < 1 and self.max_steps < 1:
+            raise bad("give max_epochs or max_steps a positive value")
+        if self.lr <= 0:
+            raise bad(f"lr must be positive (got {self.lr})")
+        if self.patience < 1:
+            raise bad(f"patience must be at least 1 (got {self.patience})")
+        if self.val_every_steps is not None and self.val_every_steps < 1:
+            raise bad("val_every_steps must be positive or null")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise bad(f"device must be cpu, cuda or auto (got {self.device!r})")
+        if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
+            raise bad(f"devices must be a positive int or 'auto' (got {self.devices!r})")
+        if not 0.0 < self.max_param_share <= 1.0:
+            raise bad("max_param_share must lie in (0, 1]")
+        if self.cpu_threads < 0:
+            raise bad("cpu_threads must be 0 (torch's default) or positive")
+        if self.buffer_mb < 1 or self.num_workers < 0:
+            raise bad("buffer_mb must be positive and num_workers non-negative")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(EstimatorConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(EstimatorConfig)}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check (and gently convert) one YAML value against its annotated type."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if name == "devices" and value == "auto":
+        return value
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    names = "/".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise SpecmoeError(f"estimator config: {name} must be {names}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> EstimatorConfig:
+    """EstimatorConfig from a YAML file (None: configs/estimator.yaml if present, else
+    the defaults), then `overrides` (keys whose value is None are ignored)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecmoeError(f"estimator config {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SpecmoeError(f"estimator config {path} is not valid YAML: {first}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SpecmoeError(f"estimator config {path} must be a mapping of settings")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise SpecmoeError(
+            f"estimator config: unknown setting(s) {', '.join(unknown)}; known: {', '.join(types)}"
+        )
+    kwargs = {name: _coerce(name, value, types[name]) for name, value in values.items()}
+    return EstimatorConfig(**kwargs).validate()

@@ -1,0 +1,405 @@
+"""Predictors of a later layer's routing from an earlier layer's state, behind one interface.
+
+An `Estimator` holds, for every (source layer l, target layer t = l + h) pair of a
+model, what prediction needs: fp32 copies of the pre-MoE norms of l and t and of
+t's router, the default vectors D_l, optionally the shared expert of l, and (for
+the `learned` kind) a small correction MLP per target layer. Layers are decoder
+layer indices (as in traces); "h layers later" counts MoE layers only.
+
+Every predictor maps a `SourceState` (what the runtime has in hand at layer l) to
+logits over the experts of t and, through the family's exact `route`, to top-k ids
+and weights (sorted by weight, descending):
+
+    current   router_t(s_l)                      s_l = LN_l(r_l)
+    quasi     router_t(q_l)                      q_l = LN_t(r_l + d_l [+ shared_l(s_l)])  (Router-PF)
+    learned   router_t(q_l) + correction_t(q_l)  correction's last layer starts at zero
+    hybrid    quasi or learned per target layer, whichever validated better
+    deployed  the per-target kinds stored with the estimator (what a checkpoint ships)
+    previous  the ids layer t used for the previous token of the same sequence (reference)
+
+    est = load_estimator("checkpoints/demo", model)           # estimators.checkpoint
+    ids, w = est.predict(t, SourceState(residual=r, ids=ids_l, weights=g_l))
+    ids = est.predictor("quasi").predict_ids(t, state)
+
+Everything runs on whatever device the estimator was moved to, one token or many
+at a time, in float32 (the correction MLP may run under autocast; its output is
+added in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from tracing.errors import SpecmoeError
+
+from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_state
+
+__all__ = [
+    "KINDS", "PREDICTORS", "SourceState", "CorrectionNet", "SharedExpert", "Estimator", "Predictor",
+    "collect_parts", "expert_parameter_count", "layer_pairs",
+]
+
+KINDS = ("current", "quasi", "learned")                 # what a target layer can deploy
+PREDICTORS = ("current", "quasi", "learned", "hybrid", "previous")   # what reports compare
+_VIEWS = KINDS + ("hybrid", "deployed", "previous")
+
+_ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+@dataclass
+class SourceState:
+    """What is known at source layer l about a batch of tokens ([T, ...] each).
+
+    residual  r_l, the residual after attention (input of LN_moe_l)
+    ids, weights  the routing of layer l (the true one, or the one predicted for it)
+    normed    s_l = LN_moe_l(r_l) if the caller already has it (else computed)
+    shared    shared_l(s_l) if the caller already has it (only used with add_shared)
+    previous_ids, previous_weights  the TARGET layer's routing for the previous token
+              of the same sequence (only the `previous` predictor reads them)
+    """
+
+    residual: Tensor
+    ids: Tensor | None = None
+    weights: Tensor | None = None
+    normed: Tensor | None = None
+    shared: Tensor | None = None
+    previous_ids: Tensor | None = None
+    previous_weights: Tensor | None = None
+
+
+def layer_pairs(moe_layers: Iterable[int], available: Iterable[int], lookahead: int) -> list[tuple[int, int]]:
+    """(source, target) decoder-layer pairs, target = the MoE layer `lookahead` MoE layers
+    after source, keeping pairs whose both ends are in `available`."""
+    if lookahead < 1:
+        raise SpecmoeError(f"lookahead must be at least 1 (got {lookahead})")
+    moe = sorted(int(l) for l in moe_layers)
+    have = {int(l) for l in available}
+    return [(moe[i], moe[i + lookahead]) for i in range(len(moe) - lookahead)
+            if moe[i] in have and moe[i + lookahead] in have]
+
+
+class CorrectionNet(nn.Sequential):
+    """q [T, H] -> logit correction [T, E]; the last layer starts at exactly zero."""
+
+    def __init__(self, hidden: int, experts: int, width: int, depth: int = 1, activation: str = "silu"):
+        if activation not in _ACTIVATIONS:
+            raise SpecmoeError(f"unknown activation {activation!r}; use one of {', '.join(_ACTIVATIONS)}")
+        layers: list[nn.Module] = []
+        size = hidden
+        for _ in range(depth):
+            layers += [nn.Linear(size, width), _ACTIVATIONS[activation]()]
+            size = width
+        last = nn.Linear(size, experts)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        super().__init__(*layers, last)
+
+
+class SharedExpert(nn.Module):
+    """The shared expert of one MoE block (and its sigmoid gate, where the family has one),
+    lifted out of the block so it can be copied without the routed experts."""
+
+    def __init__(self, shared: nn.Module, gate: nn.Module | None = None):
+        super().__init__()
+        self.shared = shared
+        self.gate = gate
+
+    def forward(self, s: Tensor) -> Tensor:
+        """shared(s) [* sigmoid(gate(s))] as float32, computed in the modules' own dtype."""
+        param = next(self.shared.parameters(), None)
+        x = s.to(param.dtype) if param is not None else s
+        out = self.shared(x).float()
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x).float()) * out
+        return out
+
+
+def _frozen_fp32(module: nn.Module, do_copy: bool) -> nn.Module:
+    if not do_copy:
+        return module
+    dup = copy.deepcopy(module).float()
+    for p in dup.parameters():
+        p.requires_grad_(False)
+    return dup.eval()
+
+
+def collect_parts(model: nn.Module, family, pairs: list[tuple[int, int]], add_shared: bool = False,
+                  copy_shared: bool = True) -> dict[str, dict[int, nn.Module]]:
+    """The model modules prediction needs: fp32 frozen copies of the norms of every source
+    and target layer and of every target router; shared experts of the sources if
+    `add_shared` (copied, or referenced as they are with copy_shared=False)."""
+    sources = sorted({s for s, _ in pairs})
+    targets = sorted({t for _, t in pairs})
+    parts: dict[str, dict[int, nn.Module]] = {
+        "norms": {l: _frozen_fp32(family.moe_norm(model, l), True) for l in sorted(set(sources) | set(targets))},
+        "routers": {t: _frozen_fp32(family.router(model, t), True) for t in targets},
+        "shared": {},
+    }
+    if add_shared:
+        if family.shared_attr is None:
+            raise SpecmoeError(f"add_shared is set but the {family.name} family has no shared expert")
+        for s in sources:
+            block = family.moe_block(model, s)
+            shared = getattr(block, family.shared_attr, None)
+            if shared is None:
+                raise SpecmoeError(f"add_shared is set but MoE layer {s} of this model has no shared expert")
+            gate = getattr(block, family.shared_gate_attr) if family.shared_gate_attr else None
+            parts["shared"][s] = _frozen_fp32(SharedExpert(shared, gate), copy_shared)
+    return parts
+
+
+def expert_parameter_count(model: nn.Module, family) -> int:
+    """Parameters of the routed experts of every MoE layer (what an offloading runtime moves)."""
+    spec = family.spec(model)
+    return sum(p.numel() for l in spec.moe_layers for p in family.experts(model, l).parameters())
+
+
+class Estimator(nn.Module):
+    """All predictors of one model and lookahead; see the module docstring."""
+
+    def __init__(
+        self,
+        family,
+        *,
+        pairs: list[tuple[int, int]],
+        default_vectors: Mapping[int, Tensor],
+        parts: Mapping[str, Mapping[int, nn.Module]],
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        lookahead: int,
+        width: int = 64,
+        depth: int = 1,
+        activation: str = "silu",
+        add_shared: bool = False,
+        learned: bool = True,
+        kinds: Mapping[int, str] | None = None,
+        hybrid: Mapping[int, str] | None = None,
+        meta: Mapping | None = None,
+    ):
+        super().__init__()
+        if not pairs:
+            raise SpecmoeError("an estimator needs at least one (source, target) layer pair")
+        self.family = family
+        self.pairs = [(int(s), int(t)) for s, t in pairs]
+        self._source_of = {t: s for s, t in self.pairs}
+        self._target_of = {s: t for s, t in self.pairs}
+        self.num_experts, self.top_k, self.hidden_size = int(num_experts), int(top_k), int(hidden_size)
+        self.lookahead = int(lookahead)
+        self.width, self.depth, self.activation = int(width), int(depth), activation
+        self.add_shared = bool(add_shared)
+        self.meta = dict(meta or {})
+
+        self.norms = nn.ModuleDict({str(l): m for l, m in parts["norms"].items()})
+        self.routers = nn.ModuleDict({str(t): m for t, m in parts["routers"].items()})
+        self.shared = nn.ModuleDict({str(s): m for s, m in (parts.get("shared") or {}).items()})
+        for s, t in self.pairs:
+            for what, table, layer in (("norm", self.norms, s), ("norm", self.norms, t), ("router", self.routers, t)):
+                if str(layer) not in table:
+                    raise SpecmoeError(f"estimator parts lack the {what} of layer {layer}")
+            if self.add_shared and str(s) not in self.shared:
+                raise SpecmoeError(f"add_shared is set but the shared expert of layer {s} is missing")
+            D = default_vectors.get(s)
+            if D is None:
+                raise SpecmoeError(f"no default vectors for source layer {s}")
+            if tuple(D.shape) != (self.num_experts, self.hidden_size):
+                raise SpecmoeError(
+                    f"default vectors of layer {s} have shape {tuple(D.shape)}, "
+                    f"expected ({self.num_experts}, {self.hidden_size})")
+            self.register_buffer(f"default_vectors_{s}", D.detach().float().clone())
+
+        self.corrections = nn.ModuleDict()
+        if learned:
+            for _, t in self.pairs:
+                self.corrections[str(t)] = CorrectionNet(self.hidden_size, self.num_experts, self.width,
+                                                         self.depth, self.activation)
+        default_kind = "learned" if learned else "quasi"
+        self.kinds: dict[int, str] = {t: default_kind for t in self.targets}
+        if kinds is not None:
+            self.set_kinds(kinds)
+        self.hybrid: dict[int, str] | None = None
+        if hybrid is not None:
+            self.hybrid = self._checked_kinds(hybrid, "hybrid")
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.pairs]
+
+    @property
+    def sources(self) -> list[int]:
+        return [s for s, _ in self.pairs]
+
+    def source_of(self, target: int) -> int:
+        if target not in self._source_of:
+            raise SpecmoeError(f"layer {target} is not a target of this estimator (targets: {self.targets})")
+        return self._source_of[target]
+
+    def target_of(self, source: int) -> int | None:
+        """The layer predicted from `source`, or None (the last layers have no target)."""
+        return self._target_of.get(source)
+
+    def default_vectors(self, source: int) -> Tensor:
+        return getattr(self, f"default_vectors_{source}")
+
+    def _checked_kinds(self, kinds: Mapping[int, str], what: str) -> dict[int, str]:
+        out = {int(t): str(k) for t, k in kinds.items()}
+        if set(out) != set(self.targets):
+            raise SpecmoeError(f"{what} kinds cover layers {sorted(out)}, the estimator's targets are {self.targets}")
+        for t, k in out.items():
+            if k not in KINDS:
+                raise SpecmoeError(f"{what} kind {k!r} of layer {t} is not one of {', '.join(KINDS)}")
+            if k == "learned" and str(t) not in self.corrections:
+                raise SpecmoeError(f"layer {t} is set to 'learned' but the estimator has no correction net for it")
+        return out
+
+    def set_kinds(self, kinds: Mapping[int, str]) -> None:
+        self.kinds = self._checked_kinds(kinds, "deployed")
+
+    @property
+    def device(self) -> torch.device:
+        return self.default_vectors(self.sources[0]).device
+
+    # ------------------------------------------------------------------ states
+
+    def normed(self, target: int, state: SourceState) -> Tensor:
+        """s_l = LN_moe_l(r_l) of the source layer of `target`, fp32 [T, H]."""
+        if state.normed is not None:
+            return state.normed.reshape(-1, self.hidden_size).float()
+        return moe_input(self.norms[str(self.source_of(target))], state.residual)
+
+    def quasi(self, target: int, state: SourceState, normed: Tensor | None = None) -> Tensor:
+        """q_l = LN_moe_target(r_l + d_l [+ shared_l(s_l)]), fp32 [T, H]."""
+        source = self.source_of(target)
+        if state.ids is None or state.weights is None:
+            raise SpecmoeError("the quasi-hidden state needs the source layer's routing (ids and weights)")
+        mix = default_mix(self.default_vectors(source), state.ids, state.weights)
+        shared = None
+        if self.add_shared:
+            shared = state.shared
+            if shared is None:
+                s = self.normed(target, state) if normed is None else normed
+                with fp32_region(s.device):
+                    shared = self.shared[str(source)](s).float()
+        return quasi_state(self.norms[str(target)], state.residual, mix, shared)
+
+    def router_logits(self, target: int, x: Tensor) -> Tensor:
+        """router_target applied to x [T, H], fp32 [T, E]."""
+        with fp32_region(x.device):
+            return self.family.router_logits(self.routers[str(target)], x.float()).float()
+
+    def correction(self, target: int, q: Tensor) -> Tensor:
+        net = self.corrections[str(target)] if str(target) in self.corrections else None
+        if net is None:
+            raise SpecmoeError(f"the estimator has no correction net for layer {target} (no 'learned' predictor)")
+        return net(q).float()
+
+    # ------------------------------------------------------------------ logits
+
+    def all_logits(self, target: int, state: SourceState, kinds: Iterable[str]) -> dict[str, Tensor]:
+        """Logits of several kinds at once, sharing s_l and q_l."""
+        kinds = list(kinds)
+        out: dict[str, Tensor] = {}
+        s = self.normed(target, state) if ("current" in kinds or self.add_shared) else None
+        q = None
+        for kind in kinds:
+            if kind == "current":
+                out[kind] = self.router_logits(target, s)
+            elif kind in ("quasi", "learned"):
+                if q is None:
+                    q = self.quasi(target, state, normed=s)
+                if "quasi" not in out:
+                    out["quasi"] = self.router_logits(target, q)
+                if kind == "learned":
+                    out[kind] = out["quasi"] + self.correction(target, q)
+            else:
+                raise SpecmoeError(f"unknown predictor kind {kind!r}; kinds are {', '.join(KINDS)}")
+        return {k: out[k] for k in kinds}
+
+    def logits(self, target: int, state: SourceState, kind: str | None = None) -> Tensor:
+        kind = self.kinds[target] if kind is None else kind
+        return self.all_logits(target, state, [kind])[kind]
+
+    # ----------------------------------------------------------------- routing
+
+    def route(self, target: int, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The family's exact routing of `logits` at layer `target`: (ids [T, k] long,
+        weights [T, k]) ordered by weight, descending."""
+        ids, weights = self.family.route(self.routers[str(target)], logits)
+        return _sorted_by_weight(ids, weights)
+
+    def predict(self, target: int, state: SourceState, kind: str | None = None) -> tuple[Tensor, Tensor]:
+        kind = self.kinds[target] if kind is None else kind
+        return self.route(target, self.logits(target, state, kind))
+
+    def predict_ids(self, target: int, state: SourceState, kind: str | None = None) -> Tensor:
+        return self.predict(target, state, kind)[0]
+
+    def predictor(self, kind: str = "deployed") -> "Predictor":
+        return Predictor(self, kind)
+
+    # ------------------------------------------------------------------ sizes
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Estimator-owned numbers: correction-net parameters and default-vector entries
+        (norms and routers are the model's own and not counted)."""
+        corr = sum(p.numel() for p in self.corrections.parameters())
+        dv = sum(self.default_vectors(s).numel() for s in self.sources)
+        return {"correction": int(corr), "default_vectors": int(dv), "total": int(corr + dv)}
+
+
+def _sorted_by_weight(ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+    return ids.long().gather(-1, order), weights.gather(-1, order)
+
+
+class Predictor:
+    """One predictor kind of an Estimator: logits / predict / predict_ids per target layer."""
+
+    def __init__(self, estimator: Estimator, kind: str):
+        if kind not in _VIEWS:
+            raise SpecmoeError(f"unknown predictor {kind!r}; choose one of {', '.join(_VIEWS)}")
+        if kind == "learned" and not len(estimator.corrections):
+            raise SpecmoeError("this estimator has no learned correction nets")
+        self.estimator, self.kind = estimator, kind
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.kind!r}, targets={self.estimator.targets})"
+
+    def kind_of(self, target: int) -> str:
+        """The concrete kind used at `target` (hybrid and deployed resolve per layer)."""
+        if self.kind == "deployed":
+            return self.estimator.kinds[target]
+        if self.kind == "hybrid":
+            if self.estimator.hybrid is None:
+                raise SpecmoeError("this estimator has no hybrid selection (it was not trained with --predictor all)")
+            return self.estimator.hybrid[target]
+        return self.kind
+
+    def logits(self, target: int, state: SourceState) -> Tensor:
+        if self.kind == "previous":
+            ids, weights = _previous(state)
+            dense = dense_weights(ids, weights, self.estimator.num_experts)
+            return torch.where(dense > 0, dense.log(), torch.full_like(dense, float("-inf")))
+        return self.estimator.logits(target, state, self.kind_of(target))
+
+    def predict(self, target: int, state: SourceState) -> tuple[Tensor, Tensor]:
+        if self.kind == "previous":
+            ids, weights = _previous(state)
+            return _sorted_by_weight(ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, weights.shape[-1]).float())
+        return self.estimator.predict(target, state, self.kind_of(target))
+
+    def predict_ids(self, target: int, state: SourceState) -> Tensor:
+        return self.predict(target, state)[0]
+
+
+def _previous(state: SourceState) -> tuple[Tensor, Tensor]:
+    if state.previous_ids is None or state.previous_weights is None:
+        raise SpecmoeError("the 'previous' predictor needs the target layer's routing of the previous token")
+    return state.previous_ids, state.previous_weights
