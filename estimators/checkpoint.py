@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+from tracing.families import router_fingerprint  # noqa: F401  (part of this module's API)
 
 from .predictors import CorrectionNet, Estimator, collect_parts
 
@@ -47,29 +48,6 @@ FORMAT_NAME = "specmoe-estimator"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "estimator.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def router_fingerprint(model, family=None) -> str:
-    """sha256 identifying a model's routing: every MoE layer's router weight, bias and
-    selection bias, rounded to bf16, with their layer indices and shapes."""
-    from tracing.families import detect_family
-
-    family = family or detect_family(model)
-    spec = family.spec(model)
-    h = hashlib.sha256()
-    h.update(json.dumps({"family": spec.family, "moe_layers": list(spec.moe_layers),
-                         "num_experts": spec.num_experts, "hidden_size": spec.hidden_size}).encode())
-    for l in spec.moe_layers:
-        router = family.router(model, l)
-        named = (("weight", family.router_weight(router)), ("bias", family.router_bias(router)),
-                 ("selection_bias", family.selection_bias(router)))
-        for name, t in named:
-            if t is None:
-                continue
-            t = t.detach().to("cpu", torch.bfloat16).contiguous()
-            h.update(f"|{l}.{name}{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:

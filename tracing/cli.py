@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
-    from .families import detect_family
+    from .families import detect_family, router_fingerprint
     from .store import TraceWriter, estimate_trace_bytes
     from .tokens import pack_rows
 
@@ -170,7 +170,8 @@ def run_trace(args: argparse.Namespace) -> dict:
         "model": {"id": str(args.model), "revision": args.revision, "family": spec.family,
                   "model_type": spec.model_type, "num_layers": spec.num_layers, "moe_layers": list(spec.moe_layers),
                   "num_experts": spec.num_experts, "top_k": spec.top_k, "hidden_size": spec.hidden_size,
-                  "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
+                  "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  "fingerprint": router_fingerprint(loaded.model, family)},
         "dataset": {"spec": describe_dataset(args.dataset), "split": args.split, "text_field": args.text_field,
                     "max_tokens": args.max_tokens},
         "default_vector_every": args.default_vector_every,

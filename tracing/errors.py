@@ -43,7 +43,8 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            print(f"{prog}: interrupted; completed work is kept (rerun with --resume)", file=sys.stderr)
+            hint = " (rerun with --resume)" if prog == "trace" else ""
+            print(f"{prog}: interrupted; completed work is kept{hint}", file=sys.stderr)
             return EXIT_INTERRUPTED
 
     return wrapper

@@ -19,6 +19,9 @@ the router input, z_l the router logits, (I_l, g_l) the top-k ids and weights.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -507,3 +510,24 @@ def detect_family(model_or_config) -> Family:
             f"(no decoder layer gets sparse experts); supported: {supported}"
         )
     return family
+
+
+def router_fingerprint(model, family=None) -> str:
+    """sha256 identifying a model's routing: every MoE layer's router weight, bias and
+    selection bias, rounded to bf16, with their layer indices and shapes."""
+    family = family or detect_family(model)
+    spec = family.spec(model)
+    h = hashlib.sha256()
+    h.update(json.dumps({"family": spec.family, "moe_layers": list(spec.moe_layers),
+                         "num_experts": spec.num_experts, "hidden_size": spec.hidden_size}).encode())
+    for l in spec.moe_layers:
+        router = family.router(model, l)
+        named = (("weight", family.router_weight(router)), ("bias", family.router_bias(router)),
+                 ("selection_bias", family.selection_bias(router)))
+        for name, t in named:
+            if t is None:
+                continue
+            t = t.detach().to("cpu", torch.bfloat16).contiguous()
+            h.update(f"|{l}.{name}{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
