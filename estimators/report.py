@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from tracing.paths import display_path
+
 from .metrics import RoutingMetrics, mean_over_layers, per_layer_table
 
 __all__ = ["REPORT_JSON", "REPORT_MD", "PLOT_PNG", "build_report", "render_tables", "render_markdown",
@@ -53,7 +55,7 @@ def render_markdown(report: Mapping[str, Any], results: Results, plot_name: str 
     lines = ["# Expert-routing predictors", ""]
     model = report.get("model") or {}
     if model:
-        lines.append(f"Model `{model.get('id')}` ({model.get('family')}), {model.get('num_experts')} experts, "
+        lines.append(f"Model `{display_path(model.get('id'))}` ({model.get('family')}), {model.get('num_experts')} experts, "
                      f"top-{model.get('top_k')}; lookahead {report.get('lookahead')} MoE layer(s). "
                      "Rows are target layers (decoder indices); predictions use the true routing of the "
                      "source layer.")
@@ -133,7 +135,7 @@ def write_report(out_dir: str | Path, results: Results, meta: Mapping[str, Any] 
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(results, meta)
     model = (meta or {}).get("model") or {}
-    title = f"{model.get('id', '')} - lookahead {(meta or {}).get('lookahead', '?')}".strip(" -")
+    title = f"{display_path(model.get('id', ''))} - lookahead {(meta or {}).get('lookahead', '?')}".strip(" -")
     png = plot_recall(results, out / PLOT_PNG, title=title)
     paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": png}
     for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", render_markdown(report, results))):
