@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .corpus import describe_dataset, load_text_dataset
 from .errors import SpecmoeError, cli_errors
 from .models import DTYPES, load_config, load_moe_model
-from .paths import DEMO_MODEL_DIR
+from .paths import DEMO_MODEL_DIR, display_path
 
 
 def parse_layers(text: str | None, moe_layers: tuple[int, ...]) -> list[int]:
@@ -167,7 +167,7 @@ def run_trace(args: argparse.Namespace) -> dict:
     seqs_per_shard = max(args.batch_size, args.shard_tokens // args.seq_len // args.batch_size * args.batch_size)
     store_dtype = DTYPES[args.store_dtype]
     meta = {
-        "model": {"id": str(args.model), "revision": args.revision, "family": spec.family,
+        "model": {"id": display_path(args.model), "revision": args.revision, "family": spec.family,
                   "model_type": spec.model_type, "num_layers": spec.num_layers, "moe_layers": list(spec.moe_layers),
                   "num_experts": spec.num_experts, "top_k": spec.top_k, "hidden_size": spec.hidden_size,
                   "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import SpecmoeError
-from .paths import DEMO_MODEL_DIR
+from .paths import DEMO_MODEL_DIR, REPO_ROOT
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -42,10 +42,20 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def resolve_model_id(model_id: str | Path | None) -> str:
+    """The bundled demo model by default; a path relative to this repository (as traces
+    and checkpoints record it) also works from another working directory."""
+    model_id = str(model_id or DEMO_MODEL_DIR)
+    path = Path(model_id).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path / "config.json").exists():
+        return str(REPO_ROOT / path)
+    return model_id
+
+
 def load_config(model_id: str | Path | None = None, revision: str | None = None):
     from transformers import AutoConfig
 
-    model_id = str(model_id or DEMO_MODEL_DIR)
+    model_id = resolve_model_id(model_id)
     path = Path(model_id).expanduser()
     if model_id.startswith((".", "/", "~")) and not path.exists():
         raise SpecmoeError(f"model path {model_id} does not exist")
@@ -67,7 +77,7 @@ def load_moe_model(model_id: str | Path | None = None, *, dtype: str = "auto", d
 
     from .families import detect_family
 
-    model_id = str(model_id or DEMO_MODEL_DIR)
+    model_id = resolve_model_id(model_id)
     config = load_config(model_id, revision)
     family = detect_family(config)
     if device != "cpu" and not torch.cuda.is_available():
