@@ -241,6 +241,118 @@ def test_deterministic_bytes(tmp_path, reference):
         file_hashes(reference[0])[store.DEFAULT_VECTORS_FILE]
 
 
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = lambda *shape: torch.randn(*shape, generator=g) * 50  # noqa: E731
+    return {
+        "layers.10.residual": x(6, 5).to(torch.bfloat16),
+        "layers.2.residual": x(6, 5).to(torch.bfloat16),  # "10" < "2": byte order, not numeric
+        "layers.2.router_logits": x(6, 3).to(torch.float16),
+        "layers.2.topk_ids": torch.randint(-9, 99, (6, 2), generator=g, dtype=torch.int32),
+        "layers.2.topk_weights": x(6, 2),
+        "token_ids": torch.randint(0, 5000, (6,), generator=g, dtype=torch.int32),
+        "sums": x(3, 4).double(),
+        "counts": torch.randint(0, 1 << 40, (4,), generator=g, dtype=torch.int64),
+        "offset": torch.tensor(5, dtype=torch.int64),  # 0-d
+        "small": torch.randint(-100, 100, (7,), generator=g, dtype=torch.int16),
+        "bytes": torch.randint(0, 255, (3, 3), generator=g, dtype=torch.uint8),
+        "signed": torch.randint(-100, 100, (5,), generator=g, dtype=torch.int8),
+        "mask": torch.rand(9, generator=g) > 0.5,
+        "nothing": torch.empty(0, 4, dtype=torch.bfloat16),
+        "ünïcode \"quoted\"\n": torch.arange(3, dtype=torch.float32),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}, {"ké\"y\n": "välue\t"}])
+def test_streamed_file_equals_safetensors_save(tmp_path, metadata):
+    """Our own header + streamed tensor bytes: the same file safetensors.torch.save makes."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    tensors = _mixed_tensors()
+    path = tmp_path / "x.safetensors"
+    sha, nbytes = store._atomic_save_tensors(path, tensors, metadata, fsync=False)
+    data = path.read_bytes()
+    assert data == save(tensors, metadata=metadata)
+    assert nbytes == len(data) and sha == hashlib.sha256(data).hexdigest()
+    assert not list(tmp_path.glob("*.tmp"))
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        assert (f.metadata() or None) == (metadata or None)
+        for k, t in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and torch.equal(got, t)
+    for dtype in (torch.bfloat16, torch.int32, torch.float32):  # one dtype alone, one tensor alone
+        only = {k: t for k, t in tensors.items() if t.dtype == dtype}
+        store._atomic_save_tensors(path, only, metadata, fsync=True)
+        assert path.read_bytes() == save(only, metadata=metadata)
+    if metadata != {}:  # (safetensors writes no tensors with empty metadata as broken JSON)
+        store._atomic_save_tensors(path, {}, metadata, fsync=False)
+        assert path.read_bytes() == save({}, metadata=metadata)
+
+
+def test_streamed_views_share_memory_and_survive_short_writes(tmp_path, monkeypatch):
+    """Tensors adjacent in one buffer go out as one view; partial writev() calls are resumed."""
+    block = torch.arange(64, dtype=torch.uint8)
+    a, b = block[:16].view(torch.float32), block[16:48].view(torch.int32)
+    views = store._byte_ranges([a, b, block[56:]])  # a and b are neighbours, the last is not
+    assert [v.nbytes for v in views] == [48, 8]
+    block[0] = 255
+    assert views[0][0] == 255  # a view, not a copy
+
+    real = os.writev
+    calls = []
+
+    def stingy(fd, buffers):  # writes at most 5 bytes per call, like a slow pipe
+        buffers = list(buffers)
+        calls.append(len(buffers))
+        return real(fd, [memoryview(buffers[0])[:5]])
+
+    monkeypatch.setattr(store.os, "writev", stingy)
+    monkeypatch.setattr(store, "_IOV_MAX", 2)
+    tensors = _mixed_tensors()
+    path = tmp_path / "y.safetensors"
+    store._atomic_save_tensors(path, tensors, {"format": "pt"}, fsync=False)
+    from safetensors.torch import save
+
+    assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert len(calls) > 10 and max(calls) <= 2
+
+
+def test_unusual_tensors_fall_back_to_safetensors(tmp_path):
+    from safetensors.torch import save
+
+    tensors = {"c": torch.randn(3, 2, dtype=torch.complex64), "x": torch.arange(4, dtype=torch.int32)}
+    path = tmp_path / "z.safetensors"
+    sha, nbytes = store._atomic_save_tensors(path, tensors, {"format": "pt"}, fsync=False)
+    assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() and nbytes == path.stat().st_size
+
+
+def test_shards_equal_safetensors_save(reference):
+    """Every shard, the short last one too, is what safetensors would write for its tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    out = reference[0]
+    names = sorted(p.name for p in out.glob("shard-*.safetensors")) + [store.DEFAULT_VECTORS_FILE]
+    for name in names:
+        with safe_open(str(out / name), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert (out / name).read_bytes() == save(tensors, metadata={"format": "pt"}), name
+
+
+def test_full_shard_is_one_buffer(tmp_path, monkeypatch):
+    """A full shard's tensors sit back to back in the writer's buffer, in file order."""
+    seen = []
+    real = store._byte_ranges
+    monkeypatch.setattr(store, "_byte_ranges", lambda ts: seen.append(real(ts)) or seen[-1])
+    w = new_writer(tmp_path / "t")
+    feed(w, 0, 4, BATCH, Acc())  # one full shard of 3 sequences, then state files
+    assert len(seen[0]) == 1
+    assert seen[0][0].nbytes == SPS * SEQ_LEN * (4 + len(LAYERS) * ((H + E) * 2 + K * 8))
+
+
 def test_estimate_trace_bytes(reference):
     out, w, _ = reference
     est = estimate_trace_bytes(TOTAL * SEQ_LEN, layers=LAYERS, hidden_size=H, num_experts=E, top_k=K,

@@ -28,7 +28,9 @@ leaves either
   place under their final names; resume checks their sha256 against the
   state's record and adopts them.
 
-Shard bytes are deterministic: the same inputs give byte-identical files.
+Shard bytes are deterministic: the same inputs give byte-identical files, the ones
+safetensors' own save() makes (the writer builds the header itself and streams the
+tensor bytes from its buffer; see _atomic_save_tensors).
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ import math
 import os
 import re
 import shutil
+import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from concurrent.futures import ThreadPoolExecutor
-
 from safetensors.torch import save
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
@@ -170,27 +174,145 @@ def _fsync_dir(path: Path) -> None:
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-sha256")
 
+# torch dtype -> (safetensors dtype name, rank).  safetensors lays tensors out by
+# descending rank, then by name; the rank follows the order of its `Dtype` enum
+# (increasing alignment: BOOL < U8 < I8 < I16 < F16 < BF16 < I32 < F32 < F64 < I64).
+# Dtypes missing here are written by safetensors itself (see _atomic_save_tensors).
+_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0),
+    torch.uint8: ("U8", 4),
+    torch.int8: ("I8", 5),
+    torch.int16: ("I16", 11),
+    torch.float16: ("F16", 13),
+    torch.bfloat16: ("BF16", 14),
+    torch.int32: ("I32", 15),
+    torch.float32: ("F32", 17),
+    torch.float64: ("F64", 19),
+    torch.int64: ("I64", 20),
+}
+_IOV_MAX = 1024  # POSIX minimum for writev(); Linux allows exactly this many
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+
+def _st_layout(specs: Iterable[tuple[str, torch.dtype]]) -> list[str]:
+    """Names in the order safetensors stores them: descending dtype rank, then name
+    (Python's str order equals Rust's byte order of the UTF-8 names)."""
+    return [name for name, dt in sorted(specs, key=lambda s: (-_ST_DTYPES[s[1]][1], s[0]))]
+
+
+def _st_header(entries: Sequence[tuple[str, torch.dtype, Sequence[int], int, int]],
+               metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length prefix and the JSON header of a safetensors file, byte for byte
+    as safetensors writes them: compact JSON (serde_json spelling: no spaces, non-ASCII
+    kept as UTF-8), "__metadata__" first, then each tensor's dtype/shape/data_offsets in
+    file order, padded with spaces to a multiple of 8 bytes.  safetensors emits several
+    metadata keys in hash-map order (varies between runs); we sort them."""
+    parts = []
+    if metadata is not None:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
+        parts.append('"__metadata__":' + json.dumps(dict(metadata), ensure_ascii=False,
+                                                    separators=(",", ":"), sort_keys=True))
+    for name, dtype, shape, begin, stop in entries:
+        dims = ",".join(str(int(d)) for d in shape)
+        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{_ST_DTYPES[dtype][0]}",'
+                     f'"shape":[{dims}],"data_offsets":[{begin},{stop}]}}')
+    header = ("{" + ",".join(parts) + "}").encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def _byte_ranges(tensors: Sequence[torch.Tensor]) -> list[memoryview]:
+    """Zero-copy byte views of `tensors` in order, merging neighbours that are adjacent
+    in the same storage (a full shard buffer becomes a single view)."""
+    runs: list[list] = []  # [storage, first byte, end byte]
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if n == 0:
+            continue
+        storage = t.untyped_storage()
+        first = t.storage_offset() * t.element_size()
+        if runs and runs[-1][0].data_ptr() == storage.data_ptr() and runs[-1][2] == first:
+            runs[-1][2] = first + n
+        else:
+            runs.append([storage, first, first + n])
+    views = []
+    for storage, first, stop in runs:
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage, first, (stop - first,))
+        views.append(memoryview(flat.numpy()))  # the view keeps the array, the array the storage
+    return views
+
+
+def _write_all(fd: int, views: Sequence[memoryview]) -> None:
+    """writev() the views completely (the GIL is released during each call)."""
+    pending = [v for v in views if v.nbytes]
+    while pending:
+        group = pending[:_IOV_MAX]
+        n = os.writev(fd, group)
+        if n <= 0:
+            raise OSError(f"writev wrote {n} bytes")
+        i = 0
+        while i < len(group) and n >= group[i].nbytes:
+            n -= group[i].nbytes
+            i += 1
+        pending = pending[i:]
+        if n:
+            pending[0] = pending[0][n:]
+
+
+def _sha256_views(views: Sequence[memoryview]) -> str:
+    h = hashlib.sha256()
+    for v in views:
+        h.update(v)  # releases the GIL for large buffers
+    return h.hexdigest()
+
+
+def _can_stream(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return sys.byteorder == "little" and all(
+        t.dtype in _ST_DTYPES and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()
+    )
+
+
+def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None,
                          fsync: bool = True) -> tuple[str, int]:
-    """Write tensors under a temporary name, then rename; return (sha256, bytes).
+    """Write tensors in safetensors format under a temporary name, then rename; return
+    (sha256, bytes).
 
-    The checksum is taken from the serialised bytes on another thread (hashlib
-    releases the GIL) while this one writes them, instead of re-reading the file.
-    Without fsync the file is safe against a killed process but not a power cut;
-    the checksums in the manifest catch a file damaged either way."""
-    data = save(tensors, metadata=metadata)
-    digest = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
+    The file is streamed: our own header, then the tensors' bytes written straight from
+    their memory with writev (no serialised copy of the file is ever built), while another
+    thread hashes the same bytes; both release the GIL.  The bytes equal what
+    safetensors.torch.save gives for the same tensors and metadata (metadata with more
+    than one key aside: safetensors orders those arbitrarily, we sort them).  Without fsync
+    the file is safe against a killed process but not a power cut; the checksums in the
+    manifest catch a file damaged either way."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    if not _can_stream(tensors):  # unusual dtypes or memory: let safetensors serialise
+        data = save(dict(tensors), metadata=metadata)
+        views = [memoryview(data)]
+    else:
+        order = _st_layout((name, t.dtype) for name, t in tensors.items())
+        entries, offset = [], 0
+        for name in order:
+            t = tensors[name]
+            n = t.numel() * t.element_size()
+            entries.append((name, t.dtype, t.shape, offset, offset + n))
+            offset += n
+        views = [memoryview(_st_header(entries, metadata))] + _byte_ranges([tensors[name] for name in order])
+    digest = _HASHER.submit(_sha256_views, views)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            _write_all(fd, views)
+            if fsync:
+                os.fsync(fd)  # overlaps with the hashing still under way
+        finally:
+            os.close(fd)
+    finally:
+        sha = digest.result()  # never leave the hasher reading memory the caller may reuse
     os.replace(tmp, path)
     if fsync:
         _fsync_dir(path.parent)
-    return digest.result(), len(data)
+    return sha, sum(v.nbytes for v in views)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -254,6 +376,14 @@ def _check_sha(directory: Path, entry: Mapping[str, Any]) -> None:
         raise CorruptFileError(f"{path} does not match its sha256 in {MANIFEST} (file is damaged)")
 
 
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, seen as same-size ints
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory (bf16 seen as int16)."""
+    return (t.view(_NUMPY_VIEW[t.dtype]) if t.dtype in _NUMPY_VIEW else t).numpy()
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -304,6 +434,7 @@ class TraceWriter:
 
         # shard buffer: preallocated per key once dims are known
         self._buf: dict[str, torch.Tensor] | None = None
+        self._host_buf: dict[str, np.ndarray] | None = None
         self._buffered = 0  # sequences in the buffer
         self._dims: dict[str, int] | None = None
         self._last_state_fn: Callable[[], dict[str, torch.Tensor]] | None = None
@@ -360,15 +491,18 @@ class TraceWriter:
             return
         if self._buf is None:
             self._allocate()
-        converted = {key: self._convert(key, t) for key, t in batch.items()}
+        sources = [(key, self._source(key, batch[key])) for key in self._buf]
         wrote = False
         off = 0
         L = self.seq_len
         while off < n_seq:
             take = min(n_seq - off, self.sequences_per_shard - self._buffered)
             a, b = self._buffered * L, (self._buffered + take) * L
-            for key, t in converted.items():
-                self._buf[key][a:b].copy_(t[off * L:(off + take) * L])
+            for key, src in sources:
+                if isinstance(src, np.ndarray):
+                    np.copyto(self._host_buf[key][a:b], src[off * L:(off + take) * L], casting="no")
+                else:
+                    self._buf[key][a:b].copy_(src[off * L:(off + take) * L])
             self._buffered += take
             off += take
             if self._buffered == self.sequences_per_shard:
@@ -391,7 +525,7 @@ class TraceWriter:
         self._default_vectors_entry = {"file": DEFAULT_VECTORS_FILE, "sha256": sha, "bytes": nbytes}
         self.complete = True
         self._write_manifest()
-        self._buf = None
+        self._buf = self._host_buf = None
 
     # ---- checks
 
@@ -503,21 +637,44 @@ class TraceWriter:
         field = key.rsplit(".", 1)[1]
         return _FIXED_DTYPES.get(field, self._torch_dtype)
 
-    def _convert(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        # Convert on the source device first (halves a GPU->CPU copy for bf16);
-        # the copy into the CPU buffer happens in add().
-        return t.detach().to(dtype=self._key_dtype(key))
+    def _source(self, key: str, t: torch.Tensor) -> torch.Tensor | np.ndarray:
+        """What add() copies into the shard buffer.  A CPU tensor of the stored dtype (what
+        the tracer hands over) becomes a numpy view, copied by np.copyto: one plain memcpy
+        that releases the GIL.  torch's copy_ splits large copies over its intra-op
+        threads, which on busy cores crawled (0.4 GB/s against 14 GB/s for np.copyto on a
+        shared 2-core machine).  Anything else is converted on its own device first (halves
+        a GPU->CPU copy for bf16) and copied by torch."""
+        want = self._key_dtype(key)
+        if t.dtype != want or t.requires_grad:
+            t = t.detach().to(dtype=want)
+        if t.device.type == "cpu":
+            try:
+                return _as_numpy(t)
+            except (RuntimeError, TypeError):  # e.g. tensors numpy cannot view
+                pass
+        return t
 
     def _allocate(self) -> None:
+        """One block of memory laid out like a full shard file's data: the tensors in
+        safetensors order, back to back, so a full shard is written and hashed as a single
+        buffer.  (The order sorts by descending item size, so every view is aligned.)"""
         rows = self.sequences_per_shard * self.seq_len
         d = self._dims
-        buf = {"token_ids": torch.empty(rows, dtype=torch.int32)}
+        shapes = {"token_ids": (rows,)}
         for l in self.layers:
-            buf[layer_key(l, "residual")] = torch.empty(rows, d["hidden_size"], dtype=self._torch_dtype)
-            buf[layer_key(l, "router_logits")] = torch.empty(rows, d["num_experts"], dtype=self._torch_dtype)
-            buf[layer_key(l, "topk_ids")] = torch.empty(rows, d["top_k"], dtype=torch.int32)
-            buf[layer_key(l, "topk_weights")] = torch.empty(rows, d["top_k"], dtype=torch.float32)
+            shapes[layer_key(l, "residual")] = (rows, d["hidden_size"])
+            shapes[layer_key(l, "router_logits")] = (rows, d["num_experts"])
+            shapes[layer_key(l, "topk_ids")] = (rows, d["top_k"])
+            shapes[layer_key(l, "topk_weights")] = (rows, d["top_k"])
+        order = _st_layout((key, self._key_dtype(key)) for key in shapes)
+        sizes = [math.prod(shapes[key]) * self._key_dtype(key).itemsize for key in order]
+        block = torch.empty(sum(sizes), dtype=torch.uint8)
+        buf, offset = {}, 0
+        for key, size in zip(order, sizes):
+            buf[key] = block[offset:offset + size].view(self._key_dtype(key)).view(shapes[key])
+            offset += size
         self._buf = buf
+        self._host_buf = {key: _as_numpy(t) for key, t in buf.items()}  # numpy views of the same memory
 
     def _flush_shard(self) -> None:
         index = len(self._shards)
