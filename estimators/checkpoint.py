@@ -15,7 +15,9 @@ config.json (format "specmoe-estimator", version 1):
     lookahead    h; pairs: [[source, target], ...] decoder-layer indices
     predictor    deployed kind per target layer ("current" | "quasi" | "learned")
     hybrid       per target layer choice of the hybrid predictor, or null
-    estimator    width, depth, activation, add_shared, learned (whether corrections exist)
+    estimator    width, depth, activation, add_shared, routing_features, normed_features (what the
+                 correction nets read besides q_l; absent = false, as written before they existed),
+                 learned (whether corrections exist)
     parameters   correction / default-vector counts and their share of the expert parameters
     metrics      validation (and eval) metrics per predictor: mean and per layer
     weights_sha256   of estimator.safetensors
@@ -97,7 +99,8 @@ def save_estimator(estimator: Estimator, out_dir: str | Path, *, metrics: Mappin
         "predictor": {str(t): k for t, k in estimator.kinds.items()},
         "hybrid": None if estimator.hybrid is None else {str(t): k for t, k in estimator.hybrid.items()},
         "estimator": {"width": estimator.width, "depth": estimator.depth, "activation": estimator.activation,
-                      "add_shared": estimator.add_shared, "learned": bool(len(estimator.corrections))},
+                      "add_shared": estimator.add_shared, "routing_features": estimator.routing_features,
+                      "normed_features": estimator.normed_features, "learned": bool(len(estimator.corrections))},
         "parameters": meta.get("parameters") or estimator.parameter_counts(),
         "metrics": dict(metrics or {}),
         "weights_sha256": _sha256(weights),
@@ -183,6 +186,9 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
         learned = bool(est_cfg.get("learned", True))
         width, depth = int(est_cfg["width"]), int(est_cfg.get("depth", 1))
         activation, add_shared = str(est_cfg.get("activation", "silu")), bool(est_cfg.get("add_shared", False))
+        # absent in checkpoints written before these options existed: the net reads q_l only
+        routing_features = bool(est_cfg.get("routing_features", False))
+        normed_features = bool(est_cfg.get("normed_features", False))
         lookahead = int(cfg["lookahead"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CorruptFileError(f"{d / CONFIG_FILE} is damaged ({type(err).__name__}: {err})") from None
@@ -199,7 +205,8 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
     est = Estimator(family, pairs=pairs, default_vectors=default_vectors, parts=parts,
                     num_experts=spec.num_experts, top_k=spec.top_k, hidden_size=spec.hidden_size,
                     lookahead=lookahead, width=width, depth=depth, activation=activation,
-                    add_shared=add_shared, learned=learned, meta=meta)
+                    add_shared=add_shared, routing_features=routing_features, normed_features=normed_features,
+                    learned=learned, meta=meta)
     if learned:
         for _, t in pairs:
             net: CorrectionNet = est.corrections[str(t)]
@@ -210,7 +217,8 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
                     raise CorruptFileError(f"{weights} lacks {key}")
                 if tuple(tensors[key].shape) != tuple(p.shape):
                     raise MismatchError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, "
-                                        f"expected {tuple(p.shape)} for this model and width {width}")
+                                        f"expected {tuple(p.shape)} for this model, width {width} and "
+                                        f"routing_features={routing_features}, normed_features={normed_features}")
                 state[name] = tensors[key]
             net.load_state_dict(state)
     est.set_kinds(kinds)

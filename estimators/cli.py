@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tracing.errors import SpecmoeError, cli_errors
+from tracing.paths import display_path
 
 from .config import load_config
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="override the config's devices (an int, or auto)")
     p.add_argument("--width", type=int, help="override the config's correction-net width")
     p.add_argument("--add-shared", action="store_true", help="add the shared expert's output to the quasi state")
+    p.add_argument("--routing-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the config's routing_features (correction nets also read layer l's routing)")
+    p.add_argument("--normed-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the config's normed_features (correction nets also read s_l)")
+    p.add_argument("--depth", type=int, help="override the config's correction-net depth")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the trace shards")
     p.add_argument("--overwrite", action="store_true", help="replace an estimator already in --out")
     return p
@@ -106,7 +112,8 @@ def run_train(args: argparse.Namespace) -> dict | None:
     t0 = time.time()
     _quiet_loading()
     cfg = load_config(args.config, max_steps=args.max_steps, max_epochs=args.max_epochs, device=args.device,
-                      devices=_devices_arg(args.devices), width=args.width,
+                      devices=_devices_arg(args.devices), width=args.width, depth=args.depth,
+                      routing_features=args.routing_features, normed_features=args.normed_features,
                       add_shared=True if args.add_shared else None)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -152,19 +159,20 @@ def run_train(args: argparse.Namespace) -> dict | None:
     default_vectors = merged_default_vectors(readers, sources)
     parts = collect_parts(model, family, pairs, cfg.add_shared)
     expert_params = expert_parameter_count(model, family)
-    meta = {"id": str(model_id), "model_type": spec.model_type, "moe_layers": list(spec.moe_layers),
+    meta = {"id": display_path(model_id), "model_type": spec.model_type, "moe_layers": list(spec.moe_layers),
             "fingerprint": fingerprint}
     est = Estimator(family, pairs=pairs, default_vectors=default_vectors, parts=parts,
                     num_experts=spec.num_experts, top_k=spec.top_k, hidden_size=spec.hidden_size,
                     lookahead=args.lookahead, width=cfg.width, depth=cfg.depth, activation=cfg.activation,
-                    add_shared=cfg.add_shared, learned=learned, meta=meta)
+                    add_shared=cfg.add_shared, routing_features=cfg.routing_features,
+                    normed_features=cfg.normed_features, learned=learned, meta=meta)
     counts = est.parameter_counts()
     share = counts["total"] / max(1, expert_params)
     if share > cfg.max_param_share:
         raise SpecmoeError(
             f"the estimator would hold {counts['total']:,} parameters ({100 * share:.2f}% of the model's "
             f"{expert_params:,} expert parameters), above max_param_share={cfg.max_param_share}; "
-            "lower --width (or depth) in the config")
+            "lower --width (or depth) in the config, or set routing_features / normed_features to false")
     est.meta["parameters"] = {**counts, "expert": int(expert_params), "share": share}
     del loaded, model  # only the copied norms/routers are needed from here on
 
@@ -228,7 +236,7 @@ def run_train(args: argparse.Namespace) -> dict | None:
     est.to("cpu")
     save_estimator(est, out, metrics=_summary(results), extra={"training": training})
     report_meta = {
-        "model": {"id": str(model_id), "family": spec.family, "num_experts": spec.num_experts,
+        "model": {"id": display_path(model_id), "family": spec.family, "num_experts": spec.num_experts,
                   "top_k": spec.top_k, "fingerprint": fingerprint},
         "lookahead": args.lookahead, "pairs": [list(p) for p in pairs],
         "predictor": args.predictor, "deployed": {str(t): k for t, k in est.kinds.items()},

@@ -28,6 +28,8 @@ class EstimatorConfig:
     depth: int = 1                  # hidden layers of each correction MLP
     activation: str = "silu"
     add_shared: bool = False        # quasi state also adds shared_l(s_l) (families with a shared expert)
+    routing_features: bool = False  # correction also reads m_l, layer l's routing as a weighted multi-hot [E]
+    normed_features: bool = False   # correction also reads s_l = LN_moe_l(r_l)
     max_param_share: float = 0.02   # refuse estimators above this share of the model's expert parameters
     # --- optimisation
     lr: float = 1.0e-3

@@ -12,7 +12,7 @@ and weights (sorted by weight, descending):
 
     current   router_t(s_l)                      s_l = LN_l(r_l)
     quasi     router_t(q_l)                      q_l = LN_t(r_l + d_l [+ shared_l(s_l)])  (Router-PF)
-    learned   router_t(q_l) + correction_t(q_l)  correction's last layer starts at zero
+    learned   router_t(q_l) + correction_t(x_l)  x_l = [q_l, m_l?, s_l?]; correction's last layer starts at zero
     hybrid    quasi or learned per target layer, whichever validated better
     deployed  the per-target kinds stored with the estimator (what a checkpoint ships)
     previous  the ids layer t used for the previous token of the same sequence (reference)
@@ -20,6 +20,11 @@ and weights (sorted by weight, descending):
     est = load_estimator("checkpoints/demo", model)           # estimators.checkpoint
     ids, w = est.predict(t, SourceState(residual=r, ids=ids_l, weights=g_l))
     ids = est.predictor("quasi").predict_ids(t, state)
+
+The correction net reads x_l = [q_l] plus, with `routing_features`, m_l = the source
+layer's routing as a weighted multi-hot vector over its E experts (g_{l,e} at the ids,
+0 elsewhere, normalised per token to sum 1), and, with `normed_features`, s_l. Both are
+in hand at layer l in the runtime (the true or the predicted routing of l).
 
 Everything runs on whatever device the estimator was moved to, one token or many
 at a time, in float32 (the correction MLP may run under autocast; its output is
@@ -41,7 +46,7 @@ from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_sta
 
 __all__ = [
     "KINDS", "PREDICTORS", "SourceState", "CorrectionNet", "SharedExpert", "Estimator", "Predictor",
-    "collect_parts", "expert_parameter_count", "layer_pairs",
+    "collect_parts", "expert_parameter_count", "layer_pairs", "routing_vector",
 ]
 
 KINDS = ("current", "quasi", "learned")                 # what a target layer can deploy
@@ -83,14 +88,22 @@ def layer_pairs(moe_layers: Iterable[int], available: Iterable[int], lookahead: 
             if moe[i] in have and moe[i + lookahead] in have]
 
 
-class CorrectionNet(nn.Sequential):
-    """q [T, H] -> logit correction [T, E]; the last layer starts at exactly zero."""
+def routing_vector(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
+    """m [T, E] float32: the combine weights at the routed ids, 0 elsewhere, scaled per token
+    to sum 1 (a token whose weights sum to 0 gets the all-zero vector)."""
+    dense = dense_weights(ids, weights, num_experts)
+    total = dense.sum(dim=-1, keepdim=True)
+    return dense / torch.where(total > 0, total, torch.ones_like(total))
 
-    def __init__(self, hidden: int, experts: int, width: int, depth: int = 1, activation: str = "silu"):
+
+class CorrectionNet(nn.Sequential):
+    """features [T, in_features] -> logit correction [T, E]; the last layer starts at exactly zero."""
+
+    def __init__(self, in_features: int, experts: int, width: int, depth: int = 1, activation: str = "silu"):
         if activation not in _ACTIVATIONS:
             raise SpecmoeError(f"unknown activation {activation!r}; use one of {', '.join(_ACTIVATIONS)}")
         layers: list[nn.Module] = []
-        size = hidden
+        size = in_features
         for _ in range(depth):
             layers += [nn.Linear(size, width), _ACTIVATIONS[activation]()]
             size = width
@@ -177,6 +190,8 @@ class Estimator(nn.Module):
         depth: int = 1,
         activation: str = "silu",
         add_shared: bool = False,
+        routing_features: bool = False,
+        normed_features: bool = False,
         learned: bool = True,
         kinds: Mapping[int, str] | None = None,
         hybrid: Mapping[int, str] | None = None,
@@ -193,6 +208,7 @@ class Estimator(nn.Module):
         self.lookahead = int(lookahead)
         self.width, self.depth, self.activation = int(width), int(depth), activation
         self.add_shared = bool(add_shared)
+        self.routing_features, self.normed_features = bool(routing_features), bool(normed_features)
         self.meta = dict(meta or {})
 
         self.norms = nn.ModuleDict({str(l): m for l, m in parts["norms"].items()})
@@ -216,7 +232,7 @@ class Estimator(nn.Module):
         self.corrections = nn.ModuleDict()
         if learned:
             for _, t in self.pairs:
-                self.corrections[str(t)] = CorrectionNet(self.hidden_size, self.num_experts, self.width,
+                self.corrections[str(t)] = CorrectionNet(self.correction_inputs, self.num_experts, self.width,
                                                          self.depth, self.activation)
         default_kind = "learned" if learned else "quasi"
         self.kinds: dict[int, str] = {t: default_kind for t in self.targets}
@@ -263,6 +279,12 @@ class Estimator(nn.Module):
         self.kinds = self._checked_kinds(kinds, "deployed")
 
     @property
+    def correction_inputs(self) -> int:
+        """Input width of every correction net: H (q_l) [+ E (m_l)] [+ H (s_l)]."""
+        return (self.hidden_size + (self.num_experts if self.routing_features else 0)
+                + (self.hidden_size if self.normed_features else 0))
+
+    @property
     def device(self) -> torch.device:
         return self.default_vectors(self.sources[0]).device
 
@@ -294,11 +316,30 @@ class Estimator(nn.Module):
         with fp32_region(x.device):
             return self.family.router_logits(self.routers[str(target)], x.float()).float()
 
-    def correction(self, target: int, q: Tensor) -> Tensor:
+    def correction_features(self, target: int, q: Tensor, state: SourceState | None = None,
+                            normed: Tensor | None = None) -> Tensor:
+        """x_l = [q_l, m_l (routing_features), s_l (normed_features)], fp32 [T, correction_inputs]."""
+        feats = [q.float()]
+        if self.routing_features:
+            if state is None or state.ids is None or state.weights is None:
+                raise SpecmoeError("routing_features needs the source layer's routing (ids and weights)")
+            feats.append(routing_vector(state.ids, state.weights, self.num_experts).to(q.device))
+        if self.normed_features:
+            if normed is None:
+                if state is None:
+                    raise SpecmoeError("normed_features needs the source state (s_l or r_l)")
+                normed = self.normed(target, state)
+            feats.append(normed.float())
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    def correction(self, target: int, q: Tensor, state: SourceState | None = None,
+                   normed: Tensor | None = None) -> Tensor:
+        """correction_target(x_l) as fp32 [T, E]; `state` (and optionally s_l as `normed`) is
+        needed when the net reads routing or s_l features."""
         net = self.corrections[str(target)] if str(target) in self.corrections else None
         if net is None:
             raise SpecmoeError(f"the estimator has no correction net for layer {target} (no 'learned' predictor)")
-        return net(q).float()
+        return net(self.correction_features(target, q, state, normed)).float()
 
     # ------------------------------------------------------------------ logits
 
@@ -306,7 +347,8 @@ class Estimator(nn.Module):
         """Logits of several kinds at once, sharing s_l and q_l."""
         kinds = list(kinds)
         out: dict[str, Tensor] = {}
-        s = self.normed(target, state) if ("current" in kinds or self.add_shared) else None
+        need_s = "current" in kinds or self.add_shared or (self.normed_features and "learned" in kinds)
+        s = self.normed(target, state) if need_s else None
         q = None
         for kind in kinds:
             if kind == "current":
@@ -317,7 +359,7 @@ class Estimator(nn.Module):
                 if "quasi" not in out:
                     out["quasi"] = self.router_logits(target, q)
                 if kind == "learned":
-                    out[kind] = out["quasi"] + self.correction(target, q)
+                    out[kind] = out["quasi"] + self.correction(target, q, state, normed=s)
             else:
                 raise SpecmoeError(f"unknown predictor kind {kind!r}; kinds are {', '.join(KINDS)}")
         return {k: out[k] for k in kinds}

@@ -1,7 +1,8 @@
 """Distillation of the `learned` predictor with Lightning.
 
 One LightningModule holds every per-target correction net (inside an Estimator).
-Loss: KL(softmax(true target logits) || softmax(router_t(q_l) + correction_t(q_l))),
+Loss: KL(softmax(true target logits) || softmax(router_t(q_l) + correction_t(x_l))),
+x_l = [q_l, m_l?, s_l?] (see estimators.predictors),
 averaged over target layers. The correction's last layer starts at zero, so step 0
 is exactly `quasi`; each validation measures, per target layer, both `quasi` and
 the current `learned` (MetricAccumulator states summed over DDP ranks), and keeps
@@ -97,10 +98,13 @@ class EstimatorModule(L.LightningModule):
 
     def _pair_logits(self, batch, p: int, t: int):
         state = batch_source_state(batch, p)
+        est = self.estimator
         with torch.no_grad():
-            q = self.estimator.quasi(t, state)
-            base = self.estimator.router_logits(t, q)
-        return base, base + self.estimator.correction(t, q)
+            s = est.normed(t, state) if (est.normed_features or est.add_shared) else None
+            q = est.quasi(t, state, normed=s)
+            base = est.router_logits(t, q)
+            x = est.correction_features(t, q, state, normed=s)
+        return base, base + est.corrections[str(t)](x).float()
 
     def training_step(self, batch, batch_idx):
         losses = []

@@ -268,6 +268,101 @@ def test_previous_predictor_uses_the_previous_token(tiny_trace):
     assert torch.equal(batch["prev_ids"][has, 0], ids[:-1][has[1:]])
 
 
+def _randomise_corrections(est: Estimator, seed: int = 0) -> None:
+    """Give every correction net (its zero-initialised last layer too) random weights."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in est.corrections.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+
+
+def test_routing_features(root, tiny_trace, tiny_q3):
+    """routing_features: the correction reads [q_l, m_l] (m_l = layer l's routing as a weighted
+    multi-hot over E, summing to 1); step 0 is still quasi exactly; one token at a time gives
+    the batch's predictions; the option survives a checkpoint, and an older checkpoint
+    (config.json without the option, q_l-only nets) still loads."""
+    import shutil
+
+    from estimators.checkpoint import save_estimator
+    from estimators.predictors import routing_vector
+
+    model = load_model(tiny_q3)
+    family = detect_family(model)
+    spec = family.spec(model)
+    reader = TraceReader(tiny_trace)
+    pairs = layer_pairs(spec.moe_layers, reader.layers, 1)
+    H, E = spec.hidden_size, spec.num_experts
+
+    def build(**options):
+        est = Estimator(family, pairs=pairs, default_vectors=reader.default_vectors(),
+                        parts=collect_parts(model, family, pairs), num_experts=E, top_k=spec.top_k,
+                        hidden_size=H, lookahead=1, width=8, **options)
+        est.meta.update(fingerprint=router_fingerprint(model), id=str(tiny_q3))
+        return est
+
+    batch = next(iter(make_loader(PairBatches([Source(str(tiny_trace))], pairs, 16))))
+    states = [batch_source_state(batch, p) for p in range(len(pairs))]
+    est = build(routing_features=True)
+    both = build(routing_features=True, normed_features=True)
+    assert est.correction_inputs == H + E and both.correction_inputs == 2 * H + E
+    assert build().correction_inputs == H
+    for (_, t), state in zip(pairs, states):
+        m = routing_vector(state.ids, state.weights, E)
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[0]))
+        assert torch.equal((m > 0).sum(-1), torch.full((m.shape[0],), spec.top_k))
+        assert torch.equal(m.gather(1, state.ids) > 0, torch.ones_like(state.ids, dtype=torch.bool))
+        q = est.quasi(t, state)
+        assert torch.equal(est.correction_features(t, q, state), torch.cat([q, m], -1))
+        for e in (est, both):   # step 0: learned IS quasi
+            out = e.all_logits(t, state, ["quasi", "learned"])
+            assert torch.equal(out["learned"], out["quasi"])
+            assert torch.equal(e.logits(t, state, "learned"), e.logits(t, state, "quasi"))
+    with pytest.raises(SpecmoeError, match="routing"):
+        est.logits(pairs[0][1], SourceState(residual=states[0].residual), "learned")
+
+    _randomise_corrections(est)
+    t, state = pairs[-1][1], states[-1]
+    assert not torch.equal(est.logits(t, state, "learned"), est.logits(t, state, "quasi"))
+    # the routing part of the input matters: same q_l, other m_l, other correction
+    q = est.quasi(t, state)
+    flipped = SourceState(residual=state.residual, ids=state.ids, weights=state.weights.flip(-1))
+    assert not torch.equal(est.correction(t, q, state), est.correction(t, q, flipped))
+    whole_ids = est.predict_ids(t, state, "learned")
+    whole = est.logits(t, state, "learned")
+    for n in range(4):
+        one = SourceState(residual=state.residual[n:n + 1], ids=state.ids[n:n + 1], weights=state.weights[n:n + 1])
+        assert torch.equal(est.predict_ids(t, one, "learned"), whole_ids[n:n + 1])
+        torch.testing.assert_close(est.logits(t, one, "learned"), whole[n:n + 1], rtol=1e-5, atol=1e-5)
+
+    # checkpoint round trip with the option
+    save_estimator(est, root / "ckpt-routing")
+    assert read_config(root / "ckpt-routing")["estimator"]["routing_features"] is True
+    again = load_estimator(root / "ckpt-routing", model)
+    assert again.routing_features and not again.normed_features
+    for (_, t), state in zip(pairs, states):
+        assert torch.equal(again.logits(t, state, "learned"), est.logits(t, state, "learned"))
+
+    # an estimator saved before the option existed: no key in config.json, q_l-only nets
+    old = build()
+    _randomise_corrections(old, seed=1)
+    save_estimator(old, root / "ckpt-old")
+    cfg_path = root / "ckpt-old" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("routing_features", "normed_features"):
+        del cfg["estimator"][key]
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_estimator(root / "ckpt-old", model)
+    assert not loaded.routing_features and loaded.correction_inputs == H
+    for (_, t), state in zip(pairs, states):
+        assert torch.equal(loaded.logits(t, state, "learned"), old.logits(t, state, "learned"))
+    # ... and its q_l-only weights are refused, in one line, under a config that claims the option
+    shutil.copytree(root / "ckpt-old", root / "ckpt-old-claimed")
+    cfg["estimator"]["routing_features"] = True
+    (root / "ckpt-old-claimed" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MismatchError, match="routing_features=True"):
+        load_estimator(root / "ckpt-old-claimed", model)
+
+
 # ----------------------------------------------------------------------------- data split
 
 
@@ -348,6 +443,7 @@ def test_checkpoint_round_trip_and_mismatch(trained, root, tiny_q3):
     out = trained["out"]
     cfg = read_config(out)
     assert cfg["format"] == "specmoe-estimator" and cfg["lookahead"] == 1
+    assert cfg["estimator"]["routing_features"] is False    # the default: the nets read q_l only
     assert set(cfg["predictor"].values()) <= {"quasi", "learned"} and cfg["hybrid"] == cfg["predictor"]
     model = load_model(trained["model_dir"])
     assert cfg["model"]["fingerprint"] == router_fingerprint(model)
@@ -356,6 +452,7 @@ def test_checkpoint_round_trip_and_mismatch(trained, root, tiny_q3):
     assert router_fingerprint(rounded) == router_fingerprint(rounded.float())
     before = trained["result"]["estimator"]
     after = load_estimator(out, model)
+    assert not after.routing_features and after.correction_inputs == after.hidden_size
     assert after.kinds == before.kinds and after.hybrid == before.hybrid and after.pairs == before.pairs
     batch = next(iter(make_loader(PairBatches([Source(str(trained["trace"]))], before.pairs, 200))))
     for p, (_, t) in enumerate(before.pairs):
