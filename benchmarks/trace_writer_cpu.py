@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import tracing.cli as new_cli  # noqa: E402
 import tracing.store as new_store  # noqa: E402
+from benchmarks.trace_overhead import disk_write_bandwidth  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -175,20 +176,6 @@ def run_once(store_mod, background_cls, s: dict, batches: list, n_batches: int, 
         return seconds, cpu, writer.bytes_written
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-
-
-def disk_write_bandwidth(directory: Path, nbytes: int = 1 << 30) -> float:
-    block = os.urandom(64 << 20)
-    path = directory / "bandwidth.probe"
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(nbytes // len(block)):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return nbytes / seconds
 
 
 def sha256_speed() -> float:
