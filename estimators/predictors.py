@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from tracing.errors import SpecmoeError
+from tracing.families import SharedExpert  # noqa: F401  (re-exported)
 
 from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_state
 
@@ -113,25 +114,6 @@ class CorrectionNet(nn.Sequential):
         super().__init__(*layers, last)
 
 
-class SharedExpert(nn.Module):
-    """The shared expert of one MoE block (and its sigmoid gate, where the family has one),
-    lifted out of the block so it can be copied without the routed experts."""
-
-    def __init__(self, shared: nn.Module, gate: nn.Module | None = None):
-        super().__init__()
-        self.shared = shared
-        self.gate = gate
-
-    def forward(self, s: Tensor) -> Tensor:
-        """shared(s) [* sigmoid(gate(s))] as float32, computed in the modules' own dtype."""
-        param = next(self.shared.parameters(), None)
-        x = s.to(param.dtype) if param is not None else s
-        out = self.shared(x).float()
-        if self.gate is not None:
-            out = torch.sigmoid(self.gate(x).float()) * out
-        return out
-
-
 def _frozen_fp32(module: nn.Module, do_copy: bool) -> nn.Module:
     if not do_copy:
         return module
@@ -157,12 +139,10 @@ def collect_parts(model: nn.Module, family, pairs: list[tuple[int, int]], add_sh
         if family.shared_attr is None:
             raise SpecmoeError(f"add_shared is set but the {family.name} family has no shared expert")
         for s in sources:
-            block = family.moe_block(model, s)
-            shared = getattr(block, family.shared_attr, None)
+            shared = family.shared_expert(model, s)
             if shared is None:
                 raise SpecmoeError(f"add_shared is set but MoE layer {s} of this model has no shared expert")
-            gate = getattr(block, family.shared_gate_attr) if family.shared_gate_attr else None
-            parts["shared"][s] = _frozen_fp32(SharedExpert(shared, gate), copy_shared)
+            parts["shared"][s] = _frozen_fp32(shared, copy_shared)
     return parts
 
 

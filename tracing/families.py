@@ -230,6 +230,25 @@ def _gpt_oss_expert(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> T
 # ------------------------------------------------------------------------- family
 
 
+class SharedExpert(nn.Module):
+    """The shared expert of one MoE block (and its sigmoid gate, where the family has one),
+    lifted out of the block so it can be copied without the routed experts."""
+
+    def __init__(self, shared: nn.Module, gate: nn.Module | None = None):
+        super().__init__()
+        self.shared = shared
+        self.gate = gate
+
+    def forward(self, s: Tensor) -> Tensor:
+        """shared(s) [* sigmoid(gate(s))] as float32, computed in the modules' own dtype."""
+        param = next(self.shared.parameters(), None)
+        x = s.to(param.dtype) if param is not None else s
+        out = self.shared(x).float()
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x).float()) * out
+        return out
+
+
 @dataclass(frozen=True)
 class Family:
     """One MoE family, described by data. Module paths are attribute names, walked as
@@ -336,17 +355,21 @@ class Family:
         out = self.moe_block(model, layer_idx)(s)
         return out[0] if isinstance(out, tuple) else out
 
-    def shared_expert_output(self, model: nn.Module, layer_idx: int, s: Tensor) -> Tensor | None:
+    def shared_expert(self, model: nn.Module, layer_idx: int) -> "SharedExpert | None":
+        """The shared expert of an MoE block with its gate, as one module that can be
+        copied without the routed experts; None where the family or layer has none."""
         if self.shared_attr is None:
             return None
         block = self.moe_block(model, layer_idx)
         shared = getattr(block, self.shared_attr, None)
         if shared is None:
             return None
-        out = shared(s)
-        if self.shared_gate_attr is not None:
-            out = torch.sigmoid(getattr(block, self.shared_gate_attr)(s)) * out
-        return out
+        gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
+        return SharedExpert(shared, gate)
+
+    def shared_expert_output(self, model: nn.Module, layer_idx: int, s: Tensor) -> Tensor | None:
+        module = self.shared_expert(model, layer_idx)
+        return None if module is None else module(s).to(s.dtype)
 
     # ------------------------------------------------------------- hook helpers
 

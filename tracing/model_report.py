@@ -84,7 +84,7 @@ def random_router(loaded, layer: int, seed: int = 0):
             weight.copy_(saved)
 
 
-def load_stats(counts: torch.Tensor, top_k: int) -> dict:
+def load_stats(counts: torch.Tensor) -> dict:
     p = counts.double() / counts.sum()
     nz = p[p > 0]
     entropy = float(-(nz * nz.log()).sum() / math.log(len(p)))
@@ -105,7 +105,7 @@ def compute_report(loaded, eval_rows: torch.Tensor, train_rows: torch.Tensor | N
     if train_rows is not None:
         report["unigram_perplexity"] = unigram_perplexity(train_rows, eval_rows, len(loaded.tokenizer))
     for layer in spec.moe_layers:
-        report["layers"][layer] = load_stats(counts[layer], spec.top_k)
+        report["layers"][layer] = load_stats(counts[layer])
     if random_routers:
         for layer in tqdm(spec.moe_layers, desc="random routers", leave=False):
             with random_router(loaded, layer):

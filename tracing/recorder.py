@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .store import TraceWriter  # noqa: F401  (documentation: the batches below are what TraceWriter.add takes)
 
 
 def to_host(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
