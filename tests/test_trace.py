@@ -150,6 +150,73 @@ def test_default_vectors_equal_brute_force(model_type, models_dir, text_file, tm
             torch.testing.assert_close(dv[layer][e], torch.cat(outs).mean(0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_recorder_leaves_the_forward_bit_identical(model_type):
+    """Tracing must not change what the model computes, and the default vectors must not
+    depend on how the expert outputs were obtained: read off the forward pass (grouped
+    rows sorted by expert, batched rows in token order) or from a second pass over the
+    experts (the eager loop, or the tap turned off)."""
+    import warnings
+
+    from tracing.models import LoadedModel
+    from tracing.recorder import TraceRecorder
+
+    input_ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    default_vectors = {}
+    variants = (("grouped_mm", True, {"sorted"}), ("batched_mm", True, {"original"}),
+                # the eager loop calls the gate per expert only in GPT-OSS
+                ("eager", True, {"sorted", "second pass"}), ("grouped_mm", False, {"second pass"}))
+    for implementation, tap, modes in variants:
+        model = tiny_model(model_type, experts_implementation=implementation)
+        family = detect_family(model)
+        spec = family.spec(model.config)
+        with torch.no_grad():
+            stock = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        loaded = LoadedModel(model=model, tokenizer=None, family=family, spec=spec, model_id=model_type, revision=None)
+        recorder = TraceRecorder(loaded, list(spec.moe_layers), torch.float32, stop_after_last_layer=False, tap=tap)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                traced = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        assert recorder.mode in modes, (implementation, recorder.mode)
+        assert bool(caught) is (tap and recorder.mode == "second pass")  # a failed check says so
+        for a, b in zip(stock.hidden_states, traced.hidden_states):
+            assert torch.equal(a, b), f"{implementation}: tracing changed a layer's output"
+        assert torch.equal(stock.logits, traced.logits)
+        default_vectors[(implementation, tap)] = recorder.default_vectors()
+        recorder.close()
+        assert "_apply_gate" not in vars(family.experts(model, spec.moe_layers[0]))  # stock method restored
+    reference = default_vectors[("grouped_mm", False)]
+    for variant, dv in default_vectors.items():
+        for key, value in reference.items():
+            torch.testing.assert_close(dv[key], value, rtol=1e-4, atol=1e-5, msg=f"{variant} {key}")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_subsampled_default_vectors_agree_across_paths(model_type):
+    """--default-vector-every N: the tapped sums pick the same (token, slot) rows as the second pass."""
+    from tracing.models import LoadedModel
+    from tracing.recorder import TraceRecorder
+
+    results = {}
+    for tap in (True, False):
+        model = tiny_model(model_type)
+        family = detect_family(model)
+        spec = family.spec(model.config)
+        loaded = LoadedModel(model=model, tokenizer=None, family=family, spec=spec, model_id=model_type, revision=None)
+        recorder = TraceRecorder(loaded, list(spec.moe_layers), torch.float32, default_vector_every=3, tap=tap)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):  # batches of 2 x 25 tokens: the every-3rd pattern crosses batch borders
+            recorder.run_batch(torch.randint(3, 128, (2, 25), generator=gen))
+        results[tap] = (recorder.mode, recorder.default_vectors())
+        recorder.close()
+    assert results[False][0] == "second pass" and results[True][0] == "sorted"
+    for key, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    n = results[False][1][f"layers.{spec.moe_layers[0]}.default_vector_tokens"].sum()
+    assert n == 3 * 50 // 3 * spec.top_k  # every third token of 150, k rows each
+
+
 # -- reliability ---------------------------------------------------------------------------------------
 
 def _shard_hashes(path: Path) -> dict[str, str]:

@@ -7,36 +7,64 @@ inputs rather than recomputed, because some families' selection cannot be
 recovered from the logits alone. Over the whole run the recorder also sums the
 unweighted output of each expert over the tokens routed to it, which gives the
 default vectors D_l[e] of the quasi-hidden state.
+
+Those unweighted outputs cost a second pass over the experts unless they are
+read off the model's own pass. Expert e's output is linear in its gated
+intermediate a = act(gate) * up: E_e(x) = W_down[e] a (+ b_down[e]). So the sum
+over tokens equals W_down[e] applied to the sum of the intermediates, which the
+recorder collects from the experts' `_apply_gate` as the stock forward runs
+(grouped and batched implementations call it; the forward itself is untouched).
+On the first call it checks the result against a real second pass and uses the
+second pass from then on where the two disagree (an implementation that never
+calls `_apply_gate`, a norm after the experts, rows in an unknown order).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
 
 
 def to_host(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Start device->host copies into pinned memory without waiting for them.
 
-    The caller must synchronise (HostBatch.wait) before reading; meanwhile the GPU
-    can run the next forward pass."""
+    The copies run on a side stream of each GPU, so they overlap the next forward
+    pass instead of queueing behind it. The caller must call wait_host before
+    reading."""
     if all(t.device.type == "cpu" for t in batch.values()):
         return batch
-    out, devices = {}, set()
+    out: dict = {}
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    for t in batch.values():
+        if t.device.type == "cuda" and t.device not in streams:
+            stream = _copy_stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # the tensors are complete
+            streams[t.device] = stream
     for key, t in batch.items():
         if t.device.type == "cpu":
             out[key] = t
             continue
+        stream = streams[t.device]
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(stream)  # keep the allocator from reusing the memory before the copy is done
         out[key] = host
-        devices.add(t.device)
     events = []
-    for device in devices:  # a model sharded over GPUs copies from each GPU's own stream
+    for stream in streams.values():
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
+        event.record(stream)
         events.append(event)
-    out["__events__"] = events  # type: ignore[assignment]
+    out["__events__"] = events
     return out
 
 
@@ -50,23 +78,91 @@ class _StopForward(Exception):
     """Raised after the last traced layer so the untraced rest of the model is not computed."""
 
 
+def _expert_sums(ids: torch.Tensor, rows: torch.Tensor, num_experts: int,
+                 keep: torch.Tensor | None) -> torch.Tensor:
+    """[E, D] float32 sums of `rows` [S, D] grouped by expert id `ids` [S] (where `keep`).
+
+    On a GPU a one-hot matmul with float32 accumulation: a scatter-add of S x D
+    atomics would first need the rows converted to float32."""
+    if rows.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16):
+        onehot = ids.unsqueeze(0) == torch.arange(num_experts, device=ids.device).unsqueeze(1)
+        if keep is not None:
+            onehot &= keep.unsqueeze(0)
+        try:
+            return torch.mm(onehot.to(rows.dtype), rows, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=...)
+            pass
+    rows = rows.float()
+    if keep is not None:
+        rows = rows * keep.unsqueeze(1)
+    return torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device).index_add_(0, ids, rows)
+
+
+def _down_projection(experts, gate_sums: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """sum_t E_e(x_t) [E, H] float64 from sum_t a_e(x_t) [E, I] and the token counts, one expert at a time
+    (a float64 copy of all down projections at once would be large)."""
+    weight = experts.down_proj.detach()
+    bias = getattr(experts, "down_proj_bias", None) if getattr(experts, "has_bias", False) else None
+    transposed = getattr(experts, "is_transposed", False)
+    gate_sums, tokens = gate_sums.to(weight.device), tokens.to(weight.device)
+    out = []
+    for e in range(weight.shape[0]):
+        w = weight[e].double()
+        y = gate_sums[e] @ w if transposed else w @ gate_sums[e]
+        if bias is not None:
+            y = y + tokens[e] * bias[e].double()
+        out.append(y)
+    return torch.stack(out)
+
+
+def _can_tap(experts) -> bool:
+    return (callable(getattr(experts, "_apply_gate", None)) and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+            and not getattr(experts, "has_post_expert_norm", False))
+
+
+class _Accumulators:
+    """Per-layer running sums, kept on the layer's device (no host sync per batch)."""
+
+    FIELDS = ("dv_sum", "gate_sum", "gate_tokens", "dv_tokens", "counts")
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int | None, device="cpu"):
+        E = num_experts
+        self.dv_sum = torch.zeros(E, hidden, dtype=torch.float64, device=device)        # second-pass outputs
+        self.gate_sum = torch.zeros(E, intermediate or 0, dtype=torch.float64, device=device)  # tapped a_e
+        self.gate_tokens = torch.zeros(E, dtype=torch.long, device=device)  # rows in gate_sum (for the bias)
+        self.dv_tokens = torch.zeros(E, dtype=torch.long, device=device)    # rows behind D, both ways
+        self.counts = torch.zeros(E, dtype=torch.long, device=device)       # all routed rows
+
+    def to(self, device) -> "_Accumulators":
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
 class TraceRecorder:
     def __init__(self, loaded, layers: list[int], store_dtype: torch.dtype = torch.bfloat16,
-                 default_vector_every: int = 1, stop_after_last_layer: bool = True):
+                 default_vector_every: int = 1, stop_after_last_layer: bool = True, tap: bool = True):
         self.family, self.spec, self.model = loaded.family, loaded.spec, loaded.model
         self.layers = list(layers)
         self.store_dtype = store_dtype
         self.every = max(1, int(default_vector_every))
-        E, H = self.spec.num_experts, self.spec.hidden_size
-        # float64 sums: millions of bf16 outputs are added per expert
-        self.dv_sum = {l: torch.zeros(E, H, dtype=torch.float64) for l in self.layers}
-        self.dv_tokens = {l: torch.zeros(E, dtype=torch.long) for l in self.layers}
-        self.counts = {l: torch.zeros(E, dtype=torch.long) for l in self.layers}
-        self._in_default_vectors = False
-        self._device_sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # "sorted" / "original": rows of the tapped intermediates grouped by expert or in (token, slot)
+        # order; "second pass": no tap. None until the first call has checked.
+        self.mode: str | None = None if tap else "second pass"
+        self._experts = {l: self.family.experts(self.model, l) for l in self.layers}
+        self.acc: dict[int, _Accumulators] = {}
+        for l in self.layers:
+            experts = self._experts[l]
+            inter = experts.down_proj.shape[-1 if not getattr(experts, "is_transposed", False) else -2] \
+                if _can_tap(experts) else None
+            self.acc[l] = _Accumulators(self.spec.num_experts, self.spec.hidden_size, inter)
+        self._on_device: set[int] = set()
         self._batch: dict[str, torch.Tensor] = {}
+        self._taps: dict[int, list[torch.Tensor]] = {}
+        self._in_second_pass = False
         self._token_offset = 0  # global index of the current batch's first token, for the D_l subsample
         self._handles = []
+        self._patched = []
         last = max(self.layers)
         self._stop_layer = last if stop_after_last_layer and last < max(self.spec.moe_layers) else None
         self._install()
@@ -75,10 +171,15 @@ class TraceRecorder:
     def _install(self) -> None:
         fam, model = self.family, self.model
         for layer in self.layers:
-            norm, router, experts = fam.moe_norm(model, layer), fam.router(model, layer), fam.experts(model, layer)
+            norm, router, experts = fam.moe_norm(model, layer), fam.router(model, layer), self._experts[layer]
             self._handles.append(norm.register_forward_pre_hook(self._on_norm_input(layer)))
             self._handles.append(router.register_forward_hook(self._on_router_output(layer)))
-            self._handles.append(experts.register_forward_pre_hook(self._on_experts_input(layer), with_kwargs=True))
+            self._handles.append(experts.register_forward_pre_hook(self._on_experts_input(layer)))
+            self._handles.append(experts.register_forward_hook(self._on_experts_output(layer), with_kwargs=True))
+            if self.mode is None and _can_tap(experts):
+                # an instance attribute shadows the class's method for this module only
+                experts._apply_gate = self._tap(layer, experts._apply_gate)
+                self._patched.append(experts)
 
     def _on_norm_input(self, layer: int):
         def hook(module, args):
@@ -92,43 +193,111 @@ class TraceRecorder:
             self._batch[f"layers.{layer}.router_logits"] = logits.reshape(-1, logits.shape[-1]).to(self.store_dtype)
         return hook
 
+    def _tap(self, layer: int, apply_gate):
+        def tapped(gate_up):
+            out = apply_gate(gate_up)
+            if not self._in_second_pass:
+                self._taps.setdefault(layer, []).append(out)
+            return out
+        return tapped
+
     def _on_experts_input(self, layer: int):
-        def hook(module, args, kwargs):
-            if self._in_default_vectors:  # our own call of the experts below
-                return None
+        def hook(module, args):
+            self._taps[layer] = []
+        return hook
+
+    def _on_experts_output(self, layer: int):
+        def hook(module, args, kwargs, output):
             hidden, ids, weights = self.family.captured_routing(args, kwargs)
-            self._batch[f"layers.{layer}.topk_ids"] = ids.to(torch.int32)
-            self._batch[f"layers.{layer}.topk_weights"] = weights.to(torch.float32)
-            self._accumulate(layer, module, hidden, ids)
+            # stored as the model produced them; the writer converts on the host
+            self._batch[f"layers.{layer}.topk_ids"] = ids
+            self._batch[f"layers.{layer}.topk_weights"] = weights
+            self._accumulate(layer, module, hidden, ids, weights, self._taps.pop(layer, []))
             if layer == self._stop_layer:
                 raise _StopForward
         return hook
 
-    @torch.no_grad()
-    def _accumulate(self, layer: int, experts, hidden: torch.Tensor, ids: torch.Tensor) -> None:
-        if layer not in self._device_sums:  # accumulate where the layer lives: no host sync per batch
-            dev = hidden.device
-            self._device_sums[layer] = (self.dv_sum[layer].to(dev), self.dv_tokens[layer].to(dev),
-                                        self.counts[layer].to(dev))
-        sums, tokens, counts = self._device_sums[layer]
-        # index_add_, not bincount: bincount on CUDA waits for the GPU to size its output
-        counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1), dtype=counts.dtype))
-        if self.every > 1:
-            first = (-self._token_offset) % self.every
-            pick = torch.arange(first, hidden.shape[0], self.every, device=hidden.device)
-            hidden, ids = hidden[pick], ids[pick]
-        flat_ids = ids.reshape(-1)
-        self._in_default_vectors = True
-        try:
-            outputs = self.family.unweighted_expert_outputs(experts, hidden, ids)
-        finally:
-            self._in_default_vectors = False
-        sums.index_add_(0, flat_ids, outputs.to(sums.dtype))
-        tokens.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=tokens.dtype))
+    # -- default vectors ------------------------------------------------------
+    def _keep(self, n_rows: int, k: int, device) -> torch.Tensor | None:
+        """Which (token, slot) rows count towards D_l: those of every self.every-th token of the run."""
+        if self.every == 1:
+            return None
+        token = torch.arange(n_rows, device=device) // k
+        return (token + self._token_offset) % self.every == 0
 
-    def _sync_to_host(self) -> None:
-        for layer, (sums, tokens, counts) in self._device_sums.items():
-            self.dv_sum[layer], self.dv_tokens[layer], self.counts[layer] = sums.cpu(), tokens.cpu(), counts.cpu()
+    def _second_pass(self, experts, hidden, flat_ids, weights, k: int) -> torch.Tensor:
+        """[E, H] float32 sums of the unweighted outputs, from calling the experts again with weight 1 per
+        (token, slot) row, on the subsampled tokens only."""
+        T = hidden.shape[0]
+        first = (-self._token_offset) % self.every
+        tokens = torch.arange(first, T, self.every, device=hidden.device)
+        rows = (tokens.unsqueeze(1) * k + torch.arange(k, device=hidden.device)).reshape(-1)
+        ids = flat_ids[rows]
+        ones = torch.ones(rows.shape[0], 1, dtype=weights.dtype, device=weights.device)
+        self._in_second_pass = True
+        try:
+            outputs = experts.forward(hidden[tokens].repeat_interleave(k, dim=0), ids.unsqueeze(1), ones)
+        finally:
+            self._in_second_pass = False
+        return _expert_sums(ids, outputs, self.spec.num_experts, None)
+
+    def _tapped_sums(self, taps, flat_ids, k: int, order: str) -> torch.Tensor | None:
+        """[E, I] float32 sums of the tapped intermediates, or None where they cannot be lined up."""
+        if not taps or sum(t.shape[0] for t in taps) != flat_ids.shape[0]:
+            return None
+        a = taps[0] if len(taps) == 1 else torch.cat(taps)
+        keep = self._keep(flat_ids.shape[0], k, flat_ids.device)
+        ids = flat_ids
+        if order == "sorted":
+            ids, perm = torch.sort(flat_ids)  # the grouped implementation's own call: the same permutation
+            keep = keep[perm] if keep is not None else None
+        return _expert_sums(ids, a, self.spec.num_experts, keep)
+
+    def _decide(self, experts, hidden, flat_ids, weights, k, taps, reference: torch.Tensor) -> None:
+        for order in ("sorted", "original"):
+            sums = self._tapped_sums(taps, flat_ids, k, order)
+            if sums is None:
+                break
+            keep = self._keep(flat_ids.shape[0], k, flat_ids.device)
+            n = torch.zeros_like(self.acc[self.layers[0]].counts).index_add_(
+                0, flat_ids, keep.long() if keep is not None else torch.ones_like(flat_ids))
+            candidate = _down_projection(experts, sums.double(), n)
+            err = (candidate - reference.double()).norm() / reference.double().norm().clamp(min=1e-30)
+            if err.item() < 1e-2:
+                self.mode = order
+                return
+        self.mode = "second pass"
+        for experts_module in self._patched:
+            del experts_module._apply_gate
+        self._patched = []
+        warnings.warn("the experts' intermediate outputs could not be read off the forward pass; default "
+                      "vectors take a second pass over the experts (slower)", stacklevel=4)
+
+    @torch.no_grad()
+    def _accumulate(self, layer: int, experts, hidden, ids, weights, taps) -> None:
+        acc = self.acc[layer]
+        if layer not in self._on_device:  # accumulate where the layer lives: no host sync per batch
+            acc.to(hidden.device)
+            self._on_device.add(layer)
+        k = ids.shape[1]
+        flat_ids = ids.reshape(-1)
+        ones = torch.ones_like(flat_ids)
+        # index_add_, not bincount: bincount on CUDA waits for the GPU to size its output
+        acc.counts.index_add_(0, flat_ids, ones)
+        keep = self._keep(flat_ids.shape[0], k, flat_ids.device)
+        used = ones if keep is None else keep.long()
+        reference = None
+        if self.mode is None:  # first call: tap and second pass side by side
+            reference = self._second_pass(experts, hidden, flat_ids, weights, k)
+            self._decide(experts, hidden, flat_ids, weights, k, taps, reference)
+        # each sum only ever takes one kind of term, so a resumed run adds up bit for bit alike
+        if self.mode == "second pass":
+            acc.dv_sum += reference if reference is not None else self._second_pass(experts, hidden, flat_ids,
+                                                                                     weights, k)
+        else:
+            acc.gate_sum += self._tapped_sums(taps, flat_ids, k, self.mode)
+            acc.gate_tokens.index_add_(0, flat_ids, used)
+        acc.dv_tokens.index_add_(0, flat_ids, used)
 
     # -- driving ------------------------------------------------------------
     @torch.no_grad()
@@ -147,33 +316,49 @@ class TraceRecorder:
 
     def state(self) -> dict[str, torch.Tensor]:
         """A host copy of the accumulators (taken at shard boundaries, for --resume)."""
-        self._sync_to_host()
         state = {"token_offset": torch.tensor([self._token_offset], dtype=torch.long)}
         for l in self.layers:
-            state[f"layers.{l}.dv_sum"] = self.dv_sum[l].clone()
-            state[f"layers.{l}.dv_tokens"] = self.dv_tokens[l].clone()
-            state[f"layers.{l}.counts"] = self.counts[l].clone()
+            for name in _Accumulators.FIELDS:
+                state[f"layers.{l}.{name}"] = getattr(self.acc[l], name).to("cpu", copy=True)
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self._token_offset = int(state["token_offset"][0])
         for l in self.layers:
-            self.dv_sum[l] = state[f"layers.{l}.dv_sum"].clone()
-            self.dv_tokens[l] = state[f"layers.{l}.dv_tokens"].clone()
-            self.counts[l] = state[f"layers.{l}.counts"].clone()
-        self._device_sums = {}
+            acc = self.acc[l]
+            for name in _Accumulators.FIELDS:
+                saved = state.get(f"layers.{l}.{name}")
+                if saved is None:  # written before the tapped sums existed: nothing was tapped then
+                    continue
+                if saved.shape != getattr(acc, name).shape:
+                    raise ValueError(f"saved {name} of layer {l} has shape {tuple(saved.shape)}, "
+                                     f"expected {tuple(getattr(acc, name).shape)}")
+                setattr(acc, name, saved.clone())
+        self._on_device = set()
 
+    @property
+    def counts(self) -> dict[int, torch.Tensor]:
+        """Routed (token, slot) rows per expert and layer, over the whole run."""
+        return {l: self.acc[l].counts.cpu() for l in self.layers}
+
+    @torch.no_grad()
     def default_vectors(self) -> dict[str, torch.Tensor]:
-        self._sync_to_host()
         out = {}
         for l in self.layers:
-            n = self.dv_tokens[l].clamp(min=1).double().unsqueeze(1)
-            out[f"layers.{l}.default_vectors"] = (self.dv_sum[l] / n).float()  # never-selected experts stay 0
-            out[f"layers.{l}.expert_counts"] = self.counts[l].clone()
-            out[f"layers.{l}.default_vector_tokens"] = self.dv_tokens[l].clone()
+            acc = self.acc[l]
+            total = acc.dv_sum.clone()
+            if acc.gate_tokens.sum() > 0:
+                total += _down_projection(self._experts[l], acc.gate_sum, acc.gate_tokens).to(total.device)
+            n = acc.dv_tokens.clamp(min=1).double().unsqueeze(1)
+            out[f"layers.{l}.default_vectors"] = (total / n).float().cpu()  # never-selected experts stay 0
+            out[f"layers.{l}.expert_counts"] = acc.counts.cpu()
+            out[f"layers.{l}.default_vector_tokens"] = acc.dv_tokens.cpu()
         return out
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for experts in self._patched:
+            del experts._apply_gate  # back to the class's own method
+        self._patched = []
