@@ -4,11 +4,15 @@
 
 Two models: the bundled demo model, and a model of Qwen3-30B-A3B's shape (hidden
 2048, 128 experts, top-8, expert hidden 768, 32/4 heads) with random weights and
-4 layers. Per model and mode, the same batches run `--repeats` times; we quote the
-median tokens/s. Modes: the plain forward of the decoder (no LM head, as the
-tracer runs it); tracing without writing (hooks, default vectors, host copies);
-and full tracing to disk. The floor of the full trace is its bytes per token over
-the disk's measured write bandwidth (write + fsync).
+4 layers. Per model, the same batches run in every mode, `--repeats` times,
+interleaved so that drift in the machine hits every mode alike; we quote the
+median. Modes: the plain forward of the decoder (no LM head, as the tracer runs
+it); recording on the GPU without host copies (hooks and default vectors, with
+the experts' intermediates tapped, and with the second pass the tap replaces);
+the whole trace written to memory (tmpfs: host copies, shard files, sha256,
+manifest, but no disk); and the whole trace written to disk. The floor of a
+trace is its bytes over the bandwidth the medium gives to the same number of
+concurrent writers (write + fsync), measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tracing.cli import record_rows  # noqa: E402
@@ -31,7 +37,7 @@ from tracing.corpus import load_text_dataset  # noqa: E402
 from tracing.families import detect_family  # noqa: E402
 from tracing.models import LoadedModel, load_moe_model  # noqa: E402
 from tracing.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
-from tracing.recorder import TraceRecorder, wait_host  # noqa: E402
+from tracing.recorder import TraceRecorder  # noqa: E402
 from tracing.store import TraceWriter  # noqa: E402
 from tracing.tokens import pack_rows  # noqa: E402
 
@@ -56,18 +62,25 @@ def qwen3_30b_shaped(layers: int = 4) -> LoadedModel:
                        spec=family.spec(model.config), model_id="qwen3-30b-a3b-shaped-4-layers (random)", revision=None)
 
 
-def disk_write_bandwidth(directory: Path, nbytes: int = 1 << 30) -> float:
-    block = os.urandom(64 << 20)
-    path = directory / "bandwidth.probe"
+def write_bandwidth(directory: Path, writers: int, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of `writers` threads each writing nbytes/writers to its own file and fsyncing it."""
+    block = os.urandom(16 << 20)
+    per_writer = nbytes // writers // len(block)
+
+    def write(i: int) -> None:
+        path = directory / f"bandwidth.probe{i}"
+        with open(path, "wb", buffering=0) as f:
+            for _ in range(per_writer):
+                f.write(block)
+            os.fsync(f.fileno())
+
     start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(nbytes // len(block)):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, range(writers)))
     seconds = time.perf_counter() - start
-    path.unlink()
-    return nbytes / seconds
+    for i in range(writers):
+        (directory / f"bandwidth.probe{i}").unlink()
+    return writers * per_writer * len(block) / seconds
 
 
 @torch.no_grad()
@@ -82,67 +95,64 @@ def time_plain(loaded, batches) -> float:
 
 
 @torch.no_grad()
-def time_record_only(loaded, batches, every: int) -> float:
-    recorder = TraceRecorder(loaded, list(loaded.spec.moe_layers), torch.bfloat16, every)
+def time_record_only(loaded, batches, tap: bool) -> tuple[float, str]:
+    recorder = TraceRecorder(loaded, list(loaded.spec.moe_layers), torch.bfloat16, tap=tap)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    pending = []
     for batch in batches:
-        pending.append(recorder.run_batch(batch))
-        if len(pending) > 2:
-            wait_host(pending.pop(0))
-    for p in pending:
-        wait_host(p)
+        recorder.run_batch(batch)
+    torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     recorder.close()
-    return seconds
+    return seconds, recorder.mode
 
 
-def time_trace(loaded, rows, batch_size, every: int, out: Path, shard_tokens: int, fsync: bool) -> tuple[float, int]:
+def time_trace(loaded, rows, batch_size, out: Path, shard_tokens: int, fsync: bool, threads: int) -> tuple[float, int]:
     if out.exists():
         shutil.rmtree(out)
     seq_len = rows.shape[1]
     seqs_per_shard = max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
     layers = list(loaded.spec.moe_layers)
     writer = TraceWriter(out, {"model": {"id": loaded.model_id, "family": loaded.spec.family}, "dataset": {}},
-                         layers, seq_len, seqs_per_shard, "bf16", fsync=fsync)
-    recorder = TraceRecorder(loaded, layers, torch.bfloat16, every)
+                         layers, seq_len, seqs_per_shard, "bf16", fsync=fsync, workers=threads)
+    recorder = TraceRecorder(loaded, layers, torch.bfloat16)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    record_rows(recorder, writer, rows, batch_size, seqs_per_shard, desc=None)
+    record_rows(recorder, writer, rows, batch_size, desc=None)
     writer.close(recorder.default_vectors())
     seconds = time.perf_counter() - start
     recorder.close()
-    return seconds, writer.bytes_written
+    written = writer.bytes_written
+    shutil.rmtree(out)
+    return seconds, written
 
 
-def bench_model(name, loaded, rows, batch_size, repeats, workdir: Path, bandwidth: float, shard_tokens: int) -> dict:
+def bench_model(name, loaded, rows, batch_size, repeats, places: dict[str, tuple[Path, bool]],
+                shard_tokens: int, threads: int) -> dict:
     device = loaded.input_device
     batches = [rows[i:i + batch_size].to(device) for i in range(0, len(rows), batch_size)]
     tokens = rows.numel()
-    # warm-up: kernels, allocator, pinned host pool
+    # warm-up: kernels, allocator, pinned host memory
     time_plain(loaded, batches[:2])
-    time_record_only(loaded, batches[:2], 1)
-    modes: dict[str, list[float]] = {"plain forward": [], "record, no write (D every token)": [],
-                                     "record, no write (D every 4th token)": [],
-                                     "trace to disk, fsync per shard (D every token)": [],
-                                     "trace to disk, no fsync (D every token)": [],
-                                     "trace to disk, no fsync (D every 4th token)": []}
+    time_record_only(loaded, batches[:2], True)
+    time_trace(loaded, rows[:4 * batch_size], batch_size, next(iter(places.values()))[0] / "warmup",
+               shard_tokens, False, threads)
+    modes: dict[str, list[float]] = {}
+    tap_mode = ""
     written = 0
-    for _ in range(repeats):  # interleaved, so drift in the machine hits every mode alike
-        modes["plain forward"].append(time_plain(loaded, batches))
-        modes["record, no write (D every token)"].append(time_record_only(loaded, batches, 1))
-        modes["record, no write (D every 4th token)"].append(time_record_only(loaded, batches, 4))
-        t, written = time_trace(loaded, rows, batch_size, 1, workdir / "t1", shard_tokens, fsync=True)
-        modes["trace to disk, fsync per shard (D every token)"].append(t)
-        t, written = time_trace(loaded, rows, batch_size, 1, workdir / "t2", shard_tokens, fsync=False)
-        modes["trace to disk, no fsync (D every token)"].append(t)
-        t, written = time_trace(loaded, rows, batch_size, 4, workdir / "t3", shard_tokens, fsync=False)
-        modes["trace to disk, no fsync (D every 4th token)"].append(t)
+    for _ in range(repeats):
+        modes.setdefault("plain forward", []).append(time_plain(loaded, batches))
+        t, tap_mode = time_record_only(loaded, batches, True)
+        modes.setdefault("record on the GPU, no host copies (default vectors tapped)", []).append(t)
+        t, _ = time_record_only(loaded, batches, False)
+        modes.setdefault("record on the GPU, no host copies (default vectors by a second pass)", []).append(t)
+        for label, (where, fsync) in places.items():
+            t, written = time_trace(loaded, rows, batch_size, where / "trace", shard_tokens, fsync, threads)
+            modes.setdefault(f"trace to {label}", []).append(t)
     plain = statistics.median(modes["plain forward"])
-    bytes_per_token = written / tokens
     result = {"model": name, "tokens": tokens, "batch": list(rows[:batch_size].shape), "repeats": repeats,
-              "bytes_per_token": bytes_per_token, "disk_floor_s": written / bandwidth, "modes": {}}
+              "shard_tokens": shard_tokens, "writer_threads": threads, "tap_mode": tap_mode,
+              "bytes_per_token": written / tokens, "bytes": written, "modes": {}}
     for mode, times in modes.items():
         med = statistics.median(times)
         result["modes"][mode] = {"median_s": med, "tokens_per_s": tokens / med, "overhead": med / plain - 1.0,
@@ -150,50 +160,74 @@ def bench_model(name, loaded, rows, batch_size, repeats, workdir: Path, bandwidt
     return result
 
 
-def to_markdown(results: list[dict], bandwidth: float, command: str, device: str) -> str:
-    lines = ["# Tracing overhead", "", f"`{command}` on {device}; torch {torch.__version__}.", "",
-             f"Disk write bandwidth measured in the same run (1 GiB, write + fsync): {bandwidth / 1e9:.2f} GB/s.",
-             "Overhead is against the plain forward of the same batches; medians of the repeats.", ""]
+def to_markdown(results: list[dict], media: dict[str, dict], command: str, device: str) -> str:
+    lines = ["# Tracing overhead", "", f"`{command}` on {device}; torch {torch.__version__}, "
+             f"transformers {transformers.__version__}.", "",
+             "Overhead is against the plain forward of the same batches; medians of the repeats (all in the JSON).",
+             "Write bandwidth of each medium, measured in the same run with as many concurrent writers as the "
+             "trace writer uses (each writes its own file, then fsyncs it):", ""]
+    for label, m in media.items():
+        lines.append(f"- {label}: {m['bandwidth'] / 1e9:.2f} GB/s ({m['path']})")
+    lines.append("")
     for r in results:
         lines += [f"## {r['model']}", "",
-                  f"{r['tokens']:,} tokens in batches of {r['batch'][0]} x {r['batch'][1]}; "
-                  f"{r['bytes_per_token']:,.0f} bytes written per token; disk floor for the whole trace "
-                  f"{r['disk_floor_s']:.3f} s.", "",
-                  "| mode | median time | tokens/s | overhead |", "|---|---|---|---|"]
+                  f"{r['tokens']:,} tokens in batches of {r['batch'][0]} x {r['batch'][1]}; shards of "
+                  f"{r['shard_tokens']:,} tokens, {r['writer_threads']} written at once; "
+                  f"{r['bytes_per_token']:,.0f} bytes written per token ({r['bytes'] / 1e9:.2f} GB per run). "
+                  f"Default vectors tapped from the forward pass (rows {r['tap_mode']}).", "",
+                  "| mode | median time | tokens/s | overhead | write floor (bytes / bandwidth), its overhead |", "|---|---|---|---|---|"]
+        plain = r["modes"]["plain forward"]["median_s"]
         for mode, m in r["modes"].items():
-            lines.append(f"| {mode} | {m['median_s']:.3f} s | {m['tokens_per_s']:,.0f} | {100 * m['overhead']:+.1f}% |")
+            floor = ""
+            for label, medium in media.items():
+                if mode.startswith(f"trace to {label}"):
+                    f = r["bytes"] / medium["bandwidth"]  # writes overlap compute: the slower of the two
+                    floor = f"{f:.3f} s, {100 * max(0.0, f / plain - 1):+.0f}%"
+            lines.append(f"| {mode} | {m['median_s']:.3f} s | {m['tokens_per_s']:,.0f} | {100 * m['overhead']:+.1f}% "
+                         f"| {floor} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=1 << 18, help="tokens per run and model")
+    parser.add_argument("--tokens", type=int, default=1 << 20, help="tokens per run of the demo model "
+                        "(a quarter of that for the 30B shape)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None, help="where traces are written (default: a temp dir)")
+    parser.add_argument("--writer-threads", type=int, default=3)
+    parser.add_argument("--disk", type=Path, default=None, help="directory on the disk to trace to (default: a temp dir)")
+    parser.add_argument("--memory", type=Path, default=Path("/dev/shm"), help="a memory-backed directory (tmpfs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    workdir = Path(tempfile.mkdtemp(dir=args.workdir))
-    bandwidth = disk_write_bandwidth(workdir)
+    disk = Path(tempfile.mkdtemp(dir=args.disk))
+    places = {"disk, fsync per shard": (disk, True)}
+    media = {"disk, fsync per shard": {"path": str(disk), "bandwidth": write_bandwidth(disk, args.writer_threads)}}
+    if args.memory.is_dir():
+        memory = Path(tempfile.mkdtemp(dir=args.memory))
+        places = {"memory (tmpfs)": (memory, False), **places}
+        media = {"memory (tmpfs)": {"path": str(memory), "bandwidth": write_bandwidth(memory, args.writer_threads)},
+                 **media}
     demo = load_moe_model(None, device="cuda")
     rows = pack_rows(load_text_dataset(None, "train"), demo.tokenizer, "text", args.seq_len, args.tokens)
     results = [bench_model("demo-moe (12 layers, 32 experts, top-4, hidden 128, bf16)", demo, rows, 64,
-                           args.repeats, workdir, bandwidth, 1 << 16)]
+                           args.repeats, places, 1 << 14, args.writer_threads)]
     del demo
+    torch.cuda.empty_cache()
     big = qwen3_30b_shaped()
-    results.append(bench_model("Qwen3-30B-A3B shape, 4 layers, random weights (bf16)", big, rows[: max(16, len(rows) // 4)],
-                               16, args.repeats, workdir, bandwidth, 1 << 14))
-    shutil.rmtree(workdir, ignore_errors=True)
+    results.append(bench_model("Qwen3-30B-A3B shape, 4 layers, random weights (bf16)", big,
+                               rows[: max(16, len(rows) // 4)], 16, args.repeats, places, 1 << 12, args.writer_threads))
+    for where, _ in places.values():
+        shutil.rmtree(where, ignore_errors=True)
     command = "python benchmarks/trace_overhead.py " + " ".join(sys.argv[1:])
     device = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "trace_overhead.json").write_text(json.dumps(
-        {"command": command.strip(), "device": device, "torch": torch.__version__, "disk_write_bytes_per_s": bandwidth,
-         "results": results}, indent=2) + "\n")
-    md = to_markdown(results, bandwidth, command.strip(), device)
+        {"command": command.strip(), "device": device, "torch": torch.__version__,
+         "transformers": transformers.__version__, "media": media, "results": results}, indent=2) + "\n")
+    md = to_markdown(results, media, command.strip(), device)
     (args.out / "trace_overhead.md").write_text(md)
     print(md)
 

@@ -363,6 +363,56 @@ def test_estimate_trace_bytes(reference):
     assert big == pytest.approx(1_000_000 * (4 + 32 * ((4096 + 64) * 2 + 8 * 8)), rel=1e-3)
 
 
+@pytest.mark.parametrize("batch", [BATCH, SPS])  # straddling shard boundaries, and aligned with them
+def test_concurrent_writing_equals_serial(tmp_path, reference, batch):
+    """Shards written by worker threads and committed in order give the serial run's files."""
+    ref_out, _, _ = reference
+    if batch != BATCH:
+        ref_out = tmp_path / "serial"
+        w = new_writer(ref_out)
+        acc = Acc()
+        feed(w, 0, TOTAL, batch, acc)
+        w.close(acc.default_vectors())
+    out = tmp_path / "concurrent"
+    w = new_writer(out, workers=3)
+    acc = Acc()
+    feed(w, 0, TOTAL, batch, acc)
+    w.close(acc.default_vectors())
+    assert file_hashes(out) == file_hashes(ref_out)
+
+
+def test_failure_in_a_worker_reaches_the_caller(tmp_path, reference, monkeypatch):
+    """A shard that cannot be written stops the trace with that error; the shards before it
+    stay listed, and --resume completes the trace."""
+    ref_out, _, _ = reference
+    real = store._atomic_save_tensors
+    calls = collections.Counter()
+
+    def flaky(path, *args, **kwargs):
+        if path.name == "shard-00002.safetensors":
+            calls["failed"] += 1
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_atomic_save_tensors", flaky)
+    out = tmp_path / "t"
+    w = new_writer(out, workers=2)
+    acc = Acc()
+    with pytest.raises(OSError, match="No space left"):
+        feed(w, 0, TOTAL, SPS, acc)
+        w.close(acc.default_vectors())
+    w.stop()
+    assert calls["failed"] == 1
+    assert [e["file"] for e in TraceReader(out).manifest["shards"]] == ["shard-00000.safetensors",
+                                                                        "shard-00001.safetensors"]
+    monkeypatch.setattr(store, "_atomic_save_tensors", real)
+    w2 = new_writer(out, resume=True, workers=2)
+    acc2 = Acc(w2.state)
+    feed(w2, w2.sequences_done, TOTAL, BATCH, acc2)
+    w2.close(acc2.default_vectors())
+    assert shard_hashes(out) == shard_hashes(ref_out)
+
+
 # --------------------------------------------------------------------------- interruption and resume
 
 

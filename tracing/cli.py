@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,69 +46,25 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-class BackgroundWriter:
-    """Writes trace batches on a thread so the GPU computes the next batch meanwhile.
+def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, desc: str | None = "trace") -> None:
+    """Run rows[writer.sequences_done:] through the model in batches and hand them to the writer.
 
-    The queue is short: when the disk is slower than the model, tracing slows to the
-    disk's pace instead of filling memory."""
-
-    def __init__(self, writer, depth: int = 3):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        from .recorder import wait_host
-
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain after a failure
-            batch, state = item
-            try:
-                self.writer.add(wait_host(batch), state=(lambda s=state: s) if state is not None else None)
-            except BaseException as err:  # re-raised on the main thread
-                self.error = err
-
-    def put(self, batch: dict, state: dict | None) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((batch, state))
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        """On interruption: let the thread finish the shard it may be writing, then return."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-
-def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, seqs_per_shard: int,
-                desc: str | None = "trace") -> None:
-    """Run rows[writer.sequences_done:] through the model in batches and hand them to the writer."""
+    The writer copies each batch off the GPU and writes full shards on its own threads,
+    so the GPU goes on with the next batch; it only waits when the disk falls behind."""
     n_rows, seq_len = rows.shape
     start_row = writer.sequences_done
     device = recorder.model.get_input_embeddings().weight.device
     bar = tqdm(total=n_rows * seq_len, initial=start_row * seq_len, unit="tok", unit_scale=True, desc=desc,
                dynamic_ncols=True, disable=desc is None)
-    background = BackgroundWriter(writer)
     try:
         for i in range(start_row, n_rows, batch_size):
             batch = recorder.run_batch(rows[i:i + batch_size].to(device, non_blocking=True))
-            end = min(i + batch_size, n_rows)
-            # shards hold whole batches, so the accumulators match a shard exactly at its last batch
-            state = recorder.state() if end % seqs_per_shard == 0 else None
-            background.put(batch, state)
-            bar.update((end - i) * seq_len)
-        background.finish()
+            writer.add(batch, state=recorder.state)  # called by the writer when a shard is complete
+            bar.update((min(i + batch_size, n_rows) - i) * seq_len)
+    except BaseException:
+        writer.stop()  # shards already being written are finished and listed
+        raise
     finally:
-        background.stop()
         bar.close()
 
 
@@ -135,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard (rounded to whole batches)")
     p.add_argument("--default-vector-every", type=int, default=1,
                    help="compute default vectors from every N-th token (1: all tokens)")
+    p.add_argument("--writer-threads", type=int, default=3,
+                   help="shards written to disk at once (0: write in the tracing thread)")
     p.add_argument("--no-fsync", action="store_true",
                    help="do not force each shard to disk: faster; a killed process still loses nothing, "
                         "a power cut may damage the last shards (their checksums catch it)")
@@ -179,14 +135,15 @@ def run_trace(args: argparse.Namespace) -> dict:
     expected = estimate_trace_bytes(n_rows * args.seq_len, layers=layers, hidden_size=spec.hidden_size,
                                     num_experts=spec.num_experts, top_k=spec.top_k, store_dtype=args.store_dtype)
     writer = TraceWriter(args.out, meta, layers, args.seq_len, seqs_per_shard, args.store_dtype,
-                         resume=args.resume, expected_bytes=expected, fsync=not args.no_fsync)
+                         resume=args.resume, expected_bytes=expected, fsync=not args.no_fsync,
+                         workers=args.writer_threads)
 
     from .recorder import TraceRecorder
 
     recorder = TraceRecorder(loaded, layers, store_dtype, args.default_vector_every)
     if writer.state is not None:
         recorder.load_state(writer.state)
-    record_rows(recorder, writer, rows, args.batch_size, seqs_per_shard, desc=f"trace {spec.family}")
+    record_rows(recorder, writer, rows, args.batch_size, desc=f"trace {spec.family}")
     writer.close(recorder.default_vectors())
     recorder.close()
     return {"tokens": n_rows * args.seq_len, "bytes": writer.bytes_written, "seconds": time.time() - t0,

@@ -25,55 +25,6 @@ import warnings
 
 import torch
 
-_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _copy_streams:
-        _copy_streams[device] = torch.cuda.Stream(device)
-    return _copy_streams[device]
-
-
-def to_host(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Start device->host copies into pinned memory without waiting for them.
-
-    The copies run on a side stream of each GPU, so they overlap the next forward
-    pass instead of queueing behind it. The caller must call wait_host before
-    reading."""
-    if all(t.device.type == "cpu" for t in batch.values()):
-        return batch
-    out: dict = {}
-    streams: dict[torch.device, torch.cuda.Stream] = {}
-    for t in batch.values():
-        if t.device.type == "cuda" and t.device not in streams:
-            stream = _copy_stream(t.device)
-            stream.wait_stream(torch.cuda.current_stream(t.device))  # the tensors are complete
-            streams[t.device] = stream
-    for key, t in batch.items():
-        if t.device.type == "cpu":
-            out[key] = t
-            continue
-        stream = streams[t.device]
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(stream)  # keep the allocator from reusing the memory before the copy is done
-        out[key] = host
-    events = []
-    for stream in streams.values():
-        event = torch.cuda.Event()
-        event.record(stream)
-        events.append(event)
-    out["__events__"] = events
-    return out
-
-
-def wait_host(batch: dict) -> dict[str, torch.Tensor]:
-    for event in batch.pop("__events__", []):
-        event.synchronize()
-    return batch
-
-
 class _StopForward(Exception):
     """Raised after the last traced layer so the untraced rest of the model is not computed."""
 
@@ -302,7 +253,8 @@ class TraceRecorder:
     # -- driving ------------------------------------------------------------
     @torch.no_grad()
     def run_batch(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward one batch of rows [B, S]; return the trace batch on the CPU."""
+        """Forward one batch of rows [B, S]; return the trace batch, on the device(s) of its layers
+        (the writer copies it to the host while the next batch runs)."""
         self._batch = {}
         base = self.family.base_model(self.model)
         try:
@@ -312,14 +264,15 @@ class TraceRecorder:
         self._token_offset += input_ids.numel()
         out = {"token_ids": input_ids.reshape(-1).to(torch.int32)}
         out.update(self._batch)
-        return to_host(out)
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        """A host copy of the accumulators (taken at shard boundaries, for --resume)."""
+        """A copy of the accumulators as they are now, for --resume; on their device, so taking it
+        does not wait for the GPU."""
         state = {"token_offset": torch.tensor([self._token_offset], dtype=torch.long)}
         for l in self.layers:
             for name in _Accumulators.FIELDS:
-                state[f"layers.{l}.{name}"] = getattr(self.acc[l], name).to("cpu", copy=True)
+                state[f"layers.{l}.{name}"] = getattr(self.acc[l], name).clone()
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

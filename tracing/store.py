@@ -43,7 +43,8 @@ import re
 import shutil
 import struct
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -53,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+from tracing.host_copies import copy_to_host, pinned_empty, snapshot_to_host, wait
 
 FORMAT_NAME = "specmoe-trace"
 FORMAT_VERSION = 1
@@ -172,7 +174,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-sha256")
+# one hashing thread per shard being written (shards are written concurrently)
+_HASHER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="trace-sha256")
 
 # torch dtype -> (safetensors dtype name, rank).  safetensors lays tensors out by
 # descending rank, then by name; the rank follows the order of its `Dtype` enum
@@ -384,6 +387,58 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return (t.view(_NUMPY_VIEW[t.dtype]) if t.dtype in _NUMPY_VIEW else t).numpy()
 
 
+def _buffer_count(workers: int, shard_bytes: int) -> int:
+    """Buffers for one shard being filled and up to `workers` being written, kept within a
+    quarter of the machine's memory (but never fewer than two when writing concurrently)."""
+    if workers == 0:
+        return 1
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    n = workers + 1
+    while n > 2 and ram and n * shard_bytes > ram // 4:
+        n -= 1
+    return n
+
+
+class _ShardBuffer:
+    """One shard's data in one block of memory, laid out like the shard file: the
+    tensors in safetensors order, back to back, so a full shard is written and hashed
+    as a single buffer.  (The order sorts by descending item size, so every view is
+    aligned.)  Pinned when a GPU is present: batches are copied straight in from the
+    GPU, asynchronously; `events` say when they have arrived."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], pinned: bool):
+        order = _st_layout((key, dtypes[key]) for key in shapes)
+        sizes = [math.prod(shapes[key]) * dtypes[key].itemsize for key in order]
+        block = pinned_empty(sum(sizes)) if pinned else torch.empty(sum(sizes), dtype=torch.uint8)
+        self.tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        for key, size in zip(order, sizes):
+            self.tensors[key] = block[offset:offset + size].view(dtypes[key]).view(shapes[key])
+            offset += size
+        self.arrays = {key: _as_numpy(t) for key, t in self.tensors.items()}  # numpy views of the same memory
+        self.events: list = []
+
+    def fill(self, sources: Mapping[str, torch.Tensor | np.ndarray], lo: int, hi: int, a: int, b: int) -> None:
+        """Rows [a, b) of the buffer <- rows [lo, hi) of each source."""
+        to_copy = []
+        for key, src in sources.items():
+            if isinstance(src, np.ndarray):
+                np.copyto(self.arrays[key][a:b], src[lo:hi], casting="no")
+            elif src.device.type == "cuda":
+                to_copy.append((self.tensors[key][a:b], src[lo:hi]))
+            else:
+                self.tensors[key][a:b].copy_(src[lo:hi])
+        if to_copy:
+            self.events += copy_to_host(to_copy)
+
+    def wait(self) -> None:
+        wait(self.events)
+        self.events = []
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -409,9 +464,13 @@ class TraceWriter:
         resume: bool = False,
         expected_bytes: int | None = None,
         fsync: bool = True,
+        workers: int = 0,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.fsync = bool(fsync)
+        if int(workers) < 0:
+            raise SpecmoeError("workers must be 0 (write in the caller's thread) or more")
+        self.workers = int(workers)
         self.layers = self._check_layers(layers)
         if int(seq_len) <= 0 or int(sequences_per_shard) <= 0:
             raise SpecmoeError("seq_len and sequences_per_shard must be positive")
@@ -432,13 +491,22 @@ class TraceWriter:
         self.complete = False
         self.state: dict[str, torch.Tensor] | None = None
 
-        # shard buffer: preallocated per key once dims are known
-        self._buf: dict[str, torch.Tensor] | None = None
-        self._host_buf: dict[str, np.ndarray] | None = None
-        self._buffered = 0  # sequences in the buffer
+        # shard buffers: allocated once dims are known; one is filled while the others are written
+        self._cur: _ShardBuffer | None = None
+        self._buffered = 0  # sequences in the buffer being filled
         self._dims: dict[str, int] | None = None
         self._last_state_fn: Callable[[], dict[str, torch.Tensor]] | None = None
         self._closed_short = False  # last shard is short: only close() may follow
+        # shards written by worker threads, committed (state + manifest) strictly in order
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="trace-shard") if self.workers else None
+        self._jobs: list[Future] = []
+        self._cond = threading.Condition()
+        self._free: list[_ShardBuffer] = []
+        self._n_buffers = 0
+        self._submitted = 0  # shards handed to writing by this process
+        self._listed_before = 0
+        self._committed = 0
+        self._failed: BaseException | None = None
 
         manifest_path = self.out_dir / MANIFEST
         if manifest_path.exists():
@@ -482,6 +550,9 @@ class TraceWriter:
 
     def add(self, batch: Mapping[str, torch.Tensor],
             state: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+        """Append a batch of whole sequences (CPU or GPU tensors).  With workers > 0 it
+        returns once the batch is queued for copying; full shards are written meanwhile."""
+        self._raise_failure()
         if self.complete or self._closed_short:
             raise SpecmoeError(f"the trace at {self.out_dir} is already complete; it takes no more sequences")
         n_seq = self._check_batch(batch)
@@ -489,43 +560,160 @@ class TraceWriter:
             self._last_state_fn = state
         if n_seq == 0:
             return
-        if self._buf is None:
-            self._allocate()
-        sources = [(key, self._source(key, batch[key])) for key in self._buf]
-        wrote = False
+        sources = {key: self._source(key, batch[key]) for key in self._layout()[0]}
+        straddled = False
         off = 0
         L = self.seq_len
         while off < n_seq:
+            if self._cur is None:
+                self._cur = self._acquire(pinned=any(isinstance(t, torch.Tensor) and t.is_cuda
+                                                     for t in sources.values()))
             take = min(n_seq - off, self.sequences_per_shard - self._buffered)
-            a, b = self._buffered * L, (self._buffered + take) * L
-            for key, src in sources:
-                if isinstance(src, np.ndarray):
-                    np.copyto(self._host_buf[key][a:b], src[off * L:(off + take) * L], casting="no")
-                else:
-                    self._buf[key][a:b].copy_(src[off * L:(off + take) * L])
+            self._cur.fill(sources, off * L, (off + take) * L, self._buffered * L, (self._buffered + take) * L)
             self._buffered += take
             off += take
             if self._buffered == self.sequences_per_shard:
-                self._flush_shard()
-                wrote = True
-        if wrote:
-            self._write_state(self._last_state_fn)
+                # a shard ending inside the batch: the state must also carry the rows after it
+                ends_inside = off < n_seq
+                self._submit(with_state=not ends_inside)
+                straddled |= ends_inside
+        if straddled:
+            self._drain()
+            if self._cur is not None:
+                self._cur.wait()
+            self._write_state(self._take_state(), pending=self._cur)
             self._write_manifest()
 
     def close(self, default_vectors: Mapping[str, torch.Tensor]) -> None:
         """Flush the final partial shard, write default vectors, mark the trace complete."""
         if self.complete:
             return
+        self._raise_failure()
         tensors = self._check_default_vectors(default_vectors)
         if self._buffered:
-            self._flush_shard()
-            self._write_state(self._last_state_fn)
+            self._submit(with_state=True)
+        self._drain()
         path = self.out_dir / DEFAULT_VECTORS_FILE
         sha, nbytes = _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA))
         self._default_vectors_entry = {"file": DEFAULT_VECTORS_FILE, "sha256": sha, "bytes": nbytes}
         self.complete = True
         self._write_manifest()
-        self._buf = self._host_buf = None
+        self._release_memory()
+
+    def stop(self) -> None:
+        """After an interruption: finish the shards being written (they are complete and
+        get committed), drop the partial one, free the buffers.  --resume goes on from there."""
+        try:
+            self._drain(raise_failure=False)
+        finally:
+            self._release_memory()
+
+    # ---- concurrent shard writing
+
+    def _layout(self) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+        rows = self.sequences_per_shard * self.seq_len
+        d = self._dims
+        shapes: dict[str, tuple[int, ...]] = {"token_ids": (rows,)}
+        for l in self.layers:
+            shapes[layer_key(l, "residual")] = (rows, d["hidden_size"])
+            shapes[layer_key(l, "router_logits")] = (rows, d["num_experts"])
+            shapes[layer_key(l, "topk_ids")] = (rows, d["top_k"])
+            shapes[layer_key(l, "topk_weights")] = (rows, d["top_k"])
+        return shapes, {key: self._key_dtype(key) for key in shapes}
+
+    def _acquire(self, pinned: bool) -> _ShardBuffer:
+        """A free shard buffer; blocks while all are being written (the disk sets the pace)."""
+        with self._cond:
+            if not self._n_buffers:
+                shapes, dtypes = self._layout()
+                nbytes = sum(math.prod(shapes[k]) * dtypes[k].itemsize for k in shapes)
+                self._n_buffers = _buffer_count(self.workers, nbytes)
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._free:
+                    return self._free.pop()
+                if self._n_buffers > 0:
+                    self._n_buffers -= 1  # counts buffers still to be made
+                    break
+                self._cond.wait(timeout=1.0)
+        return _ShardBuffer(*self._layout(), pinned=pinned)
+
+    def _submit(self, with_state: bool) -> None:
+        """Hand the full (or final) buffer to writing; the commit adds it to the manifest."""
+        buf, sequences = self._cur, self._buffered
+        state = self._take_state() if with_state else None
+        index = self._submitted
+        if index == 0:
+            self._listed_before = len(self._shards)  # shards of an earlier run, on --resume
+        self._submitted += 1
+        self._cur, self._buffered = None, 0
+        if sequences < self.sequences_per_shard:
+            self._closed_short = True
+        if self._executor is None:
+            self._write_and_commit(index, buf, sequences, state, with_state)
+            self._raise_failure()
+        else:
+            self._jobs.append(self._executor.submit(self._write_and_commit, index, buf, sequences, state, with_state))
+
+    def _take_state(self) -> tuple[dict[str, torch.Tensor], list] | None:
+        """The caller's accumulators now, as host copies (GPU ones arrive asynchronously)."""
+        if self._last_state_fn is None:
+            return None
+        tensors = {}
+        for name, t in dict(self._last_state_fn()).items():
+            if not isinstance(t, torch.Tensor):
+                raise SpecmoeError(f"state()[{name!r}] is not a tensor")
+            if name.startswith(_PENDING_PREFIX):
+                raise SpecmoeError(f"state tensor names may not start with {_PENDING_PREFIX!r}")
+            tensors[name] = t
+        return snapshot_to_host(tensors)
+
+    def _write_and_commit(self, index: int, buf: _ShardBuffer, sequences: int, state, with_state: bool) -> None:
+        try:
+            buf.wait()
+            tokens = sequences * self.seq_len
+            path = self.out_dir / shard_name(self._listed_before + index)
+            sha, nbytes = _atomic_save_tensors(path, {k: t[:tokens] for k, t in buf.tensors.items()},
+                                               dict(_SHARD_METADATA), self.fsync)
+            entry = {"file": path.name, "sequences": sequences, "tokens": tokens, "sha256": sha, "bytes": nbytes}
+            with self._cond:
+                while self._committed != index and self._failed is None:
+                    self._cond.wait()
+                if self._failed is not None:
+                    return
+                self._shards.append(entry)
+                if with_state:
+                    self._write_state(state)
+                    self._write_manifest()
+                self._committed += 1
+                self._cond.notify_all()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            with self._cond:
+                if self._failed is None:
+                    self._failed = err
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._free.append(buf)
+                self._cond.notify_all()
+
+    def _drain(self, raise_failure: bool = True) -> None:
+        for job in self._jobs:
+            job.result()
+        self._jobs = []
+        if raise_failure:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _release_memory(self) -> None:
+        self._cur, self._free = None, []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     # ---- checks
 
@@ -654,68 +842,28 @@ class TraceWriter:
                 pass
         return t
 
-    def _allocate(self) -> None:
-        """One block of memory laid out like a full shard file's data: the tensors in
-        safetensors order, back to back, so a full shard is written and hashed as a single
-        buffer.  (The order sorts by descending item size, so every view is aligned.)"""
-        rows = self.sequences_per_shard * self.seq_len
-        d = self._dims
-        shapes = {"token_ids": (rows,)}
-        for l in self.layers:
-            shapes[layer_key(l, "residual")] = (rows, d["hidden_size"])
-            shapes[layer_key(l, "router_logits")] = (rows, d["num_experts"])
-            shapes[layer_key(l, "topk_ids")] = (rows, d["top_k"])
-            shapes[layer_key(l, "topk_weights")] = (rows, d["top_k"])
-        order = _st_layout((key, self._key_dtype(key)) for key in shapes)
-        sizes = [math.prod(shapes[key]) * self._key_dtype(key).itemsize for key in order]
-        block = torch.empty(sum(sizes), dtype=torch.uint8)
-        buf, offset = {}, 0
-        for key, size in zip(order, sizes):
-            buf[key] = block[offset:offset + size].view(self._key_dtype(key)).view(shapes[key])
-            offset += size
-        self._buf = buf
-        self._host_buf = {key: _as_numpy(t) for key, t in buf.items()}  # numpy views of the same memory
-
-    def _flush_shard(self) -> None:
-        index = len(self._shards)
-        tokens = self._buffered * self.seq_len
-        tensors = {key: t[:tokens] for key, t in self._buf.items()}
-        path = self.out_dir / shard_name(index)
-        sha, nbytes = _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA), self.fsync)
-        self._shards.append({
-            "file": path.name,
-            "sequences": self._buffered,
-            "tokens": tokens,
-            "sha256": sha,
-            "bytes": nbytes,
-        })
-        if self._buffered < self.sequences_per_shard:
-            self._closed_short = True
-        self._buffered = 0
-
-    def _write_state(self, state_fn: Callable[[], dict[str, torch.Tensor]] | None) -> None:
+    def _write_state(self, state, pending: _ShardBuffer | None = None) -> None:
+        """state.safetensors: the caller's accumulators (a _take_state() snapshot) and the
+        sequences added beyond the last listed shard (rows [0, self._buffered) of `pending`)."""
         tensors: dict[str, torch.Tensor] = {}
-        if state_fn is not None:
-            for name, t in dict(state_fn()).items():
-                if not isinstance(t, torch.Tensor):
-                    raise SpecmoeError(f"state()[{name!r}] is not a tensor")
-                if name.startswith(_PENDING_PREFIX):
-                    raise SpecmoeError(f"state tensor names may not start with {_PENDING_PREFIX!r}")
-                tensors[name] = t.detach().to("cpu").contiguous().clone()
-        pending_tokens = self._buffered * self.seq_len
-        if pending_tokens:
-            for key, t in self._buf.items():
-                tensors[_PENDING_PREFIX + key] = t[:pending_tokens]
+        if state is not None:
+            host, events = state
+            wait(events)
+            tensors.update(host)
+        pending_sequences = self._buffered if pending is not None else 0
+        if pending_sequences:
+            for key, t in pending.tensors.items():
+                tensors[_PENDING_PREFIX + key] = t[:pending_sequences * self.seq_len]
         metadata = {
             "format": "pt",
             _STATE_META_SHARDS: json.dumps(self._shards, separators=(",", ":")),
-            _STATE_META_PENDING: str(self._buffered),
+            _STATE_META_PENDING: str(pending_sequences),
         }
         path = self.out_dir / STATE_FILE
         sha, nbytes = _atomic_save_tensors(path, tensors, metadata, self.fsync)
         self._state_entry = {
             "file": STATE_FILE, "sha256": sha, "bytes": nbytes,
-            "shards": len(self._shards), "pending_sequences": self._buffered,
+            "shards": len(self._shards), "pending_sequences": pending_sequences,
         }
 
     def _manifest(self) -> dict:
@@ -829,9 +977,9 @@ class TraceWriter:
             "num_experts": int(pend[layer_key(self.layers[0], "router_logits")].shape[1]),
             "top_k": int(pend[layer_key(self.layers[0], "topk_ids")].shape[1]),
         }
-        self._allocate()
+        self._cur = self._acquire(pinned=False)
         for key, t in pend.items():
-            self._buf[key][:tokens].copy_(t)
+            self._cur.tensors[key][:tokens].copy_(t)
         self._buffered = sequences
 
     def _check_matches(self, manifest: dict) -> None:
