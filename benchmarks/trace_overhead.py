@@ -32,13 +32,13 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tracing.cli import record_rows  # noqa: E402
+from tracing.cli import record_rows, sequences_per_shard  # noqa: E402
 from tracing.corpus import load_text_dataset  # noqa: E402
 from tracing.families import detect_family  # noqa: E402
 from tracing.models import LoadedModel, load_moe_model  # noqa: E402
 from tracing.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
 from tracing.recorder import TraceRecorder  # noqa: E402
-from tracing.store import TraceWriter  # noqa: E402
+from tracing.store import TraceWriter, estimate_trace_bytes  # noqa: E402
 from tracing.tokens import pack_rows  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -107,11 +107,20 @@ def time_record_only(loaded, batches, tap: bool) -> tuple[float, str]:
     return seconds, recorder.mode
 
 
-def time_trace(loaded, rows, batch_size, out: Path, shard_tokens: int, fsync: bool, threads: int) -> tuple[float, int]:
+def shard_sequences(loaded, seq_len: int, batch_size: int) -> int:
+    """The trace command's default shard size (about 256 MB) for this model."""
+    spec = loaded.spec
+    token_bytes = estimate_trace_bytes(1, layers=spec.moe_layers, hidden_size=spec.hidden_size,
+                                       num_experts=spec.num_experts, top_k=spec.top_k, headers=False)
+    return sequences_per_shard(None, token_bytes, seq_len, batch_size)
+
+
+def time_trace(loaded, rows, batch_size, out: Path, fsync: bool, threads: int) -> tuple[float, float, int]:
+    """(seconds in all, seconds of them spent after the last batch finishing the last shards, bytes)."""
     if out.exists():
         shutil.rmtree(out)
     seq_len = rows.shape[1]
-    seqs_per_shard = max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
+    seqs_per_shard = shard_sequences(loaded, seq_len, batch_size)
     layers = list(loaded.spec.moe_layers)
     writer = TraceWriter(out, {"model": {"id": loaded.model_id, "family": loaded.spec.family}, "dataset": {}},
                          layers, seq_len, seqs_per_shard, "bf16", fsync=fsync, workers=threads)
@@ -119,25 +128,25 @@ def time_trace(loaded, rows, batch_size, out: Path, shard_tokens: int, fsync: bo
     torch.cuda.synchronize()
     start = time.perf_counter()
     record_rows(recorder, writer, rows, batch_size, desc=None)
+    closing = time.perf_counter()
     writer.close(recorder.default_vectors())
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     recorder.close()
     written = writer.bytes_written
     shutil.rmtree(out)
-    return seconds, written
+    return end - start, end - closing, written
 
 
-def bench_model(name, loaded, rows, batch_size, repeats, places: dict[str, tuple[Path, bool]],
-                shard_tokens: int, threads: int) -> dict:
+def bench_model(name, loaded, rows, batch_size, repeats, places: dict[str, tuple[Path, bool]], threads: int) -> dict:
     device = loaded.input_device
     batches = [rows[i:i + batch_size].to(device) for i in range(0, len(rows), batch_size)]
     tokens = rows.numel()
     # warm-up: kernels, allocator, pinned host memory
     time_plain(loaded, batches[:2])
     time_record_only(loaded, batches[:2], True)
-    time_trace(loaded, rows[:4 * batch_size], batch_size, next(iter(places.values()))[0] / "warmup",
-               shard_tokens, False, threads)
+    time_trace(loaded, rows[:4 * batch_size], batch_size, next(iter(places.values()))[0] / "warmup", False, threads)
     modes: dict[str, list[float]] = {}
+    tails: dict[str, list[float]] = {}
     tap_mode = ""
     written = 0
     for _ in range(repeats):
@@ -147,16 +156,20 @@ def bench_model(name, loaded, rows, batch_size, repeats, places: dict[str, tuple
         t, _ = time_record_only(loaded, batches, False)
         modes.setdefault("record on the GPU, no host copies (default vectors by a second pass)", []).append(t)
         for label, (where, fsync) in places.items():
-            t, written = time_trace(loaded, rows, batch_size, where / "trace", shard_tokens, fsync, threads)
+            t, tail, written = time_trace(loaded, rows, batch_size, where / "trace", fsync, threads)
             modes.setdefault(f"trace to {label}", []).append(t)
+            tails.setdefault(f"trace to {label}", []).append(tail)
     plain = statistics.median(modes["plain forward"])
     result = {"model": name, "tokens": tokens, "batch": list(rows[:batch_size].shape), "repeats": repeats,
-              "shard_tokens": shard_tokens, "writer_threads": threads, "tap_mode": tap_mode,
+              "shard_tokens": shard_sequences(loaded, rows.shape[1], batch_size) * rows.shape[1],
+              "writer_threads": threads, "tap_mode": tap_mode,
               "bytes_per_token": written / tokens, "bytes": written, "modes": {}}
     for mode, times in modes.items():
         med = statistics.median(times)
         result["modes"][mode] = {"median_s": med, "tokens_per_s": tokens / med, "overhead": med / plain - 1.0,
                                  "all_s": times}
+        if mode in tails:
+            result["modes"][mode]["after_last_batch_s"] = statistics.median(tails[mode])
     return result
 
 
@@ -175,7 +188,8 @@ def to_markdown(results: list[dict], media: dict[str, dict], command: str, devic
                   f"{r['shard_tokens']:,} tokens, {r['writer_threads']} written at once; "
                   f"{r['bytes_per_token']:,.0f} bytes written per token ({r['bytes'] / 1e9:.2f} GB per run). "
                   f"Default vectors tapped from the forward pass (rows {r['tap_mode']}).", "",
-                  "| mode | median time | tokens/s | overhead | write floor (bytes / bandwidth), its overhead |", "|---|---|---|---|---|"]
+                  "| mode | median time | tokens/s | overhead | write floor (bytes / bandwidth), its overhead "
+                  "| of the time, after the last batch |", "|---|---|---|---|---|---|"]
         plain = r["modes"]["plain forward"]["median_s"]
         for mode, m in r["modes"].items():
             floor = ""
@@ -183,19 +197,20 @@ def to_markdown(results: list[dict], media: dict[str, dict], command: str, devic
                 if mode.startswith(f"trace to {label}"):
                     f = r["bytes"] / medium["bandwidth"]  # writes overlap compute: the slower of the two
                     floor = f"{f:.3f} s, {100 * max(0.0, f / plain - 1):+.0f}%"
+            tail = f"{m['after_last_batch_s']:.3f} s" if "after_last_batch_s" in m else ""
             lines.append(f"| {mode} | {m['median_s']:.3f} s | {m['tokens_per_s']:,.0f} | {100 * m['overhead']:+.1f}% "
-                         f"| {floor} |")
+                         f"| {floor} | {tail} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=1 << 20, help="tokens per run of the demo model "
+    parser.add_argument("--tokens", type=int, default=1 << 22, help="tokens per run of the demo model "
                         "(a quarter of that for the 30B shape)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--writer-threads", type=int, default=3)
+    parser.add_argument("--writer-threads", type=int, default=6)
     parser.add_argument("--disk", type=Path, default=None, help="directory on the disk to trace to (default: a temp dir)")
     parser.add_argument("--memory", type=Path, default=Path("/dev/shm"), help="a memory-backed directory (tmpfs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -213,12 +228,12 @@ def main() -> None:
     demo = load_moe_model(None, device="cuda")
     rows = pack_rows(load_text_dataset(None, "train"), demo.tokenizer, "text", args.seq_len, args.tokens)
     results = [bench_model("demo-moe (12 layers, 32 experts, top-4, hidden 128, bf16)", demo, rows, 64,
-                           args.repeats, places, 1 << 14, args.writer_threads)]
+                           args.repeats, places, args.writer_threads)]
     del demo
     torch.cuda.empty_cache()
     big = qwen3_30b_shaped()
     results.append(bench_model("Qwen3-30B-A3B shape, 4 layers, random weights (bf16)", big,
-                               rows[: max(16, len(rows) // 4)], 16, args.repeats, places, 1 << 12, args.writer_threads))
+                               rows[: max(16, len(rows) // 4)], 16, args.repeats, places, args.writer_threads))
     for where, _ in places.values():
         shutil.rmtree(where, ignore_errors=True)
     command = "python benchmarks/trace_overhead.py " + " ".join(sys.argv[1:])

@@ -38,12 +38,37 @@ def parse_layers(text: str | None, moe_layers: tuple[int, ...]) -> list[int]:
     return sorted(chosen)
 
 
+SHARD_BYTES = 256 << 20
+
+
+def sequences_per_shard(shard_tokens: int | None, token_bytes: int, seq_len: int, batch_size: int) -> int:
+    """Whole batches per shard: `shard_tokens` if given, else about SHARD_BYTES of trace.
+
+    A shard is held in memory while it is filled and written, and it is the unit a
+    reader loads, so its size in bytes matters more than its token count."""
+    if shard_tokens is None:
+        shard_tokens = SHARD_BYTES // max(1, token_bytes)
+    if shard_tokens < 1:
+        raise SpecmoeError("--shard-tokens must be positive")
+    return max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids to the model's device without stalling it: a copy from pageable memory would
+    wait for the GPU to finish all queued work first, so it goes through pinned memory."""
+    if device.type != "cuda":
+        return rows.to(device)
+    staged = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    staged.copy_(rows)
+    return staged.to(device, non_blocking=True)
 
 
 def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, desc: str | None = "trace") -> None:
@@ -58,7 +83,7 @@ def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, desc: str
                dynamic_ncols=True, disable=desc is None)
     try:
         for i in range(start_row, n_rows, batch_size):
-            batch = recorder.run_batch(rows[i:i + batch_size].to(device, non_blocking=True))
+            batch = recorder.run_batch(to_device(rows[i:i + batch_size], device))
             writer.add(batch, state=recorder.state)  # called by the writer when a shard is complete
             bar.update((min(i + batch_size, n_rows) - i) * seq_len)
     except BaseException:
@@ -86,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="MoE layers to record, e.g. 0-3,8 (default: all)")
     p.add_argument("--store-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="dtype of stored residuals and logits")
-    p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard (rounded to whole batches)")
+    p.add_argument("--shard-tokens", type=int, default=None,
+                   help="tokens per shard, rounded to whole batches (default: about 256 MB per shard)")
     p.add_argument("--default-vector-every", type=int, default=1,
                    help="compute default vectors from every N-th token (1: all tokens)")
-    p.add_argument("--writer-threads", type=int, default=3,
+    p.add_argument("--writer-threads", type=int, default=6,
                    help="shards written to disk at once (0: write in the tracing thread)")
     p.add_argument("--no-fsync", action="store_true",
                    help="do not force each shard to disk: faster; a killed process still loses nothing, "
@@ -120,7 +146,9 @@ def run_trace(args: argparse.Namespace) -> dict:
     loaded = load_moe_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
     rows = pack_rows(dataset, loaded.tokenizer, args.text_field, args.seq_len, args.max_tokens)
     n_rows = len(rows)
-    seqs_per_shard = max(args.batch_size, args.shard_tokens // args.seq_len // args.batch_size * args.batch_size)
+    token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size, num_experts=spec.num_experts,
+                                       top_k=spec.top_k, store_dtype=args.store_dtype, headers=False)
+    seqs_per_shard = sequences_per_shard(args.shard_tokens, token_bytes, args.seq_len, args.batch_size)
     store_dtype = DTYPES[args.store_dtype]
     meta = {
         "model": {"id": display_path(args.model), "revision": args.revision, "family": spec.family,

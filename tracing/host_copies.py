@@ -34,7 +34,7 @@ def copy_to_host(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.c
             for dst, src in group:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(stream)  # the allocator must not hand src's memory out before the copy ran
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # waiting threads sleep instead of spinning a core
             event.record(stream)
         events.append(event)
     return events

@@ -108,6 +108,8 @@ class TraceRecorder:
                 if _can_tap(experts) else None
             self.acc[l] = _Accumulators(self.spec.num_experts, self.spec.hidden_size, inter)
         self._on_device: set[int] = set()
+        # accumulators that may be non-zero; state() leaves the others out (they can be large)
+        self._touched = {"counts", "dv_tokens"}
         self._batch: dict[str, torch.Tensor] = {}
         self._taps: dict[int, list[torch.Tensor]] = {}
         self._in_second_pass = False
@@ -242,6 +244,7 @@ class TraceRecorder:
             reference = self._second_pass(experts, hidden, flat_ids, weights, k)
             self._decide(experts, hidden, flat_ids, weights, k, taps, reference)
         # each sum only ever takes one kind of term, so a resumed run adds up bit for bit alike
+        self._touched |= {"dv_sum"} if self.mode == "second pass" else {"gate_sum", "gate_tokens"}
         if self.mode == "second pass":
             acc.dv_sum += reference if reference is not None else self._second_pass(experts, hidden, flat_ids,
                                                                                      weights, k)
@@ -267,12 +270,13 @@ class TraceRecorder:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        """A copy of the accumulators as they are now, for --resume; on their device, so taking it
-        does not wait for the GPU."""
+        """The accumulators for --resume: live tensors on their device (the trace writer takes
+        its snapshot without waiting for the GPU); copy them to keep them."""
         state = {"token_offset": torch.tensor([self._token_offset], dtype=torch.long)}
         for l in self.layers:
             for name in _Accumulators.FIELDS:
-                state[f"layers.{l}.{name}"] = getattr(self.acc[l], name).clone()
+                if name in self._touched:
+                    state[f"layers.{l}.{name}"] = getattr(self.acc[l], name)
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -281,12 +285,13 @@ class TraceRecorder:
             acc = self.acc[l]
             for name in _Accumulators.FIELDS:
                 saved = state.get(f"layers.{l}.{name}")
-                if saved is None:  # written before the tapped sums existed: nothing was tapped then
+                if saved is None:  # never touched by the run that saved it: still zero
                     continue
                 if saved.shape != getattr(acc, name).shape:
                     raise ValueError(f"saved {name} of layer {l} has shape {tuple(saved.shape)}, "
                                      f"expected {tuple(getattr(acc, name).shape)}")
                 setattr(acc, name, saved.clone())
+                self._touched.add(name)
         self._on_device = set()
 
     @property

@@ -131,14 +131,17 @@ def estimate_trace_bytes(
     num_experts: int,
     top_k: int,
     store_dtype: str = "bf16",
+    headers: bool = True,
 ) -> int:
     """Bytes a trace of `num_tokens` tokens takes on disk (shards + default vectors),
-    slightly rounded up for headers and the manifest."""
+    slightly rounded up for headers and the manifest (headers=False: the shard data only)."""
     n_layers = layers if isinstance(layers, int) else len(list(layers))
     item = _STORE_DTYPES[normalize_store_dtype(store_dtype)].itemsize
     per_token = 4 + n_layers * ((hidden_size + num_experts) * item + top_k * (4 + 4))
     default_vectors = n_layers * num_experts * (hidden_size * 4 + 8 + 8)
     overhead = 64 * 1024
+    if not headers:
+        return int(num_tokens) * per_token
     return int(num_tokens) * per_token + default_vectors + overhead
 
 
@@ -318,14 +321,16 @@ def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metada
     return sha, sum(v.nbytes for v in views)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def _json_roundtrip(obj: Any, what: str) -> Any:
@@ -888,7 +893,9 @@ class TraceWriter:
         return manifest
 
     def _write_manifest(self) -> None:
-        _atomic_write_text(self.out_dir / MANIFEST, json.dumps(self._manifest(), indent=2) + "\n")
+        # the complete trace's manifest is always forced to disk; per-shard ones follow --no-fsync
+        _atomic_write_text(self.out_dir / MANIFEST, json.dumps(self._manifest(), indent=2) + "\n",
+                           fsync=self.fsync or self.complete)
 
     # ---- resume
 
