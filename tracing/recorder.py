@@ -25,6 +25,9 @@ import warnings
 
 import torch
 
+from .errors import CorruptFileError
+
+
 class _StopForward(Exception):
     """Raised after the last traced layer so the untraced rest of the model is not computed."""
 
@@ -67,7 +70,10 @@ def _down_projection(experts, gate_sums: torch.Tensor, tokens: torch.Tensor) -> 
 
 
 def _can_tap(experts) -> bool:
-    return (callable(getattr(experts, "_apply_gate", None)) and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+    """Whether the sum of outputs can come from tapped intermediates: a gate to tap, a linear
+    down projection to apply, and nothing non-linear after it."""
+    return (callable(getattr(experts, "_apply_gate", None))
+            and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
             and not getattr(experts, "has_post_expert_norm", False))
 
 
@@ -206,13 +212,14 @@ class TraceRecorder:
             keep = keep[perm] if keep is not None else None
         return _expert_sums(ids, a, self.spec.num_experts, keep)
 
-    def _decide(self, experts, hidden, flat_ids, weights, k, taps, reference: torch.Tensor) -> None:
+    def _decide(self, experts, flat_ids, k: int, taps, reference: torch.Tensor) -> None:
+        """Pick the row order under which the tapped sums give the second pass's result."""
         for order in ("sorted", "original"):
             sums = self._tapped_sums(taps, flat_ids, k, order)
             if sums is None:
                 break
             keep = self._keep(flat_ids.shape[0], k, flat_ids.device)
-            n = torch.zeros_like(self.acc[self.layers[0]].counts).index_add_(
+            n = torch.zeros(self.spec.num_experts, dtype=torch.long, device=flat_ids.device).index_add_(
                 0, flat_ids, keep.long() if keep is not None else torch.ones_like(flat_ids))
             candidate = _down_projection(experts, sums.double(), n)
             err = (candidate - reference.double()).norm() / reference.double().norm().clamp(min=1e-30)
@@ -242,15 +249,17 @@ class TraceRecorder:
         reference = None
         if self.mode is None:  # first call: tap and second pass side by side
             reference = self._second_pass(experts, hidden, flat_ids, weights, k)
-            self._decide(experts, hidden, flat_ids, weights, k, taps, reference)
+            self._decide(experts, flat_ids, k, taps, reference)
         # each sum only ever takes one kind of term, so a resumed run adds up bit for bit alike
-        self._touched |= {"dv_sum"} if self.mode == "second pass" else {"gate_sum", "gate_tokens"}
-        if self.mode == "second pass":
+        tapped = None if self.mode == "second pass" else self._tapped_sums(taps, flat_ids, k, self.mode)
+        if tapped is not None:
+            acc.gate_sum += tapped
+            acc.gate_tokens.index_add_(0, flat_ids, used)
+            self._touched |= {"gate_sum", "gate_tokens"}
+        else:  # the fallback, or a call whose intermediates did not line up
             acc.dv_sum += reference if reference is not None else self._second_pass(experts, hidden, flat_ids,
                                                                                      weights, k)
-        else:
-            acc.gate_sum += self._tapped_sums(taps, flat_ids, k, self.mode)
-            acc.gate_tokens.index_add_(0, flat_ids, used)
+            self._touched.add("dv_sum")
         acc.dv_tokens.index_add_(0, flat_ids, used)
 
     # -- driving ------------------------------------------------------------
@@ -288,7 +297,7 @@ class TraceRecorder:
                 if saved is None:  # never touched by the run that saved it: still zero
                     continue
                 if saved.shape != getattr(acc, name).shape:
-                    raise ValueError(f"saved {name} of layer {l} has shape {tuple(saved.shape)}, "
+                    raise CorruptFileError(f"saved {name} of layer {l} has shape {tuple(saved.shape)}, "
                                      f"expected {tuple(getattr(acc, name).shape)}")
                 setattr(acc, name, saved.clone())
                 self._touched.add(name)
