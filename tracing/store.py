@@ -512,6 +512,7 @@ class TraceWriter:
         self._listed_before = 0
         self._committed = 0
         self._failed: BaseException | None = None
+        self._failed_index = 0  # the shard whose writing failed first
 
         manifest_path = self.out_dir / MANIFEST
         if manifest_path.exists():
@@ -683,9 +684,10 @@ class TraceWriter:
                                                dict(_SHARD_METADATA), self.fsync)
             entry = {"file": path.name, "sequences": sequences, "tokens": tokens, "sha256": sha, "bytes": nbytes}
             with self._cond:
-                while self._committed != index and self._failed is None:
+                # shards before a failed one are still committed; those after it never are
+                while self._committed != index and not self._failed_before(index):
                     self._cond.wait()
-                if self._failed is not None:
+                if self._failed_before(index):
                     return
                 self._shards.append(entry)
                 if with_state:
@@ -695,13 +697,16 @@ class TraceWriter:
                 self._cond.notify_all()
         except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
             with self._cond:
-                if self._failed is None:
-                    self._failed = err
+                if self._failed is None or index < self._failed_index:
+                    self._failed, self._failed_index = err, index
                 self._cond.notify_all()
         finally:
             with self._cond:
                 self._free.append(buf)
                 self._cond.notify_all()
+
+    def _failed_before(self, index: int) -> bool:
+        return self._failed is not None and self._failed_index < index
 
     def _drain(self, raise_failure: bool = True) -> None:
         for job in self._jobs:
