@@ -255,6 +255,20 @@ def test_kill_and_resume_gives_identical_trace(models_dir, text_file, tmp_path):
         assert torch.equal(a.expert_counts()[layer], b.expert_counts()[layer])
 
 
+def test_resume_keeps_the_traces_own_shard_size(models_dir, text_file, tmp_path):
+    """--resume without --shard-tokens goes on with the shard size the trace was begun with
+    (the default may differ, e.g. after an upgrade), and leaves a complete trace as it is."""
+    model_dir = save_tiny("qwen3_moe", models_dir)
+    out = tmp_path / "trace"
+    common = ["--model", model_dir, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+              "--max-tokens", 8 * SEQ_LEN, "--out", out]
+    assert run_cli(*common, "--shard-tokens", 2 * SEQ_LEN) == 0
+    before = _shard_hashes(out)
+    assert len([name for name in before if name.startswith("shard-")]) == 4
+    assert run_cli(*common, "--resume") == 0
+    assert _shard_hashes(out) == before
+
+
 def test_corrupted_shard_is_caught(models_dir, text_file, tmp_path, capsys):
     model_dir = save_tiny("qwen3_moe", models_dir)
     out = tmp_path / "trace"

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,18 @@ def sequences_per_shard(shard_tokens: int | None, token_bytes: int, seq_len: int
     if shard_tokens < 1:
         raise SpecmoeError("--shard-tokens must be positive")
     return max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
+
+
+def _existing_shard_sequences(out: Path) -> int | None:
+    """sequences_per_shard of the trace in `out`, if there is a readable one (the writer
+    reports a damaged manifest itself)."""
+    import json
+
+    try:
+        value = json.loads((out / "manifest.json").read_text()).get("sequences_per_shard")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def human_bytes(n: float) -> str:
@@ -149,6 +162,8 @@ def run_trace(args: argparse.Namespace) -> dict:
     token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size, num_experts=spec.num_experts,
                                        top_k=spec.top_k, store_dtype=args.store_dtype, headers=False)
     seqs_per_shard = sequences_per_shard(args.shard_tokens, token_bytes, args.seq_len, args.batch_size)
+    if args.resume and args.shard_tokens is None:  # go on with the trace's own shard size
+        seqs_per_shard = _existing_shard_sequences(args.out) or seqs_per_shard
     store_dtype = DTYPES[args.store_dtype]
     meta = {
         "model": {"id": display_path(args.model), "revision": args.revision, "family": spec.family,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import SpecmoeError
-from .paths import DEMO_CORPUS_DIR
+from .paths import DEMO_CORPUS_DIR, display_path
 
 # datasets builder for each local file suffix (compressed variants are handled by datasets)
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
@@ -19,7 +19,9 @@ def _builder_for(path: Path) -> str | None:
 
 
 def describe_dataset(spec: str | os.PathLike | None) -> str:
-    return str(spec) if spec is not None else str(DEMO_CORPUS_DIR)
+    """How a trace's manifest names its dataset: paths inside the repository relative to it,
+    so that a trace made in one checkout can be resumed in another."""
+    return display_path(spec if spec is not None else DEMO_CORPUS_DIR)
 
 
 def load_text_dataset(spec: str | os.PathLike | None = None, split: str = "train", text_field: str = "text"):

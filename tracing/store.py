@@ -55,6 +55,7 @@ from safetensors.torch import save
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
 from tracing.host_copies import copy_to_host, pinned_empty, snapshot_to_host, wait
+from tracing.paths import display_path
 
 FORMAT_NAME = "specmoe-trace"
 FORMAT_VERSION = 1
@@ -1001,7 +1002,9 @@ class TraceWriter:
             a, b = old_model.get(key), self._model.get(key)
             if a is not None and b is not None and a != b:
                 problems.append(f"model {key} {a!r} vs {b!r}")
-        old_ds = manifest.get("dataset", {}) or {}
+        old_ds = dict(manifest.get("dataset", {}) or {})
+        if isinstance(old_ds.get("spec"), str):  # written as an absolute path by earlier versions
+            old_ds["spec"] = display_path(old_ds["spec"])
         if old_ds != self._dataset:
             problems.append(f"dataset {old_ds!r} vs {self._dataset!r}")
         for key, mine in (("layers", self.layers), ("seq_len", self.seq_len),
