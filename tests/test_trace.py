@@ -305,7 +305,7 @@ def _dense_model(root: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["missing-model", "dense-model", "not-a-model-dir", "wrong-text-field",
                                   "empty-dataset", "missing-dataset", "seq-len-too-long", "bad-layers",
-                                  "existing-trace", "no-disk-space"])
+                                  "existing-trace", "no-disk-space", "negative-writer-threads"])
 def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_path, capsys, monkeypatch):
     model = save_tiny("qwen3_moe", models_dir)
     args = {"--model": model, "--dataset": text_file, "--seq-len": SEQ_LEN, "--max-tokens": 2 * SEQ_LEN,
@@ -332,6 +332,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_pa
     elif case == "existing-trace":
         assert run_cli(*[x for kv in args.items() for x in kv]) == 0
         expect = "already holds a trace"
+    elif case == "negative-writer-threads":
+        args["--writer-threads"], expect = -1, "--writer-threads"
     elif case == "no-disk-space":
         import collections
         usage = collections.namedtuple("usage", "total used free")

@@ -146,6 +146,8 @@ def run_trace(args: argparse.Namespace) -> dict:
     t0 = time.time()
     if args.seq_len < 2 or args.batch_size < 1:
         raise SpecmoeError("--seq-len must be at least 2 and --batch-size at least 1")
+    if args.writer_threads < 0:
+        raise SpecmoeError("--writer-threads must be 0 (write in the tracing thread) or more")
     config = load_config(args.model, args.revision)
     family = detect_family(config)
     spec = family.spec(config)
