@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tracing.safetensors_stream as st
 import tracing.store as store
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
 from tracing.store import FORMAT_VERSION, TraceReader, TraceWriter, estimate_trace_bytes
@@ -271,7 +272,7 @@ def test_streamed_file_equals_safetensors_save(tmp_path, metadata):
 
     tensors = _mixed_tensors()
     path = tmp_path / "x.safetensors"
-    sha, nbytes = store._atomic_save_tensors(path, tensors, metadata, fsync=False)
+    sha, nbytes = st.save_tensors(path, tensors, metadata, fsync=False)
     data = path.read_bytes()
     assert data == save(tensors, metadata=metadata)
     assert nbytes == len(data) and sha == hashlib.sha256(data).hexdigest()
@@ -284,10 +285,10 @@ def test_streamed_file_equals_safetensors_save(tmp_path, metadata):
             assert got.dtype == t.dtype and torch.equal(got, t)
     for dtype in (torch.bfloat16, torch.int32, torch.float32):  # one dtype alone, one tensor alone
         only = {k: t for k, t in tensors.items() if t.dtype == dtype}
-        store._atomic_save_tensors(path, only, metadata, fsync=True)
+        st.save_tensors(path, only, metadata, fsync=True)
         assert path.read_bytes() == save(only, metadata=metadata)
     if metadata != {}:  # (safetensors writes no tensors with empty metadata as broken JSON)
-        store._atomic_save_tensors(path, {}, metadata, fsync=False)
+        st.save_tensors(path, {}, metadata, fsync=False)
         assert path.read_bytes() == save({}, metadata=metadata)
 
 
@@ -295,7 +296,7 @@ def test_streamed_views_share_memory_and_survive_short_writes(tmp_path, monkeypa
     """Tensors adjacent in one buffer go out as one view; partial writev() calls are resumed."""
     block = torch.arange(64, dtype=torch.uint8)
     a, b = block[:16].view(torch.float32), block[16:48].view(torch.int32)
-    views = store._byte_ranges([a, b, block[56:]])  # a and b are neighbours, the last is not
+    views = st.byte_ranges([a, b, block[56:]])  # a and b are neighbours, the last is not
     assert [v.nbytes for v in views] == [48, 8]
     block[0] = 255
     assert views[0][0] == 255  # a view, not a copy
@@ -308,11 +309,11 @@ def test_streamed_views_share_memory_and_survive_short_writes(tmp_path, monkeypa
         calls.append(len(buffers))
         return real(fd, [memoryview(buffers[0])[:5]])
 
-    monkeypatch.setattr(store.os, "writev", stingy)
-    monkeypatch.setattr(store, "_IOV_MAX", 2)
+    monkeypatch.setattr(st.os, "writev", stingy)
+    monkeypatch.setattr(st, "_IOV_MAX", 2)
     tensors = _mixed_tensors()
     path = tmp_path / "y.safetensors"
-    store._atomic_save_tensors(path, tensors, {"format": "pt"}, fsync=False)
+    st.save_tensors(path, tensors, {"format": "pt"}, fsync=False)
     from safetensors.torch import save
 
     assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
@@ -324,7 +325,7 @@ def test_unusual_tensors_fall_back_to_safetensors(tmp_path):
 
     tensors = {"c": torch.randn(3, 2, dtype=torch.complex64), "x": torch.arange(4, dtype=torch.int32)}
     path = tmp_path / "z.safetensors"
-    sha, nbytes = store._atomic_save_tensors(path, tensors, {"format": "pt"}, fsync=False)
+    sha, nbytes = st.save_tensors(path, tensors, {"format": "pt"}, fsync=False)
     assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest() and nbytes == path.stat().st_size
 
@@ -345,8 +346,8 @@ def test_shards_equal_safetensors_save(reference):
 def test_full_shard_is_one_buffer(tmp_path, monkeypatch):
     """A full shard's tensors sit back to back in the writer's buffer, in file order."""
     seen = []
-    real = store._byte_ranges
-    monkeypatch.setattr(store, "_byte_ranges", lambda ts: seen.append(real(ts)) or seen[-1])
+    real = st.byte_ranges
+    monkeypatch.setattr(st, "byte_ranges", lambda ts: seen.append(real(ts)) or seen[-1])
     w = new_writer(tmp_path / "t")
     feed(w, 0, 4, BATCH, Acc())  # one full shard of 3 sequences, then state files
     assert len(seen[0]) == 1
@@ -385,7 +386,7 @@ def test_failure_in_a_worker_reaches_the_caller(tmp_path, reference, monkeypatch
     """A shard that cannot be written stops the trace with that error; the shards before it
     stay listed, and --resume completes the trace."""
     ref_out, _, _ = reference
-    real = store._atomic_save_tensors
+    real = st.save_tensors
     calls = collections.Counter()
 
     def flaky(path, *args, **kwargs):
@@ -394,7 +395,7 @@ def test_failure_in_a_worker_reaches_the_caller(tmp_path, reference, monkeypatch
             raise OSError(28, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(store, "_atomic_save_tensors", flaky)
+    monkeypatch.setattr(st, "save_tensors", flaky)
     out = tmp_path / "t"
     w = new_writer(out, workers=2)
     acc = Acc()
@@ -405,7 +406,7 @@ def test_failure_in_a_worker_reaches_the_caller(tmp_path, reference, monkeypatch
     assert calls["failed"] == 1
     assert [e["file"] for e in TraceReader(out).manifest["shards"]] == ["shard-00000.safetensors",
                                                                         "shard-00001.safetensors"]
-    monkeypatch.setattr(store, "_atomic_save_tensors", real)
+    monkeypatch.setattr(st, "save_tensors", real)
     w2 = new_writer(out, resume=True, workers=2)
     acc2 = Acc(w2.state)
     feed(w2, w2.sequences_done, TOTAL, BATCH, acc2)

@@ -30,19 +30,16 @@ leaves either
 
 Shard bytes are deterministic: the same inputs give byte-identical files, the ones
 safetensors' own save() makes (the writer builds the header itself and streams the
-tensor bytes from its buffer; see _atomic_save_tensors).
+tensor bytes from its buffer; see tracing/safetensors_stream.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import struct
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -51,11 +48,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
+from tracing import safetensors_stream as st
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
 from tracing.host_copies import copy_to_host, pinned_empty, snapshot_to_host, wait
 from tracing.paths import display_path
+from tracing.safetensors_stream import TMP_SUFFIX
 
 FORMAT_NAME = "specmoe-trace"
 FORMAT_VERSION = 1
@@ -64,7 +62,6 @@ MANIFEST = "manifest.json"
 STATE_FILE = "state.safetensors"
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
-TMP_SUFFIX = ".tmp"
 
 FIELDS = ("residual", "router_logits", "topk_ids", "topk_weights")
 DEFAULT_VECTOR_FIELDS = ("default_vectors", "expert_counts", "default_vector_tokens")
@@ -94,7 +91,6 @@ _RESERVED_KEYS = frozenset(
     {"format", "format_version", "seq_len", "store_dtype", "layers", "sequences_per_shard",
      "shards", "complete", "state", "default_vectors"}
 )
-_HASH_CHUNK = 8 << 20
 
 
 # --------------------------------------------------------------------------- helpers
@@ -146,194 +142,6 @@ def estimate_trace_bytes(
     return int(num_tokens) * per_token + default_vectors + overhead
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# one hashing thread per shard being written (shards are written concurrently)
-_HASHER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="trace-sha256")
-
-# torch dtype -> (safetensors dtype name, rank).  safetensors lays tensors out by
-# descending rank, then by name; the rank follows the order of its `Dtype` enum
-# (increasing alignment: BOOL < U8 < I8 < I16 < F16 < BF16 < I32 < F32 < F64 < I64).
-# Dtypes missing here are written by safetensors itself (see _atomic_save_tensors).
-_ST_DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0),
-    torch.uint8: ("U8", 4),
-    torch.int8: ("I8", 5),
-    torch.int16: ("I16", 11),
-    torch.float16: ("F16", 13),
-    torch.bfloat16: ("BF16", 14),
-    torch.int32: ("I32", 15),
-    torch.float32: ("F32", 17),
-    torch.float64: ("F64", 19),
-    torch.int64: ("I64", 20),
-}
-_IOV_MAX = 1024  # POSIX minimum for writev(); Linux allows exactly this many
-
-
-def _st_layout(specs: Iterable[tuple[str, torch.dtype]]) -> list[str]:
-    """Names in the order safetensors stores them: descending dtype rank, then name
-    (Python's str order equals Rust's byte order of the UTF-8 names)."""
-    return [name for name, dt in sorted(specs, key=lambda s: (-_ST_DTYPES[s[1]][1], s[0]))]
-
-
-def _st_header(entries: Sequence[tuple[str, torch.dtype, Sequence[int], int, int]],
-               metadata: Mapping[str, str] | None) -> bytes:
-    """The 8-byte length prefix and the JSON header of a safetensors file, byte for byte
-    as safetensors writes them: compact JSON (serde_json spelling: no spaces, non-ASCII
-    kept as UTF-8), "__metadata__" first, then each tensor's dtype/shape/data_offsets in
-    file order, padded with spaces to a multiple of 8 bytes.  safetensors emits several
-    metadata keys in hash-map order (varies between runs); we sort them."""
-    parts = []
-    if metadata is not None:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
-        parts.append('"__metadata__":' + json.dumps(dict(metadata), ensure_ascii=False,
-                                                    separators=(",", ":"), sort_keys=True))
-    for name, dtype, shape, begin, stop in entries:
-        dims = ",".join(str(int(d)) for d in shape)
-        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{_ST_DTYPES[dtype][0]}",'
-                     f'"shape":[{dims}],"data_offsets":[{begin},{stop}]}}')
-    header = ("{" + ",".join(parts) + "}").encode("utf-8")
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header
-
-
-def _byte_ranges(tensors: Sequence[torch.Tensor]) -> list[memoryview]:
-    """Zero-copy byte views of `tensors` in order, merging neighbours that are adjacent
-    in the same storage (a full shard buffer becomes a single view)."""
-    runs: list[list] = []  # [storage, first byte, end byte]
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        if n == 0:
-            continue
-        storage = t.untyped_storage()
-        first = t.storage_offset() * t.element_size()
-        if runs and runs[-1][0].data_ptr() == storage.data_ptr() and runs[-1][2] == first:
-            runs[-1][2] = first + n
-        else:
-            runs.append([storage, first, first + n])
-    views = []
-    for storage, first, stop in runs:
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage, first, (stop - first,))
-        views.append(memoryview(flat.numpy()))  # the view keeps the array, the array the storage
-    return views
-
-
-def _write_all(fd: int, views: Sequence[memoryview]) -> None:
-    """writev() the views completely (the GIL is released during each call)."""
-    pending = [v for v in views if v.nbytes]
-    while pending:
-        group = pending[:_IOV_MAX]
-        n = os.writev(fd, group)
-        if n <= 0:
-            raise OSError(f"writev wrote {n} bytes")
-        i = 0
-        while i < len(group) and n >= group[i].nbytes:
-            n -= group[i].nbytes
-            i += 1
-        pending = pending[i:]
-        if n:
-            pending[0] = pending[0][n:]
-
-
-def _sha256_views(views: Sequence[memoryview]) -> str:
-    h = hashlib.sha256()
-    for v in views:
-        h.update(v)  # releases the GIL for large buffers
-    return h.hexdigest()
-
-
-def _can_stream(tensors: Mapping[str, torch.Tensor]) -> bool:
-    return sys.byteorder == "little" and all(
-        t.dtype in _ST_DTYPES and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()
-    )
-
-
-def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None,
-                         fsync: bool = True) -> tuple[str, int]:
-    """Write tensors in safetensors format under a temporary name, then rename; return
-    (sha256, bytes).
-
-    The file is streamed: our own header, then the tensors' bytes written straight from
-    their memory with writev (no serialised copy of the file is ever built), while another
-    thread hashes the same bytes; both release the GIL.  The bytes equal what
-    safetensors.torch.save gives for the same tensors and metadata (metadata with more
-    than one key aside: safetensors orders those arbitrarily, we sort them).  Without fsync
-    the file is safe against a killed process but not a power cut; the checksums in the
-    manifest catch a file damaged either way."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    if not _can_stream(tensors):  # unusual dtypes or memory: let safetensors serialise
-        data = save(dict(tensors), metadata=metadata)
-        views = [memoryview(data)]
-    else:
-        order = _st_layout((name, t.dtype) for name, t in tensors.items())
-        entries, offset = [], 0
-        for name in order:
-            t = tensors[name]
-            n = t.numel() * t.element_size()
-            entries.append((name, t.dtype, t.shape, offset, offset + n))
-            offset += n
-        views = [memoryview(_st_header(entries, metadata))] + _byte_ranges([tensors[name] for name in order])
-    digest = _HASHER.submit(_sha256_views, views)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            _write_all(fd, views)
-            if fsync:
-                os.fsync(fd)  # overlaps with the hashing still under way
-        finally:
-            os.close(fd)
-    finally:
-        sha = digest.result()  # never leave the hasher reading memory the caller may reuse
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-    return sha, sum(v.nbytes for v in views)
-
-
-def _atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
 def _json_roundtrip(obj: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(obj))
@@ -381,7 +189,7 @@ def _check_size(directory: Path, entry: Mapping[str, Any]) -> Path:
 
 def _check_sha(directory: Path, entry: Mapping[str, Any]) -> None:
     path = _check_size(directory, entry)
-    if _sha256_file(path) != entry["sha256"]:
+    if st.sha256_file(path) != entry["sha256"]:
         raise CorruptFileError(f"{path} does not match its sha256 in {MANIFEST} (file is damaged)")
 
 
@@ -416,7 +224,7 @@ class _ShardBuffer:
     GPU, asynchronously; `events` say when they have arrived."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], pinned: bool):
-        order = _st_layout((key, dtypes[key]) for key in shapes)
+        order = st.safetensors_order((key, dtypes[key]) for key in shapes)
         sizes = [math.prod(shapes[key]) * dtypes[key].itemsize for key in order]
         block = pinned_empty(sum(sizes)) if pinned else torch.empty(sum(sizes), dtype=torch.uint8)
         self.tensors: dict[str, torch.Tensor] = {}
@@ -601,7 +409,7 @@ class TraceWriter:
             self._submit(with_state=True)
         self._drain()
         path = self.out_dir / DEFAULT_VECTORS_FILE
-        sha, nbytes = _atomic_save_tensors(path, tensors, dict(_SHARD_METADATA))
+        sha, nbytes = st.save_tensors(path, tensors, dict(_SHARD_METADATA))
         self._default_vectors_entry = {"file": DEFAULT_VECTORS_FILE, "sha256": sha, "bytes": nbytes}
         self.complete = True
         self._write_manifest()
@@ -681,7 +489,7 @@ class TraceWriter:
             buf.wait()
             tokens = sequences * self.seq_len
             path = self.out_dir / shard_name(self._listed_before + index)
-            sha, nbytes = _atomic_save_tensors(path, {k: t[:tokens] for k, t in buf.tensors.items()},
+            sha, nbytes = st.save_tensors(path, {k: t[:tokens] for k, t in buf.tensors.items()},
                                                dict(_SHARD_METADATA), self.fsync)
             entry = {"file": path.name, "sequences": sequences, "tokens": tokens, "sha256": sha, "bytes": nbytes}
             with self._cond:
@@ -871,7 +679,7 @@ class TraceWriter:
             _STATE_META_PENDING: str(pending_sequences),
         }
         path = self.out_dir / STATE_FILE
-        sha, nbytes = _atomic_save_tensors(path, tensors, metadata, self.fsync)
+        sha, nbytes = st.save_tensors(path, tensors, metadata, self.fsync)
         self._state_entry = {
             "file": STATE_FILE, "sha256": sha, "bytes": nbytes,
             "shards": len(self._shards), "pending_sequences": pending_sequences,
@@ -900,7 +708,7 @@ class TraceWriter:
 
     def _write_manifest(self) -> None:
         # the complete trace's manifest is always forced to disk; per-shard ones follow --no-fsync
-        _atomic_write_text(self.out_dir / MANIFEST, json.dumps(self._manifest(), indent=2) + "\n",
+        st.write_text(self.out_dir / MANIFEST, json.dumps(self._manifest(), indent=2) + "\n",
                            fsync=self.fsync or self.complete)
 
     # ---- resume
@@ -946,7 +754,7 @@ class TraceWriter:
                 raise CorruptFileError(f"{state_path} does not belong with the shards listed in {MANIFEST}")
             if len(state_shards) == n_m:
                 entry = self._state_entry
-                if entry is not None and _sha256_file(state_path) != entry.get("sha256"):
+                if entry is not None and st.sha256_file(state_path) != entry.get("sha256"):
                     raise CorruptFileError(f"{state_path} does not match its sha256 in {MANIFEST} (file is damaged)")
             else:
                 # killed after the state was written but before the manifest: adopt the
@@ -955,7 +763,7 @@ class TraceWriter:
                     _check_sha(d, entry)
                 self._shards = state_shards
                 self._state_entry = {
-                    "file": STATE_FILE, "sha256": _sha256_file(state_path),
+                    "file": STATE_FILE, "sha256": st.sha256_file(state_path),
                     "bytes": state_path.stat().st_size, "shards": len(state_shards),
                     "pending_sequences": pending,
                 }
