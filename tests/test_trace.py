@@ -269,6 +269,28 @@ def test_resume_keeps_the_traces_own_shard_size(models_dir, text_file, tmp_path)
     assert _shard_hashes(out) == before
 
 
+def test_second_pass_fallback_is_one_warning_line(models_dir, text_file, tmp_path, capsys, monkeypatch):
+    """Where the tap cannot be used the trace still completes, says so in one line, and its
+    default vectors equal those of a tapped trace."""
+    from tracing.recorder import TraceRecorder
+
+    model_dir = save_tiny("qwen3_moe", models_dir)
+    common = ["--model", model_dir, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+              "--max-tokens", 4 * SEQ_LEN, "--store-dtype", "fp32"]
+    assert run_cli(*common, "--out", tmp_path / "tapped") == 0
+    assert "default vectors from the experts' own pass (grouped)" in capsys.readouterr().out
+    monkeypatch.setattr(TraceRecorder, "_tapped_sums", lambda *args, **kwargs: None)
+    assert run_cli(*common, "--out", tmp_path / "fallback") == 0
+    captured = capsys.readouterr()
+    warnings_seen = [line for line in captured.err.splitlines() if line.startswith("trace: warning:")]
+    assert len(warnings_seen) == 1 and "second pass" in warnings_seen[0]
+    assert "default vectors from a second pass over the experts" in captured.out
+    tapped, fallback = TraceReader(tmp_path / "tapped"), TraceReader(tmp_path / "fallback")
+    for layer in tapped.layers:
+        torch.testing.assert_close(tapped.default_vectors()[layer], fallback.default_vectors()[layer],
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_corrupted_shard_is_caught(models_dir, text_file, tmp_path, capsys):
     model_dir = save_tiny("qwen3_moe", models_dir)
     out = tmp_path / "trace"

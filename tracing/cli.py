@@ -192,14 +192,20 @@ def run_trace(args: argparse.Namespace) -> dict:
     writer.close(recorder.default_vectors())
     recorder.close()
     return {"tokens": n_rows * args.seq_len, "bytes": writer.bytes_written, "seconds": time.time() - t0,
-            "layers": layers, "counts": recorder.counts, "spec": spec, "out": args.out}
+            "layers": layers, "counts": recorder.counts, "spec": spec, "out": args.out,
+            "default_vectors_from": recorder.mode}
 
 
-def print_summary(result: dict, file=sys.stdout) -> None:
+def print_summary(result: dict, file=None) -> None:
+    file = file or sys.stdout  # looked up now: redirections of sys.stdout apply
     spec = result["spec"]
     print(f"traced {result['tokens']:,} tokens x {len(result['layers'])} layers of {spec.family} in "
           f"{result['seconds']:.1f}s; wrote {human_bytes(result['bytes'])} "
           f"({result['bytes'] / max(1, result['tokens']):.0f} B/token) to {result['out']}", file=file)
+    how = {"sorted": "the experts' own pass (grouped)", "original": "the experts' own pass (batched)",
+           "second pass": "a second pass over the experts"}.get(result.get("default_vectors_from"))
+    if how:
+        print(f"default vectors from {how}", file=file)
     uniform = 1.0 / spec.num_experts
     print(f"{'layer':>5} {'min load':>9} {'max load':>9} {'max/even':>8} {'unused':>6}", file=file)
     for layer in result["layers"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Callable
 
 
@@ -24,6 +25,10 @@ class MismatchError(SpecmoeError):
     """Two artefacts (model, trace, estimator) do not belong together."""
 
 
+class SpecmoeWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. a slower path taken)."""
+
+
 EXIT_USER_ERROR = 2
 # the console command each package's main() is installed as
 _COMMANDS = {"tracing": "trace", "estimators": "train", "runtime": "infer"}
@@ -37,8 +42,20 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         package = main.__module__.split(".")[0]
         prog = _COMMANDS.get(package, package)
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SpecmoeWarning):
+                from tqdm import tqdm  # writes above a progress bar instead of into it
+
+                tqdm.write(f"{prog}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
         try:
-            return main(*args, **kwargs) or 0
+            with warnings.catch_warnings():
+                warnings.showwarning = one_line
+                return main(*args, **kwargs) or 0
         except SpecmoeError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from .errors import CorruptFileError
+from .errors import CorruptFileError, SpecmoeWarning
 
 
 class _StopForward(Exception):
@@ -231,7 +231,7 @@ class TraceRecorder:
             del experts_module._apply_gate
         self._patched = []
         warnings.warn("the experts' intermediate outputs could not be read off the forward pass; default "
-                      "vectors take a second pass over the experts (slower)", stacklevel=4)
+                      "vectors take a second pass over the experts (slower)", SpecmoeWarning, stacklevel=4)
 
     @torch.no_grad()
     def _accumulate(self, layer: int, experts, hidden, ids, weights, taps) -> None:
