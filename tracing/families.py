@@ -210,21 +210,32 @@ def _sparsemixer_eval_route(router: nn.Module, logits: Tensor) -> Routing:
 # ------------------------------------------------------------------------ experts
 
 
-def _swiglu_expert(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
+# An expert is gate_fn (x -> the gated intermediate a) followed by down_fn, which is affine
+# in a: down_fn(w, a, n) is W_down a + n b_down, so applied to a sum of n intermediates it
+# gives the sum of the n outputs.
+
+def _swiglu_gate(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """[gate; up] stacked along the output dim, weights [out, in] (F.linear layout)."""
     gate, up = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
-    return F.linear(experts.act_fn(gate) * up, w["down_proj"])
+    return experts.act_fn(gate) * up
 
 
-def _gpt_oss_expert(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
+def _linear_down(w: Mapping[str, Tensor], a: Tensor, n: Tensor | float) -> Tensor:
+    return F.linear(a, w["down_proj"])
+
+
+def _gpt_oss_gate(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Weights [in, out] with biases; gate and up interleaved (even / odd columns);
     a clamped swish-GLU whose `up` branch is shifted by one."""
     alpha, limit = experts.alpha, experts.limit
     gate_up = x @ w["gate_up_proj"] + w["gate_up_proj_bias"]
     gate = gate_up[..., 0::2].clamp(max=limit)
     up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    hidden = (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    return hidden @ w["down_proj"] + w["down_proj_bias"]
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _gpt_oss_down(w: Mapping[str, Tensor], a: Tensor, n: Tensor | float) -> Tensor:
+    return a @ w["down_proj"] + n * w["down_proj_bias"]
 
 
 # ------------------------------------------------------------------------- family
@@ -279,7 +290,8 @@ class Family:
     logits_fn: Callable[[nn.Module, Tensor], Tensor] = _linear_logits
     route_fn: Callable[[nn.Module, Tensor], Routing] = _softmax_topk
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
-    expert_fn: Callable[[nn.Module, Mapping[str, Tensor], Tensor], Tensor] = _swiglu_expert
+    gate_fn: Callable[[nn.Module, Mapping[str, Tensor], Tensor], Tensor] = _swiglu_gate
+    down_fn: Callable[[Mapping[str, Tensor], Tensor, Tensor | float], Tensor] = _linear_down
     model_types: tuple[str, ...] = ()            # config.model_type values; defaults to (name,)
 
     def __post_init__(self) -> None:
@@ -422,21 +434,32 @@ class Family:
     def apply_expert(self, experts: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Unweighted output of one expert given its tensors (e.g. copies on another
         device); `experts` supplies only the activation and its constants."""
-        return self.expert_fn(experts, weights, x)
+        return self.down_fn(weights, self.gate_fn(experts, weights, x), 1)
 
     def unweighted_expert_outputs(self, experts: nn.Module, hidden: Tensor, ids: Tensor) -> Tensor:
         """[T*k, H]: row t*k+j is Expert_{ids[t,j]}(hidden[t]) with weight 1.
 
-        Runs the stock experts module (so its fast kernels) on one row per
-        (token, slot), each routed to a single expert."""
+        Runs the stock experts module's forward (so its fast kernels; not its hooks)
+        on one row per (token, slot), each routed to a single expert."""
         k = ids.shape[1]
         rows = hidden.repeat_interleave(k, dim=0)
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        return experts(rows, ids.reshape(-1, 1), ones)
+        return experts.forward(rows, ids.reshape(-1, 1), ones)
 
     def expert_forward(self, experts: nn.Module, e: int, x: Tensor) -> Tensor:
         """Unweighted output [T, H] of expert e on x [T, H]."""
-        return self.expert_fn(experts, self.expert_tensors(experts, e), x)
+        return self.apply_expert(experts, self.expert_tensors(experts, e), x)
+
+    def summed_outputs(self, experts: nn.Module, gate_sums: Tensor, tokens: Tensor) -> Tensor:
+        """sum_t Expert_e(x_t) [E, H] in float64, from sum_t a_e(x_t) [E, I] (the gated
+        intermediates) and the token counts [E]: the down projection is affine.  One expert
+        at a time: a float64 copy of all down projections at once would be large."""
+        out = []
+        for e in range(gate_sums.shape[0]):
+            w = {k: v.double() for k, v in self.expert_tensors(experts, e).items() if k.startswith("down_proj")}
+            out.append(self.down_fn(w, gate_sums[e].to(device=w["down_proj"].device, dtype=torch.float64),
+                                    tokens[e].to(w["down_proj"].device)))
+        return torch.stack(out)
 
 
 # ----------------------------------------------------------------------- families
@@ -485,7 +508,7 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         route_fn=_topk_then_softmax,
         experts_call=("hidden_states", "router_indices", "routing_weights"),
         expert_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
-        expert_fn=_gpt_oss_expert,
+        gate_fn=_gpt_oss_gate, down_fn=_gpt_oss_down,
     ),
     Family(
         name="phimoe", router_attr="router",

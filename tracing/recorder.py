@@ -11,7 +11,8 @@ default vectors D_l[e] of the quasi-hidden state.
 Those unweighted outputs cost a second pass over the experts unless they are
 read off the model's own pass. Expert e's output is linear in its gated
 intermediate a = act(gate) * up: E_e(x) = W_down[e] a (+ b_down[e]). So the sum
-over tokens equals W_down[e] applied to the sum of the intermediates, which the
+over tokens equals W_down[e] applied to the sum of the intermediates (the family
+description's `summed_outputs`), which the
 recorder collects from the experts' `_apply_gate` as the stock forward runs
 (grouped and batched implementations call it; the forward itself is untouched).
 On the first call it checks the result against a real second pass and uses the
@@ -52,29 +53,10 @@ def _expert_sums(ids: torch.Tensor, rows: torch.Tensor, num_experts: int,
     return torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device).index_add_(0, ids, rows)
 
 
-def _down_projection(experts, gate_sums: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """sum_t E_e(x_t) [E, H] float64 from sum_t a_e(x_t) [E, I] and the token counts, one expert at a time
-    (a float64 copy of all down projections at once would be large)."""
-    weight = experts.down_proj.detach()
-    bias = getattr(experts, "down_proj_bias", None) if getattr(experts, "has_bias", False) else None
-    transposed = getattr(experts, "is_transposed", False)
-    gate_sums, tokens = gate_sums.to(weight.device), tokens.to(weight.device)
-    out = []
-    for e in range(weight.shape[0]):
-        w = weight[e].double()
-        y = gate_sums[e] @ w if transposed else w @ gate_sums[e]
-        if bias is not None:
-            y = y + tokens[e] * bias[e].double()
-        out.append(y)
-    return torch.stack(out)
-
-
 def _can_tap(experts) -> bool:
-    """Whether the sum of outputs can come from tapped intermediates: a gate to tap, a linear
-    down projection to apply, and nothing non-linear after it."""
-    return (callable(getattr(experts, "_apply_gate", None))
-            and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
-            and not getattr(experts, "has_post_expert_norm", False))
+    """Whether the sum of outputs can come from tapped intermediates: a gate to tap, and
+    nothing non-linear after the down projection."""
+    return callable(getattr(experts, "_apply_gate", None)) and not getattr(experts, "has_post_expert_norm", False)
 
 
 class _Accumulators:
@@ -82,10 +64,10 @@ class _Accumulators:
 
     FIELDS = ("dv_sum", "gate_sum", "gate_tokens", "dv_tokens", "counts")
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int | None, device="cpu"):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, device="cpu"):
         E = num_experts
         self.dv_sum = torch.zeros(E, hidden, dtype=torch.float64, device=device)        # second-pass outputs
-        self.gate_sum = torch.zeros(E, intermediate or 0, dtype=torch.float64, device=device)  # tapped a_e
+        self.gate_sum = torch.zeros(E, intermediate, dtype=torch.float64, device=device)  # tapped a_e
         self.gate_tokens = torch.zeros(E, dtype=torch.long, device=device)  # rows in gate_sum (for the bias)
         self.dv_tokens = torch.zeros(E, dtype=torch.long, device=device)    # rows behind D, both ways
         self.counts = torch.zeros(E, dtype=torch.long, device=device)       # all routed rows
@@ -107,12 +89,8 @@ class TraceRecorder:
         # order; "second pass": no tap. None until the first call has checked.
         self.mode: str | None = None if tap else "second pass"
         self._experts = {l: self.family.experts(self.model, l) for l in self.layers}
-        self.acc: dict[int, _Accumulators] = {}
-        for l in self.layers:
-            experts = self._experts[l]
-            inter = experts.down_proj.shape[-1 if not getattr(experts, "is_transposed", False) else -2] \
-                if _can_tap(experts) else None
-            self.acc[l] = _Accumulators(self.spec.num_experts, self.spec.hidden_size, inter)
+        self.acc = {l: _Accumulators(self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate_size)
+                    for l in self.layers}
         self._on_device: set[int] = set()
         # accumulators that may be non-zero; state() leaves the others out (they can be large)
         self._touched = {"counts", "dv_tokens"}
@@ -171,7 +149,7 @@ class TraceRecorder:
             # stored as the model produced them; the writer converts on the host
             self._batch[f"layers.{layer}.topk_ids"] = ids
             self._batch[f"layers.{layer}.topk_weights"] = weights
-            self._accumulate(layer, module, hidden, ids, weights, self._taps.pop(layer, []))
+            self._accumulate(layer, module, hidden, ids, self._taps.pop(layer, []))
             if layer == self._stop_layer:
                 raise _StopForward
         return hook
@@ -184,21 +162,18 @@ class TraceRecorder:
         token = torch.arange(n_rows, device=device) // k
         return (token + self._token_offset) % self.every == 0
 
-    def _second_pass(self, experts, hidden, flat_ids, weights, k: int) -> torch.Tensor:
+    def _second_pass(self, experts, hidden, flat_ids, k: int) -> torch.Tensor:
         """[E, H] float32 sums of the unweighted outputs, from calling the experts again with weight 1 per
         (token, slot) row, on the subsampled tokens only."""
-        T = hidden.shape[0]
         first = (-self._token_offset) % self.every
-        tokens = torch.arange(first, T, self.every, device=hidden.device)
-        rows = (tokens.unsqueeze(1) * k + torch.arange(k, device=hidden.device)).reshape(-1)
-        ids = flat_ids[rows]
-        ones = torch.ones(rows.shape[0], 1, dtype=weights.dtype, device=weights.device)
+        tokens = torch.arange(first, hidden.shape[0], self.every, device=hidden.device)
+        ids = flat_ids.view(-1, k)[tokens]
         self._in_second_pass = True
         try:
-            outputs = experts.forward(hidden[tokens].repeat_interleave(k, dim=0), ids.unsqueeze(1), ones)
+            outputs = self.family.unweighted_expert_outputs(experts, hidden[tokens], ids)
         finally:
             self._in_second_pass = False
-        return _expert_sums(ids, outputs, self.spec.num_experts, None)
+        return _expert_sums(ids.reshape(-1), outputs, self.spec.num_experts, None)
 
     def _tapped_sums(self, taps, flat_ids, k: int, order: str) -> torch.Tensor | None:
         """[E, I] float32 sums of the tapped intermediates, or None where they cannot be lined up."""
@@ -221,7 +196,7 @@ class TraceRecorder:
             keep = self._keep(flat_ids.shape[0], k, flat_ids.device)
             n = torch.zeros(self.spec.num_experts, dtype=torch.long, device=flat_ids.device).index_add_(
                 0, flat_ids, keep.long() if keep is not None else torch.ones_like(flat_ids))
-            candidate = _down_projection(experts, sums.double(), n)
+            candidate = self.family.summed_outputs(experts, sums.double(), n).to(reference.device)
             err = (candidate - reference.double()).norm() / reference.double().norm().clamp(min=1e-30)
             if err.item() < 1e-2:
                 self.mode = order
@@ -234,7 +209,7 @@ class TraceRecorder:
                       "vectors take a second pass over the experts (slower)", SpecmoeWarning, stacklevel=4)
 
     @torch.no_grad()
-    def _accumulate(self, layer: int, experts, hidden, ids, weights, taps) -> None:
+    def _accumulate(self, layer: int, experts, hidden, ids, taps) -> None:
         acc = self.acc[layer]
         if layer not in self._on_device:  # accumulate where the layer lives: no host sync per batch
             acc.to(hidden.device)
@@ -248,7 +223,7 @@ class TraceRecorder:
         used = ones if keep is None else keep.long()
         reference = None
         if self.mode is None:  # first call: tap and second pass side by side
-            reference = self._second_pass(experts, hidden, flat_ids, weights, k)
+            reference = self._second_pass(experts, hidden, flat_ids, k)
             self._decide(experts, flat_ids, k, taps, reference)
         # each sum only ever takes one kind of term, so a resumed run adds up bit for bit alike
         tapped = None if self.mode == "second pass" else self._tapped_sums(taps, flat_ids, k, self.mode)
@@ -257,8 +232,7 @@ class TraceRecorder:
             acc.gate_tokens.index_add_(0, flat_ids, used)
             self._touched |= {"gate_sum", "gate_tokens"}
         else:  # the fallback, or a call whose intermediates did not line up
-            acc.dv_sum += reference if reference is not None else self._second_pass(experts, hidden, flat_ids,
-                                                                                     weights, k)
+            acc.dv_sum += reference if reference is not None else self._second_pass(experts, hidden, flat_ids, k)
             self._touched.add("dv_sum")
         acc.dv_tokens.index_add_(0, flat_ids, used)
 
@@ -315,7 +289,7 @@ class TraceRecorder:
             acc = self.acc[l]
             total = acc.dv_sum.clone()
             if acc.gate_tokens.sum() > 0:
-                total += _down_projection(self._experts[l], acc.gate_sum, acc.gate_tokens).to(total.device)
+                total += self.family.summed_outputs(self._experts[l], acc.gate_sum, acc.gate_tokens).to(total.device)
             n = acc.dv_tokens.clamp(min=1).double().unsqueeze(1)
             out[f"layers.{l}.default_vectors"] = (total / n).float().cpu()  # never-selected experts stay 0
             out[f"layers.{l}.expert_counts"] = acc.counts.cpu()
