@@ -28,17 +28,16 @@ for another model, and (CorruptFileError) one whose files are damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+from tracing.format_json import read_format_json
+from tracing.safetensors_stream import save_tensors, sha256_file, write_text
 from tracing.families import router_fingerprint  # noqa: F401  (part of this module's API)
 
 from .predictors import CorrectionNet, Estimator, collect_parts
@@ -50,20 +49,6 @@ FORMAT_NAME = "specmoe-estimator"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "estimator.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def estimator_tensors(estimator: Estimator) -> dict[str, torch.Tensor]:
@@ -83,7 +68,7 @@ def save_estimator(estimator: Estimator, out_dir: str | Path, *, metrics: Mappin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
-    _atomic_write(weights, lambda p: save_file(estimator_tensors(estimator), str(p), metadata={"format": "pt"}))
+    weights_sha256, _ = save_tensors(weights, estimator_tensors(estimator), {"format": "pt"})
     meta = dict(estimator.meta)
     config = {
         "format": FORMAT_NAME,
@@ -103,11 +88,11 @@ def save_estimator(estimator: Estimator, out_dir: str | Path, *, metrics: Mappin
                       "normed_features": estimator.normed_features, "learned": bool(len(estimator.corrections))},
         "parameters": meta.get("parameters") or estimator.parameter_counts(),
         "metrics": dict(metrics or {}),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": weights_sha256,
     }
     config.update(dict(extra or {}))
     path = out / CONFIG_FILE
-    _atomic_write(path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    write_text(path, json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -119,15 +104,7 @@ def read_config(path: str | Path) -> dict:
         raise SpecmoeError(f"estimator checkpoint {d} does not exist")
     if not cfg_path.is_file():
         raise SpecmoeError(f"{d} is not an estimator checkpoint ({CONFIG_FILE} is missing)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptFileError(f"{cfg_path} is not valid JSON ({err})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
-        raise SpecmoeError(f"{cfg_path} is not a specmoe estimator config (format is not {FORMAT_NAME!r})")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise SpecmoeError(f"{cfg_path} has estimator format version {cfg.get('format_version')!r}; "
-                           f"this specmoe reads version {FORMAT_VERSION}")
+    cfg = read_format_json(cfg_path, FORMAT_NAME, FORMAT_VERSION, "estimator config", "")
     for key in ("model", "lookahead", "pairs", "predictor", "estimator"):
         if key not in cfg:
             raise CorruptFileError(f"{cfg_path} is damaged: field {key!r} is missing")
@@ -170,7 +147,7 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise CorruptFileError(f"{weights} is missing")
-    if cfg.get("weights_sha256") and _sha256(weights) != cfg["weights_sha256"]:
+    if cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
         raise CorruptFileError(f"{weights} does not match its sha256 in {CONFIG_FILE} (file is damaged)")
     try:
         with safe_open(str(weights), framework="pt") as f:

@@ -51,6 +51,7 @@ from safetensors import safe_open
 
 from tracing import safetensors_stream as st
 from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+from tracing.format_json import read_format_json
 from tracing.host_copies import copy_to_host, pinned_empty, snapshot_to_host, wait
 from tracing.paths import display_path
 from tracing.safetensors_stream import TMP_SUFFIX
@@ -153,18 +154,9 @@ def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise SpecmoeError(f"no trace at {directory}: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecmoeError(f"{path} is not valid JSON ({err}); the trace manifest is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise SpecmoeError(f"{path} is not a specmoe trace manifest (format is not {FORMAT_NAME!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SpecmoeError(
-            f"{path} has trace format version {version!r}; this specmoe reads version {FORMAT_VERSION} "
-            "(re-trace, or use the specmoe release that wrote it)"
-        )
+    manifest = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, "trace manifest",
+                                "; the trace manifest is damaged",
+                                " (re-trace, or use the specmoe release that wrote it)")
     for key, kind in (("seq_len", int), ("store_dtype", str), ("layers", list),
                       ("sequences_per_shard", int), ("shards", list)):
         if not isinstance(manifest.get(key), kind):
