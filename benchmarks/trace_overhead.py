@@ -38,7 +38,7 @@ from tracing.families import detect_family  # noqa: E402
 from tracing.models import LoadedModel, load_moe_model  # noqa: E402
 from tracing.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
 from tracing.recorder import TraceRecorder  # noqa: E402
-from tracing.store import TraceWriter, estimate_trace_bytes  # noqa: E402
+from tracing.store import TraceWriter  # noqa: E402
 from tracing.tokens import pack_rows  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -107,20 +107,12 @@ def time_record_only(loaded, batches, tap: bool) -> tuple[float, str]:
     return seconds, recorder.mode
 
 
-def shard_sequences(loaded, seq_len: int, batch_size: int) -> int:
-    """The trace command's default shard size (about 256 MB) for this model."""
-    spec = loaded.spec
-    token_bytes = estimate_trace_bytes(1, layers=spec.moe_layers, hidden_size=spec.hidden_size,
-                                       num_experts=spec.num_experts, top_k=spec.top_k, headers=False)
-    return sequences_per_shard(None, token_bytes, seq_len, batch_size)
-
-
 def time_trace(loaded, rows, batch_size, out: Path, fsync: bool, threads: int) -> tuple[float, float, int]:
     """(seconds in all, seconds of them spent after the last batch finishing the last shards, bytes)."""
     if out.exists():
         shutil.rmtree(out)
     seq_len = rows.shape[1]
-    seqs_per_shard = shard_sequences(loaded, seq_len, batch_size)
+    seqs_per_shard = sequences_per_shard(loaded.spec, list(loaded.spec.moe_layers), "bf16", seq_len, batch_size)
     layers = list(loaded.spec.moe_layers)
     writer = TraceWriter(out, {"model": {"id": loaded.model_id, "family": loaded.spec.family}, "dataset": {}},
                          layers, seq_len, seqs_per_shard, "bf16", fsync=fsync, workers=threads)
@@ -161,7 +153,8 @@ def bench_model(name, loaded, rows, batch_size, repeats, places: dict[str, tuple
             tails.setdefault(f"trace to {label}", []).append(tail)
     plain_runs = modes["plain forward"]
     result = {"model": name, "tokens": tokens, "batch": list(rows[:batch_size].shape), "repeats": repeats,
-              "shard_tokens": shard_sequences(loaded, rows.shape[1], batch_size) * rows.shape[1],
+              "shard_tokens": sequences_per_shard(loaded.spec, list(loaded.spec.moe_layers), "bf16", rows.shape[1],
+                                                  batch_size) * rows.shape[1],
               "writer_threads": threads, "tap_mode": tap_mode,
               "bytes_per_token": written / tokens, "bytes": written, "modes": {}}
     for mode, times in modes.items():

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,12 +41,18 @@ def parse_layers(text: str | None, moe_layers: tuple[int, ...]) -> list[int]:
 SHARD_BYTES = 256 << 20
 
 
-def sequences_per_shard(shard_tokens: int | None, token_bytes: int, seq_len: int, batch_size: int) -> int:
+def sequences_per_shard(spec, layers: list[int], store_dtype: str, seq_len: int, batch_size: int,
+                        shard_tokens: int | None = None) -> int:
     """Whole batches per shard: `shard_tokens` if given, else about SHARD_BYTES of trace.
 
     A shard is held in memory while it is filled and written, and it is the unit a
     reader loads, so its size in bytes matters more than its token count."""
+    from .store import estimate_trace_bytes
+
     if shard_tokens is None:
+        token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size,
+                                           num_experts=spec.num_experts, top_k=spec.top_k,
+                                           store_dtype=store_dtype, headers=False)
         shard_tokens = SHARD_BYTES // max(1, token_bytes)
     if shard_tokens < 1:
         raise SpecmoeError("--shard-tokens must be positive")
@@ -57,13 +62,12 @@ def sequences_per_shard(shard_tokens: int | None, token_bytes: int, seq_len: int
 def _existing_shard_sequences(out: Path) -> int | None:
     """sequences_per_shard of the trace in `out`, if there is a readable one (the writer
     reports a damaged manifest itself)."""
-    import json
+    from .store import read_manifest
 
     try:
-        value = json.loads((out / "manifest.json").read_text()).get("sequences_per_shard")
-    except (OSError, ValueError, AttributeError):
+        return read_manifest(out)["sequences_per_shard"]
+    except SpecmoeError:
         return None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def human_bytes(n: float) -> str:
@@ -161,9 +165,8 @@ def run_trace(args: argparse.Namespace) -> dict:
     loaded = load_moe_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
     rows = pack_rows(dataset, loaded.tokenizer, args.text_field, args.seq_len, args.max_tokens)
     n_rows = len(rows)
-    token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size, num_experts=spec.num_experts,
-                                       top_k=spec.top_k, store_dtype=args.store_dtype, headers=False)
-    seqs_per_shard = sequences_per_shard(args.shard_tokens, token_bytes, args.seq_len, args.batch_size)
+    seqs_per_shard = sequences_per_shard(spec, layers, args.store_dtype, args.seq_len, args.batch_size,
+                                         args.shard_tokens)
     if args.resume and args.shard_tokens is None:  # go on with the trace's own shard size
         seqs_per_shard = _existing_shard_sequences(args.out) or seqs_per_shard
     store_dtype = DTYPES[args.store_dtype]

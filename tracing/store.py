@@ -150,7 +150,8 @@ def _json_roundtrip(obj: Any, what: str) -> Any:
         raise SpecmoeError(f"{what} is not JSON-serialisable: {err}") from None
 
 
-def _read_manifest(directory: Path) -> dict:
+def read_manifest(directory: Path) -> dict:
+    """manifest.json of the trace in `directory`, format-checked (SpecmoeError when missing or damaged)."""
     path = directory / MANIFEST
     if not path.is_file():
         raise SpecmoeError(f"no trace at {directory}: {MANIFEST} is missing")
@@ -367,7 +368,7 @@ class TraceWriter:
             self._last_state_fn = state
         if n_seq == 0:
             return
-        sources = {key: self._source(key, batch[key]) for key in self._layout()[0]}
+        sources = {key: self._source(key, t) for key, t in batch.items()}  # keys checked above
         straddled = False
         off = 0
         L = self.seq_len
@@ -707,7 +708,7 @@ class TraceWriter:
 
     def _resume(self) -> None:
         d = self.out_dir
-        manifest = _read_manifest(d)
+        manifest = read_manifest(d)
         self._check_matches(manifest)
         # keep the manifest's descriptive fields, let new extras override old ones
         self._model = {**manifest.get("model", {}), **self._model}
@@ -830,7 +831,7 @@ class TraceReader:
 
     def __init__(self, path: str | os.PathLike, verify: bool = False) -> None:
         self.path = Path(path)
-        self.manifest = _read_manifest(self.path)
+        self.manifest = read_manifest(self.path)
         m = self.manifest
         self.layers: list[int] = [int(l) for l in m["layers"]]
         self.seq_len: int = int(m["seq_len"])
