@@ -33,13 +33,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tracing.cli import record_rows, sequences_per_shard  # noqa: E402
-from tracing.corpus import load_text_dataset  # noqa: E402
-from tracing.families import detect_family  # noqa: E402
-from tracing.models import LoadedModel, load_moe_model  # noqa: E402
-from tracing.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
+from specmoe.corpus import load_text_dataset  # noqa: E402
+from specmoe.families import detect_family  # noqa: E402
+from specmoe.models import LoadedModel, load_moe_model  # noqa: E402
+from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
 from tracing.recorder import TraceRecorder  # noqa: E402
 from tracing.store import TraceWriter  # noqa: E402
-from tracing.tokens import pack_rows  # noqa: E402
+from specmoe.tokens import pack_rows  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 

@@ -35,10 +35,10 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 
-from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
-from tracing.format_json import read_format_json
-from tracing.safetensors_stream import save_tensors, sha256_file, write_text
-from tracing.families import router_fingerprint  # noqa: F401  (part of this module's API)
+from specmoe.errors import CorruptFileError, MismatchError, SpecmoeError
+from specmoe.format_json import read_format_json
+from specmoe.safetensors_stream import save_tensors, sha256_file, write_text
+from specmoe.families import router_fingerprint  # noqa: F401  (part of this module's API)
 
 from .predictors import CorrectionNet, Estimator, collect_parts
 
@@ -135,7 +135,7 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
     """The Estimator saved in `path`, bound to `model` (its norms and routers, copied to fp32;
     with add_shared its shared experts are referenced, not copied). Placed on `device`
     (default: the device of the model's first target router)."""
-    from tracing.families import detect_family
+    from specmoe.families import detect_family
 
     d = Path(path)
     cfg = read_config(d)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tracing.errors import SpecmoeError, cli_errors
-from tracing.paths import display_path
+from specmoe.errors import SpecmoeError, cli_errors
+from specmoe.paths import display_path
 
 from .config import load_config
 
@@ -100,7 +100,7 @@ def _quiet_loading() -> None:
 
 def run_train(args: argparse.Namespace) -> dict | None:
     """The whole `train` command; returns what main() prints (None on DDP ranks other than 0)."""
-    from tracing.models import load_moe_model
+    from specmoe.models import load_moe_model
 
     from .checkpoint import CONFIG_FILE, router_fingerprint, save_estimator
     from .data import (Source, check_same_model, check_trace_against_model, make_loader,
@@ -267,7 +267,7 @@ def print_summary(result: dict, file=None) -> None:
           f"{paths['md'].name}, {paths['png'].name}", file=file)
 
 
-@cli_errors
+@cli_errors("train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run_train(args)

@@ -13,8 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tracing.errors import SpecmoeError
-from tracing.paths import CONFIGS_DIR
+from specmoe.errors import SpecmoeError
+from specmoe.paths import CONFIGS_DIR
 
 DEFAULT_CONFIG_PATH = CONFIGS_DIR / "estimator.yaml"
 

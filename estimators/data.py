@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tracing.errors import MismatchError, SpecmoeError
+from specmoe.errors import MismatchError, SpecmoeError
 from tracing.store import TraceReader
 
 __all__ = [

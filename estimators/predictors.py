@@ -40,8 +40,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from tracing.errors import SpecmoeError
-from tracing.families import SharedExpert  # noqa: F401  (re-exported)
+from specmoe.errors import SpecmoeError
+from specmoe.families import SharedExpert  # noqa: F401  (re-exported)
 
 from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_state
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from tracing.paths import display_path
+from specmoe.paths import display_path
 
 from .metrics import RoutingMetrics, mean_over_layers, per_layer_table
 

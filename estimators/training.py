@@ -185,7 +185,7 @@ class EstimatorModule(L.LightningModule):
 
 def resolve_hardware(cfg: EstimatorConfig, device: str | None = None) -> dict:
     """accelerator / devices / strategy / precision for the Trainer."""
-    from tracing.errors import SpecmoeError
+    from specmoe.errors import SpecmoeError
 
     device = device or cfg.device
     if device == "auto":

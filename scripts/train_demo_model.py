@@ -23,8 +23,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tracing.corpus import load_text_dataset  # noqa: E402
-from tracing.paths import CONFIGS_DIR, DEMO_MODEL_DIR  # noqa: E402
+from specmoe.corpus import load_text_dataset  # noqa: E402
+from specmoe.paths import CONFIGS_DIR, DEMO_MODEL_DIR  # noqa: E402
 
 EOS = "<|endoftext|>"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tracing.model_report import format_report  # noqa: E402
-from tracing.paths import DEMO_MODEL_DIR  # noqa: E402
+from specmoe.paths import DEMO_MODEL_DIR  # noqa: E402
 
 
 def main() -> None:

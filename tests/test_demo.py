@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
-from tracing.corpus import load_text_dataset
-from tracing.families import detect_family
-from tracing.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
+from specmoe.corpus import load_text_dataset
+from specmoe.families import detect_family
+from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from estimators.data import PairBatches, Source, batch_source_state, make_loader
 from estimators.predictors import Estimator, SourceState, collect_parts, layer_pairs
 from tests.tiny_models import tiny_model
 from tracing.cli import main as trace_main
-from tracing.errors import MismatchError, SpecmoeError
-from tracing.families import detect_family
-from tracing.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
+from specmoe.errors import MismatchError, SpecmoeError
+from specmoe.families import detect_family
+from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
 from tracing.store import TraceReader
 
 SEQ_LEN = 32

@@ -1,6 +1,6 @@
-"""tracing.families against the stock transformers models, for every family.
+"""specmoe.families against the stock transformers models, for every family.
 
-Ground truth never comes from tracing.families itself: hooks on the stock modules
+Ground truth never comes from specmoe.families itself: hooks on the stock modules
 record what the model really fed its experts (a forward pre-hook on the experts
 module) and what its pre-MoE norm produced (a forward hook on the norm)."""
 
@@ -13,8 +13,8 @@ import torch
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, Qwen3Config
 
 from tests.tiny_models import HIDDEN, NUM_EXPERTS, TINY_CONFIGS, TINY_FAMILIES, tiny_config, tiny_model
-from tracing.errors import UnsupportedModelError
-from tracing.families import FAMILIES, Family, MoESpec, detect_family
+from specmoe.errors import UnsupportedModelError
+from specmoe.families import FAMILIES, Family, MoESpec, detect_family
 
 BATCH, SEQ = 2, 9
 

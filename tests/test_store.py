@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tracing.safetensors_stream as st
+import specmoe.safetensors_stream as st
 import tracing.store as store
-from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
+from specmoe.errors import CorruptFileError, MismatchError, SpecmoeError
 from tracing.store import FORMAT_VERSION, TraceReader, TraceWriter, estimate_trace_bytes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from tests.tiny_models import TINY_FAMILIES, tiny_model
 from tracing.cli import main as trace_main
-from tracing.families import detect_family
-from tracing.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, REPO_ROOT
+from specmoe.families import detect_family
+from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, REPO_ROOT
 from tracing.store import TraceReader
 
 SEQ_LEN = 32
@@ -158,7 +158,7 @@ def test_recorder_leaves_the_forward_bit_identical(model_type):
     experts (the eager loop, or the tap turned off)."""
     import warnings
 
-    from tracing.models import LoadedModel
+    from specmoe.models import LoadedModel
     from tracing.recorder import TraceRecorder
 
     input_ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -195,7 +195,7 @@ def test_recorder_leaves_the_forward_bit_identical(model_type):
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
 def test_subsampled_default_vectors_agree_across_paths(model_type):
     """--default-vector-every N: the tapped sums pick the same (token, slot) rows as the second pass."""
-    from tracing.models import LoadedModel
+    from specmoe.models import LoadedModel
     from tracing.recorder import TraceRecorder
 
     results = {}

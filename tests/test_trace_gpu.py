@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.test_trace import SEQ_LEN, _independent_reading, run_cli
-from tracing.families import detect_family
-from tracing.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
+from specmoe.families import detect_family
+from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
 from tracing.store import TraceReader
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def test_gpu_bf16_trace_taps_the_forward_and_writes_concurrently(tmp_path):
     """The default GPU path: bf16, default vectors read off the grouped experts' own pass,
     batches copied straight into pinned shard buffers, shards written by several threads.
     Its default vectors match the second pass's; its shards match a serial writer's."""
-    from tracing.models import load_moe_model
+    from specmoe.models import load_moe_model
     from tracing.recorder import TraceRecorder
 
     loaded = load_moe_model(DEMO_MODEL_DIR, device="cuda")

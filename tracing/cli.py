@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import describe_dataset, load_text_dataset
-from .errors import SpecmoeError, cli_errors
-from .models import DTYPES, load_config, load_moe_model
-from .paths import DEMO_MODEL_DIR, display_path
+from specmoe.corpus import describe_dataset, load_text_dataset
+from specmoe.errors import SpecmoeError, cli_errors
+from specmoe.models import DTYPES, load_config, load_moe_model
+from specmoe.paths import DEMO_MODEL_DIR, display_path
 
 
 def parse_layers(text: str | None, moe_layers: tuple[int, ...]) -> list[int]:
@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
-    from .families import detect_family, router_fingerprint
+    from specmoe.families import detect_family, router_fingerprint
     from .store import TraceWriter, estimate_trace_bytes
-    from .tokens import pack_rows
+    from specmoe.tokens import pack_rows
 
     t0 = time.time()
     if args.seq_len < 2 or args.batch_size < 1:
@@ -218,7 +218,7 @@ def print_summary(result: dict, file=None) -> None:
               f"{int((c == 0).sum()):>6}", file=file)
 
 
-@cli_errors
+@cli_errors("trace", " (rerun with --resume)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print_summary(run_trace(args))

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import load_text_dataset
-from .errors import cli_errors
-from .models import load_moe_model
-from .tokens import pack_rows
+from specmoe.corpus import load_text_dataset
+from specmoe.errors import cli_errors
+from specmoe.models import load_moe_model
+from specmoe.tokens import pack_rows
 
 
 @torch.no_grad()
@@ -135,7 +135,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@cli_errors
+@cli_errors("python -m tracing.model_report")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tracing.model_report", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="hub id or local directory (default: the bundled demo model)")

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .errors import CorruptFileError, SpecmoeWarning
+from specmoe.errors import CorruptFileError, SpecmoeWarning
 
 
 class _StopForward(Exception):

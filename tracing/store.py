@@ -30,7 +30,7 @@ leaves either
 
 Shard bytes are deterministic: the same inputs give byte-identical files, the ones
 safetensors' own save() makes (the writer builds the header itself and streams the
-tensor bytes from its buffer; see tracing/safetensors_stream.py).
+tensor bytes from its buffer; see specmoe/safetensors_stream.py).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from tracing import safetensors_stream as st
-from tracing.errors import CorruptFileError, MismatchError, SpecmoeError
-from tracing.format_json import read_format_json
+from specmoe import safetensors_stream as st
+from specmoe.errors import CorruptFileError, MismatchError, SpecmoeError
+from specmoe.format_json import read_format_json
 from tracing.host_copies import copy_to_host, pinned_empty, snapshot_to_host, wait
-from tracing.paths import display_path
-from tracing.safetensors_stream import TMP_SUFFIX
+from specmoe.paths import display_path
+from specmoe.safetensors_stream import TMP_SUFFIX
 
 FORMAT_NAME = "specmoe-trace"
 FORMAT_VERSION = 1

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from tracing.errors import UnsupportedModelError
+from specmoe.errors import UnsupportedModelError
 
 __all__ = ["MoESpec", "Family", "FAMILIES", "detect_family"]
 

@@ -18,8 +18,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
-    family: object          # tracing.families.Family
-    spec: object            # tracing.families.MoESpec
+    family: object          # specmoe.families.Family
+    spec: object            # specmoe.families.MoESpec
     model_id: str
     revision: str | None
 

@@ -30,18 +30,18 @@ class SpecmoeWarning(UserWarning):
 
 
 EXIT_USER_ERROR = 2
-# the console command each package's main() is installed as
-_COMMANDS = {"tracing": "trace", "estimators": "train", "runtime": "infer"}
 EXIT_INTERRUPTED = 130
 
 
-def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Run a command's main(); report SpecmoeError as `<prog>: error: ...` and exit 2."""
+def cli_errors(prog: str, interrupted_hint: str = "") -> Callable[[Callable[..., int | None]], Callable[..., int]]:
+    """Decorate a command's main(): SpecmoeError becomes `<prog>: error: ...` on stderr and
+    exit 2; Ctrl-C becomes one line (plus `interrupted_hint`) and exit 130."""
+    return functools.partial(_run_reporting_errors, prog, interrupted_hint)
 
+
+def _run_reporting_errors(prog: str, interrupted_hint: str, main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
-        package = main.__module__.split(".")[0]
-        prog = _COMMANDS.get(package, package)
         show = warnings.showwarning
 
         def one_line(message, category, filename, lineno, file=None, line=None):
@@ -60,8 +60,7 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            hint = " (rerun with --resume)" if prog == "trace" else ""
-            print(f"{prog}: interrupted; completed work is kept{hint}", file=sys.stderr)
+            print(f"{prog}: interrupted; completed work is kept{interrupted_hint}", file=sys.stderr)
             return EXIT_INTERRUPTED
 
     return wrapper
