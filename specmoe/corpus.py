@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import SpecmoeError
+from .hub import hub_offline, offline_hint, require_hub
 from .paths import DEMO_CORPUS_DIR, display_path
 
 # datasets builder for each local file suffix (compressed variants are handled by datasets)
@@ -47,8 +48,16 @@ def load_text_dataset(spec: str | os.PathLike | None = None, split: str = "train
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir():
             loaded = datasets.load_dataset(str(path))
+        elif _builder_for(path) is not None:  # a data file's name, not a hub name
+            raise SpecmoeError(f"dataset file {spec} does not exist")
         elif _looks_like_hub_id(str(spec)):
-            loaded = datasets.load_dataset(str(spec))
+            require_hub("dataset", str(spec), repo_type="dataset", cached_file=None)
+            try:
+                loaded = datasets.load_dataset(str(spec))
+            except Exception as err:
+                if hub_offline() and ("OfflineModeIsEnabled" in str(err) or isinstance(err, ConnectionError)):
+                    raise SpecmoeError(offline_hint("dataset", spec)) from None
+                raise
         else:
             raise SpecmoeError(f"dataset path {spec} does not exist")
     except SpecmoeError:

@@ -61,6 +61,10 @@ def load_config(model_id: str | Path | None = None, revision: str | None = None)
         raise SpecmoeError(f"model path {model_id} does not exist")
     if path.is_dir() and not (path / "config.json").exists():
         raise SpecmoeError(f"{model_id} is a directory without config.json, not a Hugging Face model")
+    if not path.exists():  # a hub id: fail in seconds where the hub cannot be used
+        from .hub import require_hub
+
+        require_hub("model", model_id, revision=revision)
     try:
         return AutoConfig.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError, KeyError) as err:
