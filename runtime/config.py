@@ -1,0 +1,71 @@
+"""Settings of the runtime, one dataclass read from YAML (configs/infer.yaml).
+
+    cfg = load_config("configs/infer.yaml", prefetch="quasi", on_miss="speculate")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from specmoe.config_file import load_dataclass
+from specmoe.errors import SpecmoeError
+from specmoe.paths import CONFIGS_DIR
+
+from .eviction import POLICIES
+from .predict import MODES
+
+DEFAULT_CONFIG_PATH = CONFIGS_DIR / "infer.yaml"
+ON_MISS = ("speculate", "fetch", "cpu")
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    model: str | None = None              # hub id or local directory (None: the bundled demo model)
+    estimators: str | None = None         # a `train` checkpoint directory (learned / hybrid, default vectors)
+    default_vectors: str | None = None    # a complete `trace` directory (quasi without estimators)
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                   # auto keeps the checkpoint's dtype; bf16 | fp16 | fp32
+    gpu_expert_budget: str = "0"          # bytes, with units (8GiB), or a share of all expert bytes (25%); 0 = minimum
+    prefetch: str = "auto"                # none | current | quasi | learned | hybrid | oracle | auto
+    on_miss: str = "fetch"                # speculate | fetch | cpu
+    eviction: str = "lru"                 # lru | lfu
+    lookahead: int | None = None          # layers ahead; None: the estimator's own (1 without one)
+    max_context: int = 4096               # KV cache length (prompt + new tokens)
+    cpu_threads: int = 0                  # torch threads for CPU experts (0: torch's default)
+    track_hits: bool = True               # count prediction hits (also in speculate, one router per layer)
+    oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
+
+    def validate(self) -> "RuntimeConfig":
+        if self.prefetch != "auto" and self.prefetch not in MODES:
+            raise SpecmoeError(f"unknown prefetch {self.prefetch!r}; choose one of auto, {', '.join(MODES)}")
+        if self.on_miss not in ON_MISS:
+            raise SpecmoeError(f"unknown on_miss {self.on_miss!r}; choose one of {', '.join(ON_MISS)}")
+        if self.eviction not in POLICIES:
+            raise SpecmoeError(f"unknown eviction {self.eviction!r}; choose one of {', '.join(POLICIES)}")
+        if self.max_context < 2:
+            raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
+        if self.lookahead is not None and self.lookahead < 1:
+            raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
+        if self.cpu_threads < 0:
+            raise SpecmoeError("cpu_threads must be 0 (torch's default) or positive")
+        return self
+
+    def resolved_prefetch(self) -> str:
+        """`auto`: the estimators' deployed predictors when given, else quasi with default
+        vectors from a trace, else the router on the current state."""
+        if self.prefetch != "auto":
+            return self.prefetch
+        if self.estimators:
+            return "hybrid"
+        return "quasi" if self.default_vectors else "current"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    return load_dataclass(RuntimeConfig, path, "infer config", **overrides)

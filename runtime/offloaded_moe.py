@@ -1,0 +1,246 @@
+"""One MoE layer with offloaded experts: the runtime's hot path.
+
+For each MoE layer of a step, given the router input s_l and the residual r_l:
+
+1. the routing of layer l: the true router (exact modes, the first MoE layer, and
+   every prefill), or the routing predicted h layers earlier (`speculate`);
+2. the prediction for layer t = l + h (if a predictor is set) and copies of the
+   predicted experts that are not on the GPU yet, on the copy stream, into slots
+   that no queued computation still reads;
+3. the experts of layer l: those on the GPU (cached, or copied ahead) run there in
+   one batched computation over the slots; the rest are copied now and waited for
+   (`fetch`), computed by the CPU at the same time (`cpu`), or, in `speculate`,
+   were the prediction itself.
+
+The host learns routing only through one small device-to-host read per layer (the
+ids of layer l in exact modes, the predicted ids of layer t). In `speculate` that
+read waits on work the GPU finished while it computes layer l's experts, so the
+host never idles the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specmoe.moe_block import routed_output
+
+from .cpu_experts import CpuExperts
+from .host_store import HostExpertStore
+from .slots import ExpertSlots
+from .streams import Streams
+from .telemetry import Telemetry
+
+ON_MISS = ("speculate", "fetch", "cpu")
+
+
+@dataclass
+class _Prediction:
+    ids: torch.Tensor           # [T, k] on the device
+    weights: torch.Tensor       # [T, k] on the device
+    host_ids: list[list[int]]   # the same ids on the host
+
+
+@dataclass
+class _Plan:
+    slot_idx: list[list[int]] = field(default_factory=list)     # [T][k] slot per routed expert (0 if masked)
+    keep: list[list[float]] = field(default_factory=list)       # [T][k] 1.0 where the GPU computes it
+    cpu_work: list[tuple[int, int, int]] = field(default_factory=list)  # (token, expert, j) for the CPU
+
+
+class OffloadedMoE:
+    def __init__(self, family, model, spec, store: HostExpertStore, slots: ExpertSlots, streams: Streams,
+                 on_miss: str, predictor, telemetry: Telemetry, cpu: CpuExperts | None):
+        self.family, self.model, self.spec = family, model, spec
+        self.store, self.slots, self.streams = store, slots, streams
+        self.on_miss, self.predictor, self.telemetry, self.cpu = on_miss, predictor, telemetry, cpu
+        self.device = slots.device
+        self.first_moe = spec.moe_layers[0]
+        self._blocks = {l: family.moe_block(model, l) for l in spec.moe_layers}
+        self._routers = {l: getattr(b, family.router_attr) for l, b in self._blocks.items()}
+        self._experts = {l: getattr(b, family.experts_attr) for l, b in self._blocks.items()}
+        self._shared = {l: family.shared_expert(model, l) for l in spec.moe_layers}
+        self._predicted: dict[int, _Prediction] = {}
+        self._inflight: dict[int, set] = {}     # layer -> keys copied ahead for it, not yet used
+        self._block_bytes = store.layout.block_bytes
+        self.record_routing: dict | None = None  # (position, layer) -> (ids, weights) when recording
+
+    # ---------------------------------------------------------------- per step
+
+    def begin_step(self) -> None:
+        self._predicted.clear()
+
+    def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
+        T = s.shape[0]
+        predicted = self._predicted.pop(layer, None)
+        speculative = self.on_miss == "speculate" and predicted is not None and T == 1
+        if speculative:
+            ids, weights, host_ids = predicted.ids, predicted.weights, predicted.host_ids
+            if self.telemetry.track_hits:
+                true_ids, _ = self._route(layer, s)
+                self.telemetry.prefetch_hits_device(layer, ids, true_ids)
+        else:
+            ids, weights = self._route(layer, s)
+            host_ids = None
+            if predicted is not None:
+                self.telemetry.prefetch_hits_device(layer, predicted.ids, ids)
+        if self.record_routing is not None:
+            for t in range(T):
+                self.record_routing[(position + t, layer)] = (ids[t].detach().cpu(), weights[t].detach().float().cpu())
+
+        target = self.predictor.target_of(layer) if self.predictor is not None else None
+        pred = None
+        if target is not None:
+            pred = self.predictor.predict(target, residual, s, ids, weights, position)
+
+        if speculative:
+            # The GPU computes this layer while the host waits for the prediction it just queued.
+            out = self._compute(layer, s, ids, weights, host_ids)
+            if pred is not None:
+                self._prefetch(target, pred, self._to_host(pred[0]))
+            return out
+
+        # One read for both: this layer's ids and the prediction's.
+        k, kp = ids.shape[1], (pred[0].shape[1] if pred is not None else 0)
+        both = ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
+        rows = self._to_host(both)
+        host_ids = [row[:k] for row in rows]
+        then = None
+        if pred is not None:
+            pred_host = [row[k:k + kp] for row in rows]
+            current = {(layer, int(e)) for row in host_ids for e in row}
+            # After this layer's own copies are queued (they are needed first), before its compute.
+            then = lambda: self._prefetch(target, pred, pred_host, current)  # noqa: E731
+        return self._compute(layer, s, ids, weights, host_ids, then)
+
+    # ---------------------------------------------------------------- pieces
+
+    def _route(self, layer: int, s: torch.Tensor):
+        router = self._routers[layer]
+        logits = self.family.router_logits(router, s)
+        return self.family.route(router, logits)
+
+    def _to_host(self, t: torch.Tensor) -> list[list[int]]:
+        # One small read; .tolist() on a device tensor waits only for the work that produced it.
+        return t.reshape(t.shape[0], -1).tolist()
+
+    def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset()) -> None:
+        ids_dev, w_dev = pred
+        self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
+        wanted = []
+        for row in pred_host:
+            for e in row:
+                key = (target, int(e))
+                if key not in wanted:
+                    wanted.append(key)
+        protected = set(wanted) | set(keep) | {k for keys in self._inflight.values() for k in keys}
+        issued = self._inflight.setdefault(target, set())
+        for key in wanted:
+            if key in self.slots:
+                self.slots.touch(key)
+                continue
+            slot = self.slots.reserve(key, protected)
+            if slot is None:
+                self.telemetry.prefetch_dropped += 1
+                continue
+            self._copy(key, slot)
+            issued.add(key)
+            self.telemetry.prefetched += 1
+
+    def _copy(self, key, slot: int) -> None:
+        streams = self.streams
+        streams.copy_waits(self.slots.released(slot))
+        with streams.copy_context():
+            self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
+        self.slots.set_ready(slot, streams.record_on_copy())
+        self.telemetry.bytes_copied += self._block_bytes
+
+    def _chunks(self, layer: int, host_ids: list[list[int]]) -> list[set[int]]:
+        """The experts of this layer in groups that fit the slots at once: one group unless a
+        long prefill needs more distinct experts than the budget holds (then resident ones first)."""
+        unique = list(dict.fromkeys(int(e) for row in host_ids for e in row))
+        others = {k for l, keys in self._inflight.items() if l != layer for k in keys}
+        capacity = max(1, self.slots.num_slots - len(others))
+        if len(unique) <= capacity:
+            return [set(unique)]
+        unique.sort(key=lambda e: (layer, e) not in self.slots)
+        return [set(unique[i:i + capacity]) for i in range(0, len(unique), capacity)]
+
+    def _plan(self, layer: int, host_ids: list[list[int]], chunk: set[int], cpu_ok: bool) -> _Plan:
+        plan = _Plan()
+        protected = {(layer, e) for e in chunk} | {k for keys in self._inflight.values() for k in keys}
+        zero = self.slots.zero_slot
+        for t, row in enumerate(host_ids):
+            slots_row, keep_row = [], []
+            for j, e in enumerate(row):
+                e = int(e)
+                slot = None
+                if e in chunk:
+                    key = (layer, e)
+                    slot = self.slots.lookup(key)
+                    if slot is not None:
+                        self.telemetry.count_use(layer, hit=True)
+                        self.slots.touch(key)
+                    elif cpu_ok:
+                        self.telemetry.count_use(layer, hit=False)
+                        plan.cpu_work.append((t, e, j))
+                    else:
+                        self.telemetry.count_use(layer, hit=False)
+                        slot = self.slots.reserve(key, protected)
+                        if slot is None:  # _chunks sized the group to fit: a bug, not a user error
+                            raise RuntimeError("no GPU expert slot is free for a needed expert")
+                        self._copy(key, slot)
+                        self.telemetry.demand_copies += 1
+                    if slot is not None:
+                        self.streams.compute_waits(self.slots.pending_ready(slot))
+                slots_row.append(zero if slot is None else slot)
+                keep_row.append(0.0 if slot is None else 1.0)
+            plan.slot_idx.append(slots_row)
+            plan.keep.append(keep_row)
+        return plan
+
+    def _compute(self, layer: int, s: torch.Tensor, ids, weights, host_ids, then=None) -> torch.Tensor:
+        # The CPU takes misses at decode; a prefill's many tokens per expert are cheaper copied.
+        cpu_ok = self.on_miss == "cpu" and s.shape[0] == 1 and self.cpu is not None
+        out, future = None, None
+        chunks = self._chunks(layer, host_ids)
+        for chunk in chunks:
+            plan = self._plan(layer, host_ids, chunk, cpu_ok)
+            if then is not None and len(chunks) == 1:
+                # Copies ahead only when this layer fits the slots at once (a prefill that
+                # cycles its experts through every slot leaves nothing to copy into).
+                then()
+                then = None
+            if plan.cpu_work:
+                w_host = weights.float().cpu()
+                x_host = s.to("cpu", self.store.layout.dtype)
+                work = [(t, e, float(w_host[t, j])) for t, e, j in plan.cpu_work]
+                future = self.cpu.submit(self._experts[layer], layer, x_host, work)
+            part = self._run(layer, s, weights, plan)
+            out = part if out is None else out + part
+        self._inflight.pop(layer, None)
+        shared = self._shared[layer]
+        if shared is not None:
+            out = out + shared(s).to(out.dtype)
+        if future is not None:
+            start = time.perf_counter()
+            cpu_part = future.result()
+            self.telemetry.cpu_wait_seconds += time.perf_counter() - start
+            out = (out.float() + cpu_part.to(self.device, non_blocking=True)).to(out.dtype)
+        return out
+
+    def _run(self, layer: int, s: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        slot_idx = torch.tensor(plan.slot_idx, dtype=torch.long).to(self.device, non_blocking=True)
+        w = weights
+        if any(k == 0.0 for row in plan.keep for k in row):
+            w = weights * torch.tensor(plan.keep, dtype=weights.dtype).to(self.device, non_blocking=True)
+        out = routed_output(self.family, self._experts[layer], s, self.slots.stack, slot_idx, w)
+        released = self.streams.record_on_compute()
+        zero = self.slots.zero_slot
+        for row in plan.slot_idx:
+            for slot in row:
+                if slot != zero:
+                    self.slots.set_released(slot, released)
+        return out

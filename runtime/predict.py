@@ -1,0 +1,168 @@
+"""What the runtime asks at MoE layer l: which experts will layer l+h use?
+
+`--prefetch` picks the answer:
+
+    none      nothing is predicted; experts are copied when the true router asks (on demand)
+    current   router_{l+h}(s_l)                 the older baseline
+    quasi     router_{l+h}(q_l)                 the paper's Router-PF (default vectors needed)
+    learned   router_{l+h}(q_l) + correction     the paper's Est-PF (an estimator checkpoint)
+    hybrid    quasi or learned per layer         the paper's Hybrid-PF (an estimator checkpoint)
+    oracle    the true routing of l+h, recorded by an exact pass over the same tokens (a ceiling),
+              optionally thinned to a set hit rate
+
+All but `oracle` go through the estimators stage's public predictor API, so the
+runtime predicts exactly what `train` measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specmoe.errors import SpecmoeError
+
+MODES = ("none", "current", "quasi", "learned", "hybrid", "oracle")
+
+
+class RuntimePredictor:
+    """predict(target, residual, normed, ids, weights, position) -> (ids [T, k], weights [T, k])."""
+
+    lookahead: int = 1
+
+    def target_of(self, layer: int) -> int | None:
+        raise NotImplementedError
+
+    def predict(self, target: int, residual, normed, ids, weights, position: int):
+        raise NotImplementedError
+
+
+class EstimatorPredictor(RuntimePredictor):
+    def __init__(self, estimator, kind: str):
+        from estimators import SourceState
+
+        self._state = SourceState
+        self.estimator = estimator
+        self.lookahead = estimator.lookahead
+        if kind == "hybrid" and estimator.hybrid is None:
+            kind = "deployed"
+        self.predictor = estimator.predictor(kind)
+        self.kind = kind
+
+    def target_of(self, layer):
+        return self.estimator.target_of(layer)
+
+    def predict(self, target, residual, normed, ids, weights, position):
+        state = self._state(residual=residual, ids=ids, weights=weights, normed=normed)
+        return self.predictor.predict(target, state)
+
+
+@dataclass
+class RecordedRouting:
+    """True routing per (position, layer) from an exact pass: what `oracle` replays."""
+
+    ids: dict[tuple[int, int], torch.Tensor]
+    weights: dict[tuple[int, int], torch.Tensor]
+
+
+class OraclePredictor(RuntimePredictor):
+    """The true routing of the target layer at the same position; with hit_rate p < 1 each
+    predicted expert is replaced, with probability 1 - p, by an expert the token does not use."""
+
+    def __init__(self, recorded: RecordedRouting, moe_layers, num_experts: int, lookahead: int = 1,
+                 hit_rate: float = 1.0, seed: int = 0):
+        if not 0.0 <= hit_rate <= 1.0:
+            raise SpecmoeError(f"oracle hit rate must be in [0, 1] (got {hit_rate})")
+        self.recorded, self.lookahead, self.hit_rate = recorded, int(lookahead), float(hit_rate)
+        self.num_experts = int(num_experts)
+        moe = sorted(moe_layers)
+        self._target = {moe[i]: moe[i + lookahead] for i in range(len(moe) - lookahead)}
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def target_of(self, layer):
+        return self._target.get(layer)
+
+    def predict(self, target, residual, normed, ids, weights, position):
+        T = residual.shape[0]
+        rows_i, rows_w = [], []
+        for p in range(position, position + T):
+            key = (p, target)
+            if key not in self.recorded.ids:
+                raise SpecmoeError(f"the oracle has no recorded routing for position {p}, layer {target}; "
+                                   "record it with an exact pass over the same tokens first")
+            rows_i.append(self.recorded.ids[key])
+            rows_w.append(self.recorded.weights[key])
+        true_ids = torch.stack(rows_i).long()
+        w = torch.stack(rows_w)
+        if self.hit_rate < 1.0:
+            true_ids = self._thin(true_ids)
+        return true_ids.to(residual.device), w.to(residual.device)
+
+    def _thin(self, ids: torch.Tensor) -> torch.Tensor:
+        out = ids.clone()
+        for t in range(ids.shape[0]):
+            used = set(ids[t].tolist())
+            spare = [e for e in range(self.num_experts) if e not in used]
+            for j in range(ids.shape[1]):
+                if spare and torch.rand((), generator=self._gen).item() >= self.hit_rate:
+                    k = int(torch.randint(len(spare), (), generator=self._gen))
+                    out[t, j] = spare.pop(k)
+        return out
+
+
+def build_predictor(mode: str, model, family, spec, *, estimators: str | Path | None = None,
+                    default_vectors: str | Path | None = None, lookahead: int = 1,
+                    recorded: RecordedRouting | None = None, oracle_hit_rate: float = 1.0,
+                    device: torch.device | str = "cpu") -> RuntimePredictor | None:
+    """The predictor of `mode` for `model`; clear errors for what a mode lacks."""
+    if mode not in MODES:
+        raise SpecmoeError(f"unknown --prefetch {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "none":
+        return None
+    if mode == "oracle":
+        if recorded is None:
+            raise SpecmoeError("--prefetch oracle needs the true routing of an exact pass over the same tokens "
+                               "(infer bench records it itself)")
+        return OraclePredictor(recorded, spec.moe_layers, spec.num_experts, lookahead, oracle_hit_rate)
+    from estimators import load_estimator
+
+    if estimators is not None:
+        est = load_estimator(estimators, model, device=device)
+        if mode == "learned" and not len(est.corrections):
+            raise SpecmoeError(f"the estimator in {estimators} has no learned correction nets; use --prefetch quasi")
+        return EstimatorPredictor(est, mode)
+    if mode in ("learned", "hybrid"):
+        raise SpecmoeError(f"--prefetch {mode} needs trained estimators: pass --estimators DIR (made by `train`)")
+    return EstimatorPredictor(_router_only_estimator(model, family, spec, lookahead, default_vectors, mode, device),
+                              mode)
+
+
+def _router_only_estimator(model, family, spec, lookahead, default_vectors, mode, device):
+    """An estimator with no correction nets: the model's own norms and routers (plus default
+    vectors for `quasi`, from a trace)."""
+    from estimators import Estimator
+    from estimators.predictors import collect_parts, layer_pairs
+
+    pairs = layer_pairs(spec.moe_layers, spec.moe_layers, lookahead)
+    if not pairs:
+        raise SpecmoeError(f"lookahead {lookahead} leaves no layer to predict ({len(spec.moe_layers)} MoE layers)")
+    if default_vectors is None:
+        if mode == "quasi":
+            raise SpecmoeError("--prefetch quasi needs default vectors: pass --estimators DIR (a `train` checkpoint) "
+                               "or --default-vectors TRACE_DIR (a complete `trace`)")
+        dv = {s: torch.zeros(spec.num_experts, spec.hidden_size) for s, _ in pairs}
+    else:
+        from tracing import TraceReader
+
+        reader = TraceReader(default_vectors)
+        table = reader.default_vectors()
+        missing = [s for s, _ in pairs if s not in table]
+        if missing:
+            raise SpecmoeError(f"the trace {default_vectors} has no default vectors for layers {missing}")
+        dv = {s: table[s] for s, _ in pairs}
+    parts = collect_parts(model, family, pairs)
+    est = Estimator(family, pairs=pairs, default_vectors=dv, parts=parts, num_experts=spec.num_experts,
+                    top_k=spec.top_k, hidden_size=spec.hidden_size, lookahead=lookahead, learned=False,
+                    kinds={t: mode for _, t in pairs})
+    return est.to(device).eval()

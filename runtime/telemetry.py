@@ -1,0 +1,139 @@
+"""What a run cost and where the time went: counted on the way, reported as a table and JSON.
+
+Counters that depend on GPU values (prefetch hits) accumulate on the device and are
+read once at the end, so measuring never adds a host synchronisation to a step.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def host_peak_bytes() -> int:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Telemetry:
+    moe_layers: tuple[int, ...]
+    device: torch.device
+    track_hits: bool = True
+    step_seconds: list[float] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    prompt_tokens: int = 0
+    bytes_copied: int = 0
+    prefetched: int = 0
+    prefetch_dropped: int = 0
+    demand_copies: int = 0
+    cpu_wait_seconds: float = 0.0
+    cpu_expert_seconds: float = 0.0
+    uses: dict[int, int] = field(default_factory=dict)
+    cache_hits: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.moe_layers)
+        self._index = {l: i for i, l in enumerate(self.moe_layers)}
+        self._pred_hits = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._pred_total = [0] * n
+        self._decode_bytes_start = 0
+
+    def reset_counters(self) -> None:
+        """Forget everything counted so far (e.g. after warm-up)."""
+        fresh = Telemetry(self.moe_layers, self.device, self.track_hits)
+        self.__dict__.update(fresh.__dict__)
+
+    def count_use(self, layer: int, hit: bool) -> None:
+        self.uses[layer] = self.uses.get(layer, 0) + 1
+        if hit:
+            self.cache_hits[layer] = self.cache_hits.get(layer, 0) + 1
+
+    def prefetch_hits_device(self, layer: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
+        """recall@k of the prediction for `layer`, accumulated without a host sync."""
+        i = self._index[layer]
+        p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
+        self._pred_hits[i] += (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
+        self._pred_total[i] += t.numel()
+
+    def mark_decode_start(self) -> None:
+        self._decode_bytes_start = self.bytes_copied
+
+    # -------------------------------------------------------------- report
+
+    def summary(self) -> dict:
+        hits = self._pred_hits.tolist()
+        per_layer = {}
+        for l, i in self._index.items():
+            per_layer[str(l)] = {
+                "prefetch_hit_rate": hits[i] / self._pred_total[i] if self._pred_total[i] else None,
+                "cache_hit_rate": self.cache_hits.get(l, 0) / self.uses[l] if self.uses.get(l) else None,
+            }
+        rates = [v["prefetch_hit_rate"] for v in per_layer.values() if v["prefetch_hit_rate"] is not None]
+        uses = sum(self.uses.values())
+        steps = self.step_seconds
+        decode_tokens = len(steps)
+        out = {
+            "prompt_tokens": self.prompt_tokens,
+            "decoded_tokens": decode_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "ms_per_token_median": 1e3 * statistics.median(steps) if steps else None,
+            "ms_per_token_p90": 1e3 * _percentile(steps, 0.9) if steps else None,
+            "tokens_per_second": decode_tokens / sum(steps) if steps else None,
+            "prefetch_hit_rate": sum(rates) / len(rates) if rates else None,
+            "cache_hit_rate": sum(self.cache_hits.values()) / uses if uses else None,
+            "bytes_copied": self.bytes_copied,
+            "bytes_copied_per_token": ((self.bytes_copied - self._decode_bytes_start) / decode_tokens
+                                       if decode_tokens else None),
+            "experts_prefetched": self.prefetched,
+            "prefetches_dropped": self.prefetch_dropped,
+            "demand_copies": self.demand_copies,
+            "cpu_expert_seconds": self.cpu_expert_seconds,
+            "cpu_wait_seconds": self.cpu_wait_seconds,
+            "peak_gpu_bytes": (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None),
+            "peak_host_bytes": host_peak_bytes(),
+            "per_layer": per_layer,
+        }
+        return out
+
+
+def format_summary(s: dict) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [
+        ("prompt tokens", num(s["prompt_tokens"], ",")),
+        ("decoded tokens", num(s["decoded_tokens"], ",")),
+        ("prefill", num(s["prefill_seconds"] * 1e3 if s["prefill_seconds"] else None, ".1f") + " ms"),
+        ("time per token, median", num(s["ms_per_token_median"], ".2f") + " ms"),
+        ("time per token, p90", num(s["ms_per_token_p90"], ".2f") + " ms"),
+        ("prefetch hit rate", num(s["prefetch_hit_rate"], ".3f")),
+        ("cache hit rate", num(s["cache_hit_rate"], ".3f")),
+        ("copied per decoded token", num((s["bytes_copied_per_token"] or 0) / 2**20 if s["decoded_tokens"] else None,
+                                         ".2f") + " MiB"),
+        ("CPU expert time", num(s["cpu_expert_seconds"], ".3f") + " s"),
+        ("peak GPU memory", num(s["peak_gpu_bytes"] / 2**30 if s["peak_gpu_bytes"] else None, ".2f") + " GiB"),
+        ("peak host memory", num(s["peak_host_bytes"] / 2**30, ".2f") + " GiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    from specmoe.safetensors_stream import write_text
+
+    write_text(Path(path), json.dumps(obj, indent=2) + "\n", fsync=False)
