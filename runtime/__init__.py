@@ -13,8 +13,8 @@ Where the time goes, in reading order: engine.py (the decode loop), offloaded_mo
 (`infer`).
 """
 
-from .build import assemble, from_model, load
+from .build import ModelParts, configure, from_model, load, load_parts, parts_from_model
 from .config import RuntimeConfig, load_config
 from .engine import Engine, make_sampler
 
-__all__ = ["load", "from_model", "assemble", "Engine", "RuntimeConfig", "load_config", "make_sampler"]
+__all__ = ["load", "from_model", "load_parts", "parts_from_model", "configure", "ModelParts", "Engine", "RuntimeConfig", "load_config", "make_sampler"]

@@ -3,6 +3,7 @@ predictor and miss policy, from a RuntimeConfig."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping
 
 import torch
@@ -33,52 +34,82 @@ def resolve_device(name: str) -> torch.device:
         raise SpecmoeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
+@dataclasses.dataclass
+class ModelParts:
+    """What every mode of one model shares: the model skeleton on the device and the host store."""
+
+    model: object
+    family: object
+    spec: object
+    store: HostExpertStore
+    device: torch.device
+    tokenizer: object = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+
 def load(config: RuntimeConfig | None = None, *, progress: bool = True, recorded: RecordedRouting | None = None,
          **overrides) -> Engine:
     """An Engine for the model in `config` (a RuntimeConfig; keyword overrides win), loaded
     without materialising its experts: non-expert weights go to the device, experts stream
     from the safetensors files into the host store."""
-    from specmoe.skeleton import load_skeleton
-
     from .config import load_config
 
-    config = config if config is not None else load_config(**overrides)
-    if overrides and config is not None:
-        config = RuntimeConfig(**{**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}).validate()
+    if config is None:
+        config = load_config(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None}).validate()
+    return configure(load_parts(config, progress=progress), config, recorded=recorded)
+
+
+def load_parts(config: RuntimeConfig, progress: bool = True) -> ModelParts:
+    from specmoe.skeleton import load_skeleton
+
+    config.validate()
     device = resolve_device(config.device)
     skeleton = load_skeleton(config.model, device=str(device), dtype=config.dtype, experts="none")
     reader = skeleton.reader
     dtype = skeleton.dtype
     layout = ExpertLayout.from_shapes(reader.expert_shapes(), dtype)
+    store = HostExpertStore(layout, skeleton.spec.moe_layers, skeleton.spec.num_experts, pin=device.type == "cuda")
 
     def source(layer: int, expert: int, out: Mapping[str, torch.Tensor]) -> None:
         reader.expert(layer, expert, dtype=dtype, out=out)
 
-    info = {"model": skeleton.model_id}
-    return assemble(skeleton.model, skeleton.family, skeleton.spec, layout, source, config, device,
-                    tokenizer=skeleton.tokenizer, progress=progress, recorded=recorded, info=info)
+    store.fill(source, progress=progress)
+    skeleton.model.eval()
+    return ModelParts(skeleton.model, skeleton.family, skeleton.spec, store, device, skeleton.tokenizer,
+                      {"model": str(skeleton.model_id)})
 
 
 def from_model(model, config: RuntimeConfig, *, tokenizer=None, progress: bool = False,
                recorded: RecordedRouting | None = None) -> Engine:
     """An Engine over a model already loaded with its experts (tests, random-weight benchmarks):
     the experts are copied into the host store and the model's own expert tensors freed."""
+    return configure(parts_from_model(model, config, tokenizer=tokenizer, progress=progress), config,
+                     recorded=recorded)
+
+
+def parts_from_model(model, config: RuntimeConfig, *, tokenizer=None, progress: bool = False) -> ModelParts:
     from specmoe.families import detect_family
 
+    config.validate()
     family = detect_family(model)
     spec = family.spec(model)
     device = resolve_device(config.device)
-    experts0 = family.experts(model, spec.moe_layers[0])
-    shapes = {k: tuple(v.shape) for k, v in family.expert_tensors(experts0, 0).items()}
-    dtype = next(iter(family.expert_tensors(experts0, 0).values())).dtype
-    layout = ExpertLayout.from_shapes(shapes, dtype)
+    first = family.expert_tensors(family.experts(model, spec.moe_layers[0]), 0)
+    layout = ExpertLayout.from_shapes({k: tuple(v.shape) for k, v in first.items()},
+                                      next(iter(first.values())).dtype)
+    store = HostExpertStore(layout, spec.moe_layers, spec.num_experts, pin=device.type == "cuda")
 
     def source(layer: int, expert: int, out: Mapping[str, torch.Tensor]) -> None:
         for name, t in family.expert_tensors(family.experts(model, layer), expert).items():
             out[name].copy_(t)
 
-    return assemble(model, family, spec, layout, source, config, device, tokenizer=tokenizer, progress=progress,
-                    recorded=recorded, fill_then=lambda: _drop_expert_params(model, family, spec), move_model=True)
+    store.fill(source, progress=progress)
+    _drop_expert_params(model, family, spec)
+    _move_materialised(model, device)
+    model.eval()
+    return ModelParts(model, family, spec, store, device, tokenizer, {"model": type(model).__name__})
 
 
 def _drop_expert_params(model, family, spec) -> None:
@@ -96,19 +127,12 @@ def _move_materialised(model, device: torch.device) -> None:
             t.data = t.data.to(device)
 
 
-def assemble(model, family, spec, layout: ExpertLayout, source: Callable, config: RuntimeConfig,
-             device: torch.device, *, tokenizer=None, progress: bool = True, recorded=None,
-             fill_then: Callable | None = None, move_model: bool = False, info: dict | None = None) -> Engine:
+def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRouting | None = None) -> Engine:
+    """An Engine running `parts` in the mode `config` asks for (prefetch, miss policy, budget)."""
     config.validate()
+    model, family, spec, store, device = parts.model, parts.family, parts.spec, parts.store, parts.device
+    layout = store.layout
     streams = Streams(device)
-    store = HostExpertStore(layout, spec.moe_layers, spec.num_experts, pin=streams.cuda)
-    store.fill(source, progress=progress)
-    if fill_then is not None:
-        fill_then()
-    if move_model:
-        _move_materialised(model, device)
-    model.eval()
-
     prefetch = config.resolved_prefetch()
     lookahead = config.lookahead or 1
     if config.estimators and config.lookahead is None:
@@ -132,11 +156,75 @@ def assemble(model, family, spec, layout: ExpertLayout, source: Callable, config
     cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     max_context = min(config.max_context, spec.max_position_embeddings)
-    details = dict(info or {})
-    details.update({"family": family.name, "device": str(device), "dtype": str(layout.dtype).replace("torch.", ""),
-                    "prefetch": prefetch, "on_miss": config.on_miss, "eviction": config.eviction,
-                    "lookahead": lookahead, "gpu_slots": num_slots, "gpu_expert_bytes": slots.nbytes,
-                    "expert_block_bytes": layout.block_bytes, "host_expert_bytes": store.nbytes,
-                    "total_experts": total})
-    return Engine(model, family, spec, moe, streams, telemetry, max_context=max_context, tokenizer=tokenizer,
-                  info=details)
+    info = dict(parts.info)
+    info.update({"family": family.name, "device": str(device), "dtype": str(layout.dtype).replace("torch.", ""),
+                 "prefetch": prefetch, "on_miss": config.on_miss, "eviction": config.eviction,
+                 "lookahead": lookahead, "gpu_expert_budget": config.gpu_expert_budget, "gpu_slots": num_slots,
+                 "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
+                 "host_expert_bytes": store.nbytes, "total_experts": total})
+    engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
+                    tokenizer=parts.tokenizer, info=info)
+    engine.parts, engine.config = parts, config
+    return engine
+
+
+def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_experts: int = 64,
+                 progress: bool = True) -> ModelParts:
+    """A model of `hf_config`'s shape with random weights, built without ever holding its experts
+    twice: non-expert weights are drawn on the device, the host store is filled from a pool of
+    `distinct_experts` random experts. For benchmarks of shapes whose checkpoints cannot be had."""
+    from transformers import AutoModelForCausalLM
+
+    from specmoe.families import detect_family
+    from specmoe.models import resolve_dtype
+
+    config.validate()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype if config.dtype != "auto" else "bf16", str(device))
+    family = detect_family(hf_config)
+    spec = family.spec(hf_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    expert_ids = {id(p) for l in spec.moe_layers for p in family.experts(model, l).parameters()}
+    std = getattr(hf_config, "initializer_range", 0.02)
+    for name, module in model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if id(p) in expert_ids:
+                continue
+            if "norm" in name.rsplit(".", 1)[-1] or "norm" in pname:
+                data = torch.ones(p.shape, dtype=dtype, device=device)
+            else:
+                data = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+            setattr(module, pname, torch.nn.Parameter(data, requires_grad=False))
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    base = family.base_model(model)
+    with torch.device(device):  # its inverse frequencies are computed, not loaded
+        base.rotary_emb = type(base.rotary_emb)(config=hf_config)
+    for l in spec.moe_layers:  # routers spread enough that top-k picks differ between tokens
+        router = family.router(model, l)
+        router.weight.data.normal_(0, 1.0 / spec.hidden_size ** 0.5, generator=gen)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            owner.register_buffer(name.rsplit(".", 1)[-1], torch.zeros(buf.shape, dtype=buf.dtype, device=device))
+    shapes = {k: tuple(v.shape[1:]) for k, v in
+              ((n, getattr(family.experts(model, spec.moe_layers[0]), n)) for n in family.expert_params)}
+    layout = ExpertLayout.from_shapes(shapes, dtype)
+    store = HostExpertStore(layout, spec.moe_layers, spec.num_experts, pin=device.type == "cuda")
+    host_gen = torch.Generator().manual_seed(seed)
+    pool = torch.empty((distinct_experts, layout.block_bytes), dtype=torch.uint8)
+    for name, view in layout.views(pool).items():
+        view.copy_(torch.randn(view.shape, generator=host_gen).mul_(std).to(dtype))
+    per_layer = spec.num_experts
+
+    def source(layer: int, expert: int, out: Mapping[str, torch.Tensor]) -> None:
+        store.blocks[store.row(layer, expert)].copy_(pool[(layer * per_layer + expert) % distinct_experts])
+
+    store.fill(source, desc="random experts to host memory", progress=progress)
+    model.eval()
+    return ModelParts(model, family, spec, store, device, None,
+                      {"model": f"random {hf_config.model_type} ({spec.num_layers} layers, {spec.num_experts} experts, "
+                                f"top-{spec.top_k}, hidden {spec.hidden_size}, expert hidden "
+                                f"{spec.expert_intermediate_size})"})

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from specmoe.config_file import load_dataclass
+from specmoe.config_yaml import load_dataclass_yaml
 from specmoe.errors import SpecmoeError
 from specmoe.paths import CONFIGS_DIR
 
@@ -27,7 +27,7 @@ class RuntimeConfig:
     default_vectors: str | None = None    # a complete `trace` directory (quasi without estimators)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                   # auto keeps the checkpoint's dtype; bf16 | fp16 | fp32
-    gpu_expert_budget: str = "0"          # bytes, with units (8GiB), or a share of all expert bytes (25%); 0 = minimum
+    gpu_expert_budget: str | int = "0"         # bytes, with units (8GiB), or a share of all expert bytes (25%); 0 = minimum
     prefetch: str = "auto"                # none | current | quasi | learned | hybrid | oracle | auto
     on_miss: str = "fetch"                # speculate | fetch | cpu
     eviction: str = "lru"                 # lru | lfu
@@ -68,4 +68,4 @@ class RuntimeConfig:
 def load_config(path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
-    return load_dataclass(RuntimeConfig, path, "infer config", **overrides)
+    return load_dataclass_yaml(RuntimeConfig, path, "infer config", **overrides).validate()

@@ -30,12 +30,36 @@ class HostExpertStore:
         rows = len(self.layers) * self.num_experts
         total = rows * layout.block_bytes
         try:
-            self.blocks = torch.empty((rows, layout.block_bytes), dtype=torch.uint8, pin_memory=pin)
+            self.blocks = torch.empty((rows, layout.block_bytes), dtype=torch.uint8)
         except RuntimeError as err:
-            raise SpecmoeError(f"cannot allocate {total / 2**30:.1f} GiB of {'pinned ' if pin else ''}host memory "
-                               f"for the experts: {str(err).splitlines()[0]}") from None
+            raise SpecmoeError(f"cannot allocate {total / 2**30:.1f} GiB of host memory for the experts: "
+                               f"{str(err).splitlines()[0]}") from None
+        self._registered = False
+        if pin:
+            self._pin(total)
         self.pinned = pin
         self._views = layout.views(self.blocks)
+
+    def _pin(self, total: int) -> None:
+        # Page-lock the buffer in place: torch's pinned allocator rounds a request up to a
+        # power of two, which for tens of GB wastes up to half of it.
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self.blocks.data_ptr(), total, 0)
+        if int(getattr(err, "value", err)) != 0:
+            try:
+                self.blocks = self.blocks.pin_memory()
+            except RuntimeError as exc:
+                raise SpecmoeError(f"cannot pin {total / 2**30:.1f} GiB of host memory for the experts: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        else:
+            self._registered = True
+
+    def __del__(self):
+        if getattr(self, "_registered", False):
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.blocks.data_ptr())
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     @property
     def nbytes(self) -> int:

@@ -53,10 +53,8 @@ class StaticKVCache:
         return True
 
     def reset(self) -> None:
+        # Old entries stay: every position at or past `length` is masked until rewritten.
         self.length = 0
-        for t in self.keys + self.values:
-            if t is not None:
-                t.zero_()
 
 
 def attention_masks(kinds: set[str], positions: torch.Tensor, max_len: int, sliding_window: int | None,

@@ -1,0 +1,158 @@
+"""Modes side by side on one model, in one run: time per token beside its copy floor.
+
+Every mode decodes the same tokens: an exact pass first records the greedy
+continuation of a fixed prompt (and the true routing, which the `oracle` predictor
+replays), then each mode runs the prompt and feeds that same continuation token by
+token, so modes differ only in how experts reach the GPU. Warm-up steps are
+excluded. The copy floor of a mode is the bytes it copied per decoded token divided
+by the host-to-device bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from specmoe.errors import SpecmoeError
+
+from .build import ModelParts, configure
+from .config import RuntimeConfig
+from .predict import RecordedRouting
+
+
+def parse_modes(text: str) -> list[tuple[str, str]]:
+    """'none+fetch,quasi+speculate' -> [('none', 'fetch'), ('quasi', 'speculate')]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "+" not in item:
+            raise SpecmoeError(f"mode {item!r} should read PREFETCH+ON_MISS, e.g. quasi+speculate")
+        prefetch, on_miss = item.split("+", 1)
+        out.append((prefetch.strip(), on_miss.strip()))
+    if not out:
+        raise SpecmoeError("no mode to run")
+    return out
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, repeats: int = 10) -> float:
+    """Host-to-device bytes per second from pinned memory (host-to-host on the CPU), median."""
+    if device.type == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        times = []
+        for _ in range(repeats + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return nbytes / statistics.median(times[2:])
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, new_tokens: int):
+    """Greedy continuation and true routing of every position, from an exact on-demand pass."""
+    engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch", gpu_expert_budget="0"))
+    engine.moe.record_routing = {}
+    tokens = list(engine.generate(prompt, new_tokens))
+    routing = engine.moe.record_routing
+    engine.close()
+    recorded = RecordedRouting(ids={k: v[0] for k, v in routing.items()}, weights={k: v[1] for k, v in routing.items()})
+    return tokens, recorded
+
+
+def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, continuation: list[int],
+             warmup: int, recorded: RecordedRouting | None) -> dict:
+    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
+    try:
+        engine.reset()
+        tel = engine.telemetry
+        t0 = time.perf_counter()
+        engine.step(prompt)
+        engine.streams.synchronize()
+        prefill = time.perf_counter() - t0
+        times = []
+        for i, token in enumerate(continuation):
+            if i == warmup:
+                tel.reset_counters()
+                tel.mark_decode_start()
+            t0 = time.perf_counter()
+            logits = engine.step(torch.tensor([token]))
+            int(torch.argmax(logits[-1]))       # a real decode reads its token back: same sync here
+            times.append(time.perf_counter() - t0)
+        tel.step_seconds = times[warmup:]
+        tel.prefill_seconds = prefill
+        tel.prompt_tokens = int(prompt.numel())
+        summary = tel.summary()
+        summary["cpu_expert_seconds"] = engine.moe.cpu.seconds if engine.moe.cpu is not None else 0.0
+        summary["mode"] = f"{config.resolved_prefetch()}+{config.on_miss}"
+        summary["gpu_expert_budget"] = config.gpu_expert_budget
+        summary["engine"] = engine.info
+        return summary
+    finally:
+        engine.close()
+        del engine
+        if parts.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def mode_runs(base: RuntimeConfig, modes: list[tuple[str, str]], budgets: list[str]) -> list[RuntimeConfig]:
+    return [dataclasses.replace(base, prefetch=p, on_miss=m, gpu_expert_budget=b) for p, m in modes for b in budgets]
+
+
+def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], prompt: torch.Tensor,
+          decode_tokens: int, warmup: int, progress: bool = True, labels: list[str] | None = None) -> dict:
+    """Run every config in `runs` on the same prompt and decoded tokens; one row each."""
+    if decode_tokens <= warmup:
+        raise SpecmoeError(f"--decode-tokens ({decode_tokens}) must exceed --warmup ({warmup})")
+    bandwidth = copy_bandwidth(parts.device)
+    continuation, recorded = record_exact(parts, base, prompt, decode_tokens + 1)
+    feed = continuation[:decode_tokens]
+    rows = []
+    for i, config in enumerate(tqdm(runs, desc="infer bench", unit="mode", disable=not progress)):
+        s = run_mode(parts, config, prompt, feed, warmup, recorded)
+        if labels is not None:
+            s["mode"] = labels[i]
+        per_token = s["bytes_copied_per_token"] or 0.0
+        s["copy_floor_ms"] = 1e3 * per_token / bandwidth
+        rows.append(s)
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "prompt_tokens": int(prompt.numel()),
+            "decode_tokens": decode_tokens, "warmup": warmup, "device": str(parts.device),
+            "model": parts.info.get("model"), "modes": rows}
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [
+        f"Model `{result['model']}` on `{result['device']}`; prompt {result['prompt_tokens']} tokens, "
+        f"{result['decode_tokens'] - result['warmup']} decoded tokens timed after {result['warmup']} warm-up; "
+        f"host-to-device copy {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured in the same run.",
+        "",
+        f"    {command}",
+        "",
+        "| mode | GPU expert budget | slots | ms/token median | p90 | copy floor ms | MiB copied/token | "
+        "prefetch hit rate | cache hit rate | CPU expert s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["modes"]:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+        lines.append(
+            f"| {r['mode']} | {r['gpu_expert_budget']} | {r['engine']['gpu_slots']} | {f(r['ms_per_token_median'], '.2f')} "
+            f"| {f(r['ms_per_token_p90'], '.2f')} | {f(r['copy_floor_ms'], '.2f')} "
+            f"| {f((r['bytes_copied_per_token'] or 0) / 2**20, '.2f')} | {f(r['prefetch_hit_rate'], '.3f')} "
+            f"| {f(r['cache_hit_rate'], '.3f')} | {f(r['cpu_expert_seconds'], '.3f')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,181 @@
+"""The runtime against the stock transformers forward, for every family and miss policy.
+
+The reference is always the stock model (its own forward over the whole sequence, or
+its own greedy `generate`); the runtime runs the same weights with experts moved to
+its host store and copied or computed on demand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import runtime
+from runtime.config import RuntimeConfig
+from runtime.eviction import LFU, LRU
+from runtime.expert_layout import ExpertLayout
+from runtime.slots import ExpertSlots
+from specmoe.errors import SpecmoeError
+from tests.tiny_models import TINY_FAMILIES, tiny_model
+
+PROMPT = torch.tensor([5, 17, 3, 99, 42, 7, 64, 23, 11, 80, 31, 9])
+
+
+def stock_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None]).logits[0].float()
+
+
+def engine_logits(engine, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Prefill the first prompt_len tokens at once, then decode the rest one at a time."""
+    engine.reset()
+    rows = [engine.step(ids[:prompt_len], all_logits=True)]
+    for t in ids[prompt_len:]:
+        rows.append(engine.step(t.reshape(1)))
+    return torch.cat(rows)
+
+
+def cfg(**kw) -> RuntimeConfig:
+    base = dict(device="cpu", max_context=64, track_hits=True)
+    base.update(kw)
+    return RuntimeConfig(**base)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("prefetch,on_miss,budget", [("none", "fetch", "0"), ("current", "cpu", "0"),
+                                                     ("current", "fetch", "50%")])
+def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget):
+    ref = tiny_model(family)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])  # 20 tokens: past GPT-OSS's window of 16
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_speculate_with_oracle_is_exact(family):
+    """Speculation with a perfect predictor runs exactly the true experts and weights."""
+    from runtime.bench import record_exact
+
+    ref = tiny_model(family)
+    parts = runtime.parts_from_model(tiny_model(family), cfg())
+    base = cfg()
+    continuation, recorded = record_exact(parts, base, PROMPT, 8)
+    ids = torch.cat([PROMPT, torch.tensor(continuation[:7])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.configure(parts, cfg(prefetch="oracle", on_miss="speculate"), recorded=recorded)
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert engine.telemetry.summary()["prefetch_hit_rate"] == pytest.approx(1.0)
+    assert continuation == expected[len(PROMPT) - 1:].argmax(-1).tolist()[:8]
+
+
+def test_generate_at_minimum_budget_matches_stock_greedy(demo_model_pair):
+    """A long generation through the smallest budget, with copies ahead and eviction on every
+    layer, gives the stock model's greedy tokens."""
+    ref, fresh = demo_model_pair
+    with torch.no_grad():
+        expected = ref.generate(PROMPT[None], max_new_tokens=40, do_sample=False)[0, len(PROMPT):].tolist()
+    engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", gpu_expert_budget="0"))
+    got = list(engine.generate(PROMPT, 40))
+    assert got == expected
+    s = engine.telemetry.summary()
+    assert engine.info["gpu_slots"] == 2 * 4
+    assert s["prefetch_hit_rate"] > 0.5 and s["demand_copies"] > 0
+
+
+def test_eviction_never_takes_a_slot_in_use(demo_model_pair, monkeypatch):
+    """Whenever the MoE block runs, every slot it reads holds the expert it was planned for."""
+    from runtime import offloaded_moe
+
+    _, fresh = demo_model_pair
+    engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", gpu_expert_budget="0",
+                                           lookahead=2))
+    checked = []
+    original = offloaded_moe.OffloadedMoE._run
+
+    def run(self, layer, s, weights, plan):
+        for t, row in enumerate(plan.slot_idx):
+            for slot, keep in zip(row, plan.keep[t]):
+                if keep:
+                    key = self.slots._slots[slot].key
+                    assert key is not None and key[0] == layer, (layer, slot, key)
+                    checked.append(key)
+        return original(self, layer, s, weights, plan)
+
+    monkeypatch.setattr(offloaded_moe.OffloadedMoE, "_run", run)
+    list(engine.generate(PROMPT, 12))
+    assert len(checked) > 100
+
+
+def test_slots_respect_protection_and_policies():
+    layout = ExpertLayout.from_shapes({"w": (4, 4)}, torch.float32)
+    slots = ExpertSlots(layout, 3, torch.device("cpu"), "lru")
+    for e in range(3):
+        assert slots.reserve((0, e), set()) is not None
+    slots.touch((0, 0))
+    # LRU evicts (0, 1): least recently used and not protected
+    slots.reserve((1, 0), protected={(0, 2)})
+    assert (0, 1) not in slots and (0, 0) in slots and (0, 2) in slots
+    assert slots.reserve((1, 1), protected=set(slots.cached_keys())) is None
+    lfu = LFU()
+    for key, n in (("a", 3), ("b", 1), ("c", 2)):
+        for _ in range(n):
+            lfu.touched(key)
+    assert lfu.victim(["a", "b", "c"]) == "b"
+    lru = LRU()
+    for key in "abc":
+        lru.touched(key)
+    lru.touched("a")
+    assert lru.victim(["a", "b", "c"]) == "b"
+
+
+def test_expert_layout_views_are_one_block_per_expert():
+    layout = ExpertLayout.from_shapes({"gate_up_proj": (6, 4), "down_proj": (4, 3)}, torch.bfloat16)
+    blocks = torch.zeros((5, layout.block_bytes), dtype=torch.uint8)
+    views = layout.views(blocks)
+    views["down_proj"][3].fill_(1.5)
+    assert views["gate_up_proj"].shape == (5, 6, 4) and views["down_proj"].shape == (5, 4, 3)
+    # only block 3 changed
+    assert blocks[3].any() and not blocks[[0, 1, 2, 4]].any()
+
+
+@pytest.mark.parametrize("budget,message", [("1KiB", "minimum"), ("lots", "cannot read"), ("150%", "more than")])
+def test_bad_budget_is_one_clear_error(demo_model_pair, budget, message):
+    _, fresh = demo_model_pair
+    with pytest.raises(SpecmoeError, match=message):
+        runtime.from_model(fresh, cfg(gpu_expert_budget=budget))
+
+
+def test_prompt_longer_than_context_is_refused(demo_model_pair):
+    _, fresh = demo_model_pair
+    engine = runtime.from_model(fresh, cfg(max_context=16))
+    with pytest.raises(SpecmoeError, match="context"):
+        list(engine.generate(torch.arange(20), 4))
+
+
+def test_speculate_needs_a_predictor(demo_model_pair):
+    _, fresh = demo_model_pair
+    with pytest.raises(SpecmoeError, match="speculate"):
+        runtime.from_model(fresh, cfg(prefetch="none", on_miss="speculate"))
+
+
+def test_cuda_asked_without_cuda_is_refused(demo_model_pair):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, fresh = demo_model_pair
+    with pytest.raises(SpecmoeError, match="CUDA"):
+        runtime.from_model(fresh, cfg(device="cuda"))
+
+
+@pytest.fixture
+def demo_model_pair():
+    from transformers import AutoModelForCausalLM
+
+    from specmoe.paths import DEMO_MODEL_DIR
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+
+    return load(), load()

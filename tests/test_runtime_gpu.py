@@ -1,0 +1,100 @@
+"""The runtime on a CUDA device: copy stream, pinned host store, copy/compute overlap.
+
+Same references as tests/test_runtime.py (the stock model's own forward), now with
+copies running on a side stream while the GPU computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import runtime
+from runtime.config import RuntimeConfig
+from tests.test_runtime import PROMPT, engine_logits, stock_logits
+from tests.tiny_models import tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def cfg(**kw) -> RuntimeConfig:
+    base = dict(device="cuda", max_context=64)
+    base.update(kw)
+    return RuntimeConfig(**base)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("prefetch,on_miss,budget", [("none", "fetch", "0"), ("current", "cpu", "0"),
+                                                     ("current", "fetch", "60%")])
+def test_exact_modes_match_stock_on_cuda(family, prefetch, on_miss, budget):
+    ref = tiny_model(family).cuda()
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids.cuda())
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+    assert engine.moe.store.pinned
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def _demo(dtype):
+    from transformers import AutoModelForCausalLM
+
+    from specmoe.paths import DEMO_MODEL_DIR
+
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).eval()
+
+
+def test_demo_greedy_equals_stock_at_minimum_budget_on_cuda():
+    ref = _demo(torch.float32).cuda()
+    with torch.no_grad():
+        expected = ref.generate(PROMPT[None].cuda(), max_new_tokens=48, do_sample=False)[0, len(PROMPT):].tolist()
+    for on_miss in ("fetch", "cpu"):
+        engine = runtime.from_model(_demo(torch.float32), cfg(prefetch="current", on_miss=on_miss, max_context=128))
+        assert list(engine.generate(PROMPT, 48)) == expected, on_miss
+        engine.close()
+
+
+def test_demo_bf16_logits_close_to_stock_on_cuda():
+    ref = _demo(torch.bfloat16).cuda()
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42])])
+    expected = stock_logits(ref, ids.cuda())
+    engine = runtime.from_model(_demo(torch.bfloat16), cfg(prefetch="current", on_miss="fetch"))
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    err = (got - expected).norm() / expected.norm()
+    assert err < 2e-2, float(err)
+
+
+def test_speculate_with_oracle_is_exact_on_cuda():
+    from runtime.bench import record_exact
+
+    ref = tiny_model("qwen3_moe").cuda()
+    parts = runtime.parts_from_model(tiny_model("qwen3_moe"), cfg())
+    continuation, recorded = record_exact(parts, cfg(), PROMPT, 8)
+    ids = torch.cat([PROMPT, torch.tensor(continuation[:7])])
+    expected = stock_logits(ref, ids.cuda())
+    engine = runtime.configure(parts, cfg(prefetch="oracle", on_miss="speculate"), recorded=recorded)
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_copies_overlap_compute():
+    """In the profile of a decode with copies ahead, host-to-device copies run while
+    kernels run on the compute stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = runtime.from_model(_demo(torch.bfloat16), cfg(prefetch="current", on_miss="speculate", max_context=128))
+    list(engine.generate(PROMPT, 4))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        list(engine.generate(PROMPT, 16))
+    copies, kernels = [], []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (ev.time_range.start, ev.time_range.end)
+        if "Memcpy HtoD" in ev.name and "Pinned" in ev.name:
+            copies.append(span)
+        elif "Memcpy" not in ev.name and "Memset" not in ev.name:
+            kernels.append(span)
+    assert copies and kernels
+    overlapped = sum(1 for cs, ce in copies if any(ks < ce and cs < ke for ks, ke in kernels))
+    assert overlapped / len(copies) > 0.2, (overlapped, len(copies))
