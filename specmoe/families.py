@@ -6,7 +6,9 @@ path or a routing rule. A family is a frozen `Family` record: the attribute name
 that lead from a decoder layer to its MoE block, router, fused experts, pre-MoE norm
 and shared expert; the config keys that size it; and a few small functions (which
 layers are sparse, how the router computes its logits and turns them into ids and
-weights, how one expert computes). Adding a family is one more `Family(...)` entry in `_ALL_FAMILIES`.
+weights, how one expert computes); and where its experts and other tensors sit in
+safetensors checkpoints (`CheckpointLayout`, key renames). Adding a family is one more
+`Family(...)` entry in `_ALL_FAMILIES`.
 
 Everything is read off the transformers modules themselves (router attributes such
 as `top_k`, `norm_topk_prob`, `e_score_correction_bias`, expert attributes such as
@@ -24,7 +26,7 @@ import json
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ from transformers import PretrainedConfig
 
 from specmoe.errors import UnsupportedModelError
 
-__all__ = ["MoESpec", "Family", "FAMILIES", "detect_family"]
+__all__ = ["MoESpec", "Family", "FAMILIES", "CheckpointLayout", "detect_family", "router_fingerprint",
+           "fingerprint_router_state"]
 
 Tensor = torch.Tensor
 Routing = tuple[Tensor, Tensor]  # (ids LongTensor [T, k], weights [T, k])
@@ -238,6 +241,56 @@ def _gpt_oss_down(w: Mapping[str, Tensor], a: Tensor, n: Tensor | float) -> Tens
     return a @ w["down_proj"] + n * w["down_proj_bias"]
 
 
+# ------------------------------------------------------------------------ on disk
+# Where routed experts live in safetensors checkpoints. Each in-memory per-expert tensor
+# (`Family.expert_params`, shaped as `Family.expert_tensors` gives it) is read from key
+# templates ({l}: decoder layer, {e}: expert), stored one of three ways:
+#   per-expert  one nn.Linear matrix [out, in] per expert and key, as the families publish
+#               them; several keys are stacked along `out` (gate, then up)
+#   fused       one tensor per layer and key holding every expert along dim 0, already in the
+#               in-memory layout (what transformers 5 holds in memory)
+#   MXFP4       fused, as `<key>_blocks` uint8 [E, out, in/32, 16] (FP4 e2m1 pairs, low nibble
+#               first) and `<key>_scales` uint8 [E, out, in/32] (E8M0 exponents): GPT-OSS
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """One way a family's routed experts can be stored in a checkpoint."""
+
+    name: str                                 # "per_expert", "fused", "mxfp4"
+    per_expert: bool                          # templates carry {e}; otherwise experts are dim 0
+    tensors: Mapping[str, tuple[str, ...]]    # in-memory expert tensor -> its key templates
+    mxfp4: frozenset[str] = frozenset()       # in-memory names stored MXFP4-quantised
+
+    def keys(self, name: str, layer: int, expert: int = 0) -> tuple[str, ...]:
+        return tuple(t.format(l=layer, e=expert) for t in self.tensors[name])
+
+
+MXFP4_PARTS = ("_blocks", "_scales")
+
+
+def _per_expert_swiglu(block: str, gate: str, up: str, down: str) -> CheckpointLayout:
+    key = f"model.layers.{{l}}.{block}.experts.{{e}}.{{name}}.weight"
+    return CheckpointLayout("per_expert", True, MappingProxyType({
+        "gate_up_proj": (key.replace("{name}", gate), key.replace("{name}", up)),
+        "down_proj": (key.replace("{name}", down),),
+    }))
+
+
+_QWEN_PER_EXPERT = _per_expert_swiglu("mlp", "gate_proj", "up_proj", "down_proj")
+_MIXTRAL_PER_EXPERT = _per_expert_swiglu("block_sparse_moe", "w1", "w3", "w2")  # w1 gate, w3 up, w2 down
+_GPT_OSS_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+_GPT_OSS_MXFP4 = CheckpointLayout(
+    "mxfp4", False,
+    MappingProxyType({n: (f"model.layers.{{l}}.mlp.experts.{n}",) for n in _GPT_OSS_PARAMS}),
+    mxfp4=frozenset({"gate_up_proj", "down_proj"}),
+)
+
+# Router tensors that decide routing: fingerprint name -> attribute of the router module,
+# which is also the last part of its state-dict key (how the checkpoint reader finds it).
+ROUTER_STATE = MappingProxyType({"weight": "weight", "bias": "bias", "selection_bias": "e_score_correction_bias"})
+
+
 # ------------------------------------------------------------------------- family
 
 
@@ -292,7 +345,14 @@ class Family:
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
     gate_fn: Callable[[nn.Module, Mapping[str, Tensor], Tensor], Tensor] = _swiglu_gate
     down_fn: Callable[[Mapping[str, Tensor], Tensor, Tensor | float], Tensor] = _linear_down
+    weights_in_out: bool = False                 # expert weights stored [in, out] instead of [out, in]
     model_types: tuple[str, ...] = ()            # config.model_type values; defaults to (name,)
+    # --- on disk: the published expert layouts (the fused in-memory one is always accepted
+    # too, see `checkpoint_layouts`) and (on disk, in memory) renames of other keys, applied
+    # in order as substrings, as transformers' own conversion mapping does
+    published_layouts: tuple[CheckpointLayout, ...] = (_QWEN_PER_EXPERT,)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -422,8 +482,41 @@ class Family:
 
     def selection_bias(self, router: nn.Module) -> Tensor | None:
         """The per-expert bias added only when choosing experts (DeepSeek-V3, GLM)."""
-        bias = getattr(router, "e_score_correction_bias", None)
+        bias = getattr(router, ROUTER_STATE["selection_bias"], None)
         return bias.detach() if isinstance(bias, Tensor) else None
+
+    def router_state(self, router: nn.Module) -> tuple[tuple[str, Tensor | None], ...]:
+        """(name, tensor or None) of every ROUTER_STATE entry, in ROUTER_STATE's order."""
+        return (("weight", self.router_weight(router)), ("bias", self.router_bias(router)),
+                ("selection_bias", self.selection_bias(router)))
+
+    # ------------------------------------------------------------------- on disk
+
+    def checkpoint_layouts(self) -> tuple[CheckpointLayout, ...]:
+        """Every expert layout a checkpoint of this family may use, in detection order:
+        the published ones, then the fused in-memory one."""
+        prefix = f"model.{self.layers_attr}.{{l}}.{self.moe_attr}.{self.experts_attr}."
+        fused = CheckpointLayout("fused", False, MappingProxyType({n: (prefix + n,) for n in self.expert_params}))
+        return (*self.published_layouts, fused)
+
+    def memory_name(self, checkpoint_key: str) -> str:
+        """The *ForCausalLM state-dict name of a non-expert checkpoint key."""
+        for on_disk, in_memory in self.checkpoint_renames:
+            checkpoint_key = checkpoint_key.replace(on_disk, in_memory)
+        return checkpoint_key
+
+    def expert_shapes(self, spec: MoESpec) -> dict[str, tuple[int, ...]]:
+        """Shape of each tensor `expert_tensors` returns, from the config alone."""
+        hidden, inter = spec.hidden_size, spec.expert_intermediate_size
+        out_in = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+        shapes = {}
+        for name in self.expert_params:
+            weight = name.removesuffix("_bias")
+            if weight != name:
+                shapes[name] = out_in[weight][:1]
+            else:
+                shapes[name] = out_in[weight][::-1] if self.weights_in_out else out_in[weight]
+        return shapes
 
     # ------------------------------------------------------------------- experts
 
@@ -479,6 +572,8 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         name="mixtral", router_attr="gate",
         num_experts_key="num_local_experts", expert_size_key="intermediate_size",
         route_fn=_mixtral_route,
+        published_layouts=(_MIXTRAL_PER_EXPERT,),
+        checkpoint_renames=((".block_sparse_moe.", ".mlp."),),
     ),
     Family(
         name="olmoe", router_attr="gate",
@@ -507,14 +602,18 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         num_experts_key="num_local_experts", expert_size_key="intermediate_size",
         route_fn=_topk_then_softmax,
         experts_call=("hidden_states", "router_indices", "routing_weights"),
-        expert_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
-        gate_fn=_gpt_oss_gate, down_fn=_gpt_oss_down,
+        expert_params=_GPT_OSS_PARAMS,
+        gate_fn=_gpt_oss_gate, down_fn=_gpt_oss_down, weights_in_out=True,
+        published_layouts=(_GPT_OSS_MXFP4,),
     ),
     Family(
         name="phimoe", router_attr="router",
         num_experts_key="num_local_experts", expert_size_key="intermediate_size",
         fixed_top_k=2, route_fn=_sparsemixer_eval_route,
+        published_layouts=(_MIXTRAL_PER_EXPERT,),
+        checkpoint_renames=((".block_sparse_moe.gate.", ".mlp.router."), (".block_sparse_moe.", ".mlp.")),
     ),
+
 )
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _ALL_FAMILIES})
@@ -562,18 +661,21 @@ def router_fingerprint(model, family=None) -> str:
     """sha256 identifying a model's routing: every MoE layer's router weight, bias and
     selection bias, rounded to bf16, with their layer indices and shapes."""
     family = family or detect_family(model)
-    spec = family.spec(model)
+    state = ((l, name, t) for l in family.spec(model).moe_layers
+             for name, t in family.router_state(family.router(model, l)))
+    return fingerprint_router_state(family.spec(model), state)
+
+
+def fingerprint_router_state(spec: MoESpec, state: Iterable[tuple[int, str, Tensor | None]]) -> str:
+    """The router fingerprint of (layer, ROUTER_STATE name, tensor or None) triples, given
+    layer by layer in ROUTER_STATE's order: from a loaded model or straight from its files."""
     h = hashlib.sha256()
     h.update(json.dumps({"family": spec.family, "moe_layers": list(spec.moe_layers),
                          "num_experts": spec.num_experts, "hidden_size": spec.hidden_size}).encode())
-    for l in spec.moe_layers:
-        router = family.router(model, l)
-        named = (("weight", family.router_weight(router)), ("bias", family.router_bias(router)),
-                 ("selection_bias", family.selection_bias(router)))
-        for name, t in named:
-            if t is None:
-                continue
-            t = t.detach().to("cpu", torch.bfloat16).contiguous()
-            h.update(f"|{l}.{name}{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.int16).numpy().tobytes())
+    for l, name, t in state:
+        if t is None:
+            continue
+        t = t.detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"|{l}.{name}{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
