@@ -165,6 +165,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
                     tokenizer=parts.tokenizer, info=info)
     engine.parts, engine.config = parts, config
+    engine.use_graphs = streams.cuda and config.cuda_graphs
     return engine
 
 

@@ -36,6 +36,7 @@ class RuntimeConfig:
     cpu_threads: int = 0                  # torch threads for CPU experts (0: torch's default)
     track_hits: bool = True               # count prediction hits (also in speculate, one router per layer)
     oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
+    cuda_graphs: bool = True              # replay decode steps from CUDA graphs (CUDA only)
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:

@@ -51,6 +51,8 @@ class Engine:
         params = inspect.signature(attn.forward).parameters
         # transformers renamed the attention's cache argument (past_key_values -> cache)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.use_graphs = False     # decode steps from CUDA graphs (captured on the first decode step)
+        self._graphs = None
         self._kinds, self._window = [], None
         for layer in self.layers:
             window = getattr(layer.self_attn, "sliding_window", None)
@@ -67,6 +69,12 @@ class Engine:
         if start + T > self.max_context:
             raise SpecmoeError(f"{start + T} tokens do not fit the context of {self.max_context} "
                                "(raise --max-context, up to the model's max_position_embeddings)")
+        if T == 1 and self.use_graphs and self.moe.record_routing is None and not all_logits:
+            if self._graphs is None:
+                from .cuda_graphs import DecodeGraphs
+
+                self._graphs = DecodeGraphs(self)
+            return self._graphs.step(token_ids)
         positions = torch.arange(start, start + T, device=self.device)
         self.cache.set_positions(positions)
         x = self.embed(token_ids.to(self.device).reshape(1, T))

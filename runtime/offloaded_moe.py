@@ -66,6 +66,9 @@ class OffloadedMoE:
         self._inflight: dict[int, set] = {}     # layer -> keys copied ahead for it, not yet used
         self._block_bytes = store.layout.block_bytes
         self.record_routing: dict | None = None  # (position, layer) -> (ids, weights) when recording
+        self._staging: dict[int, torch.Tensor] = {}   # pinned host buffers for one layer's small reads
+        self._slot_staging: dict[int, torch.Tensor] = {}
+        self._pending: dict = {}
 
     # ---------------------------------------------------------------- per step
 
@@ -114,6 +117,102 @@ class OffloadedMoE:
             # After this layer's own copies are queued (they are needed first), before its compute.
             then = lambda: self._prefetch(target, pred, pred_host, current)  # noqa: E731
         return self._compute(layer, s, ids, weights, host_ids, then)
+
+    # ---------------------------------------------------------------- graphed decode
+    # The same decisions as __call__, for a decode step replayed from CUDA graphs
+    # (cuda_graphs.DecodeGraphs): the graphs leave this layer's routing and prediction in
+    # static buffers; these methods read them, place experts and feed the next graph.
+
+    def _pinned(self, table: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
+        buf = table.get(layer)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            table[layer] = buf
+        return buf
+
+    def _read(self, layer: int, t: torch.Tensor):
+        """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""
+        host = self._pinned(self._staging, layer, t)
+        host.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev
+
+    def graphed_layer(self, layer: int, g) -> None:
+        predicted = self._predicted.pop(layer, None)
+        target = self.predictor.target_of(layer) if self.predictor is not None else None
+        k = g.ids[layer].shape[1]
+        if predicted is not None:
+            if layer in g.pred_ids:
+                self.telemetry.count_predicted(layer, k)
+            else:
+                self.telemetry.prefetch_hits_device(layer, predicted.ids, g.ids[layer])
+        pred = None
+        if target is not None:
+            if target in g.pred_ids:
+                pred = (g.pred_ids[target], g.pred_w[target])
+            else:  # a predictor that needs the host (oracle): eager, outside the graphs
+                src_ids, src_w = g._source_routing(layer) if layer in g.pred_ids else (g.ids[layer], g.w[layer])
+                if self.on_miss == "speculate" and predicted is not None:
+                    src_ids, src_w = predicted.ids, predicted.weights
+                pred = self.predictor.predict(target, g.r.reshape(1, -1), g.s.reshape(1, -1), src_ids, src_w,
+                                              self.engine_position)
+        speculative = self.on_miss == "speculate" and predicted is not None
+        if speculative:
+            if layer not in g.pred_ids:
+                g.wsel[layer].copy_(predicted.weights)
+            plan = self._plan(layer, predicted.host_ids, {int(e) for e in predicted.host_ids[0]}, False)
+            self._feed_slots(layer, g, plan)
+            if pred is not None:
+                host, ev = self._read(layer, pred[0])
+                self._pending[layer] = (target, pred, host, ev)
+            return
+        both = g.ids[layer] if pred is None else torch.cat([g.ids[layer], pred[0].to(g.ids[layer].dtype)], dim=1)
+        host, ev = self._read(layer, both)
+        ev.synchronize()
+        row = host[0].tolist()
+        host_ids = [row[:k]]
+        current = {(layer, int(e)) for e in host_ids[0]}
+        cpu_ok = self.on_miss == "cpu" and self.cpu is not None
+        plan = self._plan(layer, host_ids, set(int(e) for e in host_ids[0]), cpu_ok)
+        if pred is not None:
+            self._prefetch(target, pred, [row[k:]], current)
+        if plan.cpu_work:
+            w_host = g.w[layer].float().cpu()
+            x_host = g.s.reshape(1, -1).to("cpu", self.store.layout.dtype)
+            work = [(t, e, float(w_host[t, j])) for t, e, j in plan.cpu_work]
+            self._pending[layer] = ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
+            keep = torch.tensor(plan.keep, dtype=g.wsel[layer].dtype).to(self.device, non_blocking=True)
+            g.wsel[layer].mul_(keep)
+        self._feed_slots(layer, g, plan)
+
+    def _feed_slots(self, layer: int, g, plan) -> None:
+        host = self._pinned(self._slot_staging, layer, g.slot[layer])
+        host.copy_(torch.tensor(plan.slot_idx, dtype=torch.long))
+        g.slot[layer].copy_(host, non_blocking=True)
+        self._inflight.pop(layer, None)
+        self._last_plan = plan
+
+    def after_graphed_compute(self, layer: int, g) -> None:
+        released = self.streams.record_on_compute()
+        zero = self.slots.zero_slot
+        for row in self._last_plan.slot_idx:
+            for slot in row:
+                if slot != zero:
+                    self.slots.set_released(slot, released)
+        pending = self._pending.pop(layer, None)
+        if pending is None:
+            return
+        if pending[0] == "cpu":
+            start = time.perf_counter()
+            part = pending[1].result()
+            self.telemetry.cpu_wait_seconds += time.perf_counter() - start
+            g.x.add_(part.to(self.device, non_blocking=True).reshape(g.x.shape).to(g.x.dtype))
+            return
+        # speculate: the prediction was read while the GPU computed this layer
+        target, pred, host, ev = pending
+        ev.synchronize()
+        self._prefetch(target, pred, [host[0].tolist()])
 
     # ---------------------------------------------------------------- pieces
 
@@ -232,11 +331,20 @@ class OffloadedMoE:
         return out
 
     def _run(self, layer: int, s: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        slot_idx = torch.tensor(plan.slot_idx, dtype=torch.long).to(self.device, non_blocking=True)
+        slot_idx = self._to_device(plan.slot_idx)
         w = weights
         if any(k == 0.0 for row in plan.keep for k in row):
-            w = weights * torch.tensor(plan.keep, dtype=weights.dtype).to(self.device, non_blocking=True)
-        out = routed_output(self.family, self._experts[layer], s, self.slots.stack, slot_idx, w)
+            w = weights * self._to_device(plan.keep, weights.dtype)
+        stack = self.slots.stack
+        if s.shape[0] > 1:
+            # A prefill multiplies through the slots this layer uses only: a compact stack of
+            # them keeps grouped kernels within their group limits and reads no idle slot.
+            used = sorted({slot for row in plan.slot_idx for slot in row})
+            where = {slot: i for i, slot in enumerate(used)}
+            index = self._to_device(used)
+            stack = {name: t.index_select(0, index) for name, t in stack.items()}
+            slot_idx = self._to_device([[where[slot] for slot in row] for row in plan.slot_idx])
+        out = routed_output(self.family, self._experts[layer], s, stack, slot_idx, w)
         released = self.streams.record_on_compute()
         zero = self.slots.zero_slot
         for row in plan.slot_idx:
@@ -244,3 +352,10 @@ class OffloadedMoE:
                 if slot != zero:
                     self.slots.set_released(slot, released)
         return out
+
+    def _to_device(self, values, dtype=torch.long) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.streams.cuda:
+            # From pinned memory: a pageable copy would wait for the whole stream to drain.
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)

@@ -54,21 +54,34 @@ class Telemetry:
         self._decode_bytes_start = 0
 
     def reset_counters(self) -> None:
-        """Forget everything counted so far (e.g. after warm-up)."""
+        """Forget everything counted so far (e.g. after warm-up). Device counters are zeroed
+        in place: captured CUDA graphs keep adding into the same tensor."""
+        hits = self._pred_hits
         fresh = Telemetry(self.moe_layers, self.device, self.track_hits)
         self.__dict__.update(fresh.__dict__)
+        self._pred_hits = hits
+        self.zero_device_counters()
+
+    def zero_device_counters(self) -> None:
+        self._pred_hits.zero_()
 
     def count_use(self, layer: int, hit: bool) -> None:
         self.uses[layer] = self.uses.get(layer, 0) + 1
         if hit:
             self.cache_hits[layer] = self.cache_hits.get(layer, 0) + 1
 
-    def prefetch_hits_device(self, layer: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
-        """recall@k of the prediction for `layer`, accumulated without a host sync."""
+    def prefetch_hits_device(self, layer: int, predicted: torch.Tensor, true: torch.Tensor,
+                             count: bool = True) -> None:
+        """recall@k of the prediction for `layer`, accumulated without a host sync (inside a
+        CUDA graph too; then count=False and the host counts with `count_predicted`)."""
         i = self._index[layer]
         p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
         self._pred_hits[i] += (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
-        self._pred_total[i] += t.numel()
+        if count:
+            self._pred_total[i] += t.numel()
+
+    def count_predicted(self, layer: int, n: int) -> None:
+        self._pred_total[self._index[layer]] += n
 
     def mark_decode_start(self) -> None:
         self._decode_bytes_start = self.bytes_copied

@@ -98,3 +98,23 @@ def test_copies_overlap_compute():
     assert copies and kernels
     overlapped = sum(1 for cs, ce in copies if any(ks < ce and cs < ke for ks, ke in kernels))
     assert overlapped / len(copies) > 0.2, (overlapped, len(copies))
+
+
+@pytest.mark.parametrize("prefetch,on_miss", [("hybrid", "speculate"), ("hybrid", "fetch"), ("quasi", "cpu")])
+def test_graphed_decode_equals_eager_decode(prefetch, on_miss):
+    """Decode steps replayed from CUDA graphs compute what the eager steps compute, with the
+    demo estimators predicting inside the graphs."""
+    from specmoe.paths import REPO_ROOT
+
+    est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3, 5, 9])])
+    rows = {}
+    for graphs in (False, True):
+        engine = runtime.from_model(_demo(torch.float32), cfg(prefetch=prefetch, on_miss=on_miss, estimators=est,
+                                                                cuda_graphs=graphs))
+        rows[graphs] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        assert (engine._graphs is not None) == graphs
+        rows[(graphs, "hits")] = engine.telemetry.summary()["prefetch_hit_rate"]
+        engine.close()
+    torch.testing.assert_close(rows[True], rows[False], rtol=1e-4, atol=1e-4)
+    assert rows[(True, "hits")] == pytest.approx(rows[(False, "hits")], abs=0.02)

@@ -1,0 +1,195 @@
+"""Decode steps replayed from CUDA graphs: one launch where eager PyTorch makes dozens.
+
+At batch 1 a decode layer's GPU work takes microseconds; launching it kernel by
+kernel from Python takes far longer. Each decode step is cut where the host must
+decide something, and every piece in between is captured once and replayed:
+
+    prologue        token -> x, rotary tables, attention masks (position from a device buffer)
+    pre[l]          attention, residual, router input s_l, the true routing of l, the
+                    prediction for l+h (estimator predictors), prediction hits
+    ----            host: read ids, plan slots, queue copies (offloaded_moe.OffloadedMoE)
+    post[l]         the experts of l over the GPU slots, the shared expert, residual
+    epilogue        final norm, LM head
+
+Dense layers are one graph each. All graphs share one memory pool and are replayed in
+the order they were captured; every value that outlives a graph lives in a static
+buffer allocated here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specmoe.moe_block import routed_output
+
+from .kv_cache import attention_masks
+from .predict import EstimatorPredictor
+
+
+def _static_like(obj):
+    if isinstance(obj, torch.Tensor):
+        return torch.empty_like(obj)
+    return type(obj)(_static_like(o) for o in obj)
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    else:
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+class DecodeGraphs:
+    def __init__(self, engine):
+        self.engine = e = engine
+        moe = e.moe
+        self.moe = moe
+        dev, dt = e.device, e.dtype
+        H, k = e.spec.hidden_size, e.spec.top_k
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), e.max_context - 1, dtype=torch.long, device=dev)
+        self.x = torch.zeros((1, 1, H), dtype=dt, device=dev)
+        self.r = torch.zeros_like(self.x)
+        self.s = torch.zeros_like(self.x)
+        self.logits = None
+        self.ids, self.w, self.wsel, self.slot = {}, {}, {}, {}
+        self.pred_ids, self.pred_w = {}, {}
+        self.graphable_prediction = isinstance(moe.predictor, EstimatorPredictor)
+        self.speculate = moe.on_miss == "speculate"
+        self._rope = None
+        self._masks = None
+        self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []
+        self._capture()
+
+    # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
+
+    def _prologue(self):
+        e = self.engine
+        x = e.embed(self.token)
+        rope = e.base.rotary_emb(x, self.pos.reshape(1, 1))
+        masks = attention_masks(set(e._kinds), self.pos, e.max_context, e._window, x.dtype)
+        if self._rope is None:
+            self._rope = _static_like(rope)
+            self._masks = {k: torch.empty_like(v) for k, v in masks.items()}
+        self.x.copy_(x)
+        _copy_into(self._rope, rope)
+        for kind, m in masks.items():
+            self._masks[kind].copy_(m)
+        e.cache.set_positions(self.pos)
+
+    def _attention(self, l: int):
+        e = self.engine
+        layer = e.layers[l]
+        h = layer.input_layernorm(self.x)
+        a = layer.self_attn(hidden_states=h, position_embeddings=self._rope, attention_mask=self._masks[e._kinds[l]],
+                            position_ids=self.pos.reshape(1, 1), **{e._cache_kw: e.cache})[0]
+        self.r.copy_(self.x + a)
+        self.s.copy_(layer.post_attention_layernorm(self.r))
+
+    def _dense(self, l: int):
+        self._attention(l)
+        self.x.copy_(self.r + self.engine.layers[l].mlp(self.s))
+
+    def _source_routing(self, l: int):
+        """The routing layer l's prediction starts from: the predicted one in speculate
+        (predictions chain), the true one otherwise."""
+        if self.speculate and l in self.pred_ids:
+            return self.pred_ids[l], self.pred_w[l]
+        return self.ids[l], self.w[l]
+
+    def _pre(self, l: int):
+        moe = self.moe
+        self._attention(l)
+        s = self.s.reshape(1, -1)
+        ids, w = moe._route(l, s)
+        if l not in self.ids:
+            self.ids[l], self.w[l] = torch.empty_like(ids), torch.empty_like(w)
+            self.wsel[l] = torch.empty_like(w)
+            self.slot[l] = torch.full(ids.shape, moe.slots.zero_slot, dtype=torch.long, device=ids.device)
+        self.ids[l].copy_(ids)
+        self.w[l].copy_(w)
+        if self.speculate and l in self.pred_ids:
+            self.wsel[l].copy_(self.pred_w[l])
+        else:
+            self.wsel[l].copy_(w)
+        tel = moe.telemetry
+        if tel.track_hits and l in self.pred_ids:
+            tel.prefetch_hits_device(l, self.pred_ids[l], self.ids[l], count=False)
+        target = moe.predictor.target_of(l) if moe.predictor is not None else None
+        if target is not None and self.graphable_prediction:
+            src_ids, src_w = self._source_routing(l)
+            pid, pw = moe.predictor.predict(target, self.r.reshape(1, -1), s, src_ids, src_w, 0)
+            if target not in self.pred_ids:
+                self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
+            self.pred_ids[target].copy_(pid)
+            self.pred_w[target].copy_(pw)
+
+    def _post(self, l: int):
+        moe = self.moe
+        s = self.s.reshape(1, -1)
+        out = routed_output(moe.family, moe._experts[l], s, moe.slots.stack, self.slot[l], self.wsel[l])
+        shared = moe._shared[l]
+        if shared is not None:
+            out = out + shared(s).to(out.dtype)
+        self.x.copy_(self.r + out.reshape(self.x.shape))
+
+    def _epilogue(self):
+        e = self.engine
+        logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+    def _pieces(self):
+        e = self.engine
+        yield "prologue", -1, self._prologue
+        for l in range(len(e.layers)):
+            if l in e._moe_layers:
+                yield "pre", l, (lambda l=l: self._pre(l))
+                yield "post", l, (lambda l=l: self._post(l))
+            else:
+                yield "dense", l, (lambda l=l: self._dense(l))
+        yield "epilogue", -1, self._epilogue
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        # Predicted buffers must exist before the layers that read them are captured:
+        # one eager pass allocates every static buffer.
+        side = torch.cuda.Stream(self.engine.device)
+        side.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for _, _, fn in self._pieces():
+                    fn()
+        torch.cuda.current_stream(self.engine.device).wait_stream(side)
+        torch.cuda.synchronize(self.engine.device)
+        self.moe.telemetry.zero_device_counters()
+        pool = torch.cuda.graph_pool_handle()
+        for kind, l, fn in self._pieces():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                fn()
+            self._graphs.append((kind, l, g))
+        self.moe.telemetry.zero_device_counters()
+
+    # ---------------------------------------------------------------- one decode step
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        e, moe = self.engine, self.moe
+        self.token.copy_(token.reshape(1, 1), non_blocking=True)
+        self.pos.fill_(e.cache.length)
+        moe.engine_position = e.cache.length
+        moe.begin_step()
+        for kind, l, g in self._graphs:
+            if kind == "pre":
+                g.replay()
+                moe.graphed_layer(l, self)
+            elif kind == "post":
+                g.replay()
+                moe.after_graphed_compute(l, self)
+            else:
+                g.replay()
+        e.cache.length += 1
+        return self.logits.clone()
