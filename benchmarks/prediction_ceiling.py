@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from estimators.metrics import compute_metrics  # noqa: E402
 from specmoe.models import load_moe_model  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
-from tracing.store import TraceReader  # noqa: E402
+from tracing import TraceReader  # noqa: E402
 
 
 @torch.no_grad()

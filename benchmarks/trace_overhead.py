@@ -38,7 +38,7 @@ from specmoe.families import detect_family  # noqa: E402
 from specmoe.models import LoadedModel, load_moe_model  # noqa: E402
 from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
 from tracing.recorder import TraceRecorder  # noqa: E402
-from tracing.store import TraceWriter  # noqa: E402
+from tracing import TraceWriter  # noqa: E402
 from specmoe.tokens import pack_rows  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"

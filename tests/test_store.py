@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import specmoe.safetensors_stream as st
-import tracing.store as store
+import tracing.trace_reader as trace_reader
 from specmoe.errors import CorruptFileError, MismatchError, SpecmoeError
-from tracing.store import FORMAT_VERSION, TraceReader, TraceWriter, estimate_trace_bytes
+from tracing import FORMAT_VERSION, TraceReader, TraceWriter, estimate_trace_bytes
+from tracing.trace_format import DEFAULT_VECTORS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,13 +223,13 @@ def test_layer_reads_only_asked_shards(reference, monkeypatch):
     out, _, _ = reference
     r = TraceReader(out)
     opened = []
-    real = store.safe_open
+    real = trace_reader.safe_open
 
     def spy(path, *a, **kw):
         opened.append(Path(path).name)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(store, "safe_open", spy)
+    monkeypatch.setattr(trace_reader, "safe_open", spy)
     r.layer(1, fields=("residual",), shards=[2])
     r.pair(1, 3, shards=[4])
     r.token_ids(shards=[0])
@@ -238,8 +239,8 @@ def test_layer_reads_only_asked_shards(reference, monkeypatch):
 def test_deterministic_bytes(tmp_path, reference):
     full_run(tmp_path / "again")
     assert shard_hashes(tmp_path / "again") == shard_hashes(reference[0])
-    assert file_hashes(tmp_path / "again")[store.DEFAULT_VECTORS_FILE] == \
-        file_hashes(reference[0])[store.DEFAULT_VECTORS_FILE]
+    assert file_hashes(tmp_path / "again")[DEFAULT_VECTORS_FILE] == \
+        file_hashes(reference[0])[DEFAULT_VECTORS_FILE]
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -336,7 +337,7 @@ def test_shards_equal_safetensors_save(reference):
     from safetensors.torch import save
 
     out = reference[0]
-    names = sorted(p.name for p in out.glob("shard-*.safetensors")) + [store.DEFAULT_VECTORS_FILE]
+    names = sorted(p.name for p in out.glob("shard-*.safetensors")) + [DEFAULT_VECTORS_FILE]
     for name in names:
         with safe_open(str(out / name), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -442,7 +443,7 @@ def test_abandon_and_resume(tmp_path, reference, limit):
     assert shard_hashes(out) == shard_hashes(ref_out)
     for k, v in acc2.state().items():
         assert torch.equal(v, ref_acc.state()[k])
-    assert file_hashes(out)[store.DEFAULT_VECTORS_FILE] == file_hashes(ref_out)[store.DEFAULT_VECTORS_FILE]
+    assert file_hashes(out)[DEFAULT_VECTORS_FILE] == file_hashes(ref_out)[DEFAULT_VECTORS_FILE]
     TraceReader(out, verify=True)
 
 
@@ -495,7 +496,7 @@ KILL_META = {"model": {"id": "tiny/moe", "family": "mixtral"}, "dataset": {"id":
 KILL_SCRIPT = GEN_SRC + textwrap.dedent(
     """
     import sys
-    from tracing.store import TraceWriter
+    from tracing import TraceWriter
     out, total, sps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     meta = %r
     w = TraceWriter(out, meta, layers=LAYERS, seq_len=SEQ_LEN, sequences_per_shard=sps, store_dtype="bf16")
@@ -542,7 +543,7 @@ def test_real_sigkill_and_resume(tmp_path):
     ref = tmp_path / "ref"
     run(ref, resume=False)
     assert shard_hashes(out) == shard_hashes(ref)
-    assert file_hashes(out)[store.DEFAULT_VECTORS_FILE] == file_hashes(ref)[store.DEFAULT_VECTORS_FILE]
+    assert file_hashes(out)[DEFAULT_VECTORS_FILE] == file_hashes(ref)[DEFAULT_VECTORS_FILE]
     assert TraceReader(out, verify=True).num_sequences == total
 
 

@@ -21,7 +21,7 @@ from tests.tiny_models import TINY_FAMILIES, tiny_model
 from tracing.cli import main as trace_main
 from specmoe.families import detect_family
 from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR, REPO_ROOT
-from tracing.store import TraceReader
+from tracing import TraceReader
 
 SEQ_LEN = 32
 

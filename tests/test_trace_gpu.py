@@ -9,7 +9,7 @@ import torch
 from tests.test_trace import SEQ_LEN, _independent_reading, run_cli
 from specmoe.families import detect_family
 from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
-from tracing.store import TraceReader
+from tracing import TraceReader
 
 pytestmark = pytest.mark.gpu
 

@@ -47,7 +47,7 @@ def sequences_per_shard(spec, layers: list[int], store_dtype: str, seq_len: int,
 
     A shard is held in memory while it is filled and written, and it is the unit a
     reader loads, so its size in bytes matters more than its token count."""
-    from .store import estimate_trace_bytes
+    from .trace_format import estimate_trace_bytes
 
     if shard_tokens is None:
         token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size,
@@ -62,7 +62,7 @@ def sequences_per_shard(spec, layers: list[int], store_dtype: str, seq_len: int,
 def _existing_shard_sequences(out: Path) -> int | None:
     """sequences_per_shard of the trace in `out`, if there is a readable one (the writer
     reports a damaged manifest itself)."""
-    from .store import read_manifest
+    from .trace_format import read_manifest
 
     try:
         return read_manifest(out)["sequences_per_shard"]
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_trace(args: argparse.Namespace) -> dict:
     from specmoe.families import detect_family, router_fingerprint
-    from .store import TraceWriter, estimate_trace_bytes
+    from .trace_format import estimate_trace_bytes
+    from .trace_writer import TraceWriter
     from specmoe.tokens import pack_rows
 
     t0 = time.time()
