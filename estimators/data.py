@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from specmoe.errors import MismatchError, SpecmoeError
-from tracing.store import TraceReader
+from tracing import TraceReader
 
 __all__ = [
     "Source", "PairBatches", "open_traces", "check_same_model", "check_trace_against_model",

@@ -25,7 +25,7 @@ from tracing.cli import main as trace_main
 from specmoe.errors import MismatchError, SpecmoeError
 from specmoe.families import detect_family
 from specmoe.paths import DEMO_CORPUS_DIR, DEMO_MODEL_DIR
-from tracing.store import TraceReader
+from tracing import TraceReader
 
 SEQ_LEN = 32
 # SPECMOE_TEST_NO_DEMO=1 exercises the fallback (tiny model, tokenizer trained here) on a full checkout.
