@@ -325,10 +325,17 @@ def _dense_model(root: Path) -> Path:
     return out
 
 
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
 @pytest.mark.parametrize("case", ["missing-model", "dense-model", "not-a-model-dir", "wrong-text-field",
                                   "empty-dataset", "missing-dataset", "seq-len-too-long", "bad-layers",
-                                  "existing-trace", "no-disk-space", "negative-writer-threads"])
+                                  "existing-trace", "no-disk-space", "negative-writer-threads",
+                                  "max-tokens-zero", "max-tokens-negative", "max-tokens-below-a-row",
+                                  "out-is-a-file", "out-is-a-model-dir", "missing-dataset-file-by-name"])
 def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_path, capsys, monkeypatch):
+    """Every check runs before the model is loaded; nothing already in --out is touched."""
     model = save_tiny("qwen3_moe", models_dir)
     args = {"--model": model, "--dataset": text_file, "--seq-len": SEQ_LEN, "--max-tokens": 2 * SEQ_LEN,
             "--out": tmp_path / "out"}
@@ -348,7 +355,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_pa
     elif case == "missing-dataset":
         args["--dataset"], expect = tmp_path / "missing.txt", "does not exist"
     elif case == "seq-len-too-long":
-        args["--seq-len"], expect = 100_000, "context"
+        args["--seq-len"], args["--max-tokens"], expect = 100_000, 200_000, "context"
     elif case == "bad-layers":
         args["--layers"], expect = "0-1", "not MoE layers"
     elif case == "existing-trace":
@@ -356,6 +363,19 @@ def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_pa
         expect = "already holds a trace"
     elif case == "negative-writer-threads":
         args["--writer-threads"], expect = -1, "--writer-threads"
+    elif case in ("max-tokens-zero", "max-tokens-negative"):
+        args["--max-tokens"], expect = (0 if case == "max-tokens-zero" else -5), "--max-tokens must be positive"
+    elif case == "max-tokens-below-a-row":
+        args["--max-tokens"], expect = SEQ_LEN - 1, f"less than one row of --seq-len {SEQ_LEN}"
+    elif case == "out-is-a-file":
+        (tmp_path / "out").write_text("notes")
+        expect = "is a file"
+    elif case == "out-is-a-model-dir":
+        shutil.copytree(model, tmp_path / "out")
+        expect = "not a trace"
+    elif case == "missing-dataset-file-by-name":
+        monkeypatch.chdir(tmp_path)
+        args["--dataset"], expect = "nope.jsonl", "dataset file nope.jsonl does not exist"
     elif case == "no-disk-space":
         import collections
         usage = collections.namedtuple("usage", "total used free")
@@ -363,12 +383,13 @@ def test_bad_input_gives_one_line_and_exit_2(case, models_dir, text_file, tmp_pa
         expect = "disk"
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*")} if (tmp_path / "out").exists() else {}
     capsys.readouterr()
+    monkeypatch.setattr("tracing.cli.load_moe_model", _refuse_loading)
     assert run_cli(*[x for kv in args.items() for x in kv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if line.startswith("trace:")]
     assert len(err) == 1 and expect.lower() in err[0].lower(), err
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*")} if (tmp_path / "out").exists() else {}
-    assert all(after.get(p) == t for p, t in before.items()), "existing trace files were touched"
+    assert after == before, "files in --out were touched"
 
 
 def test_cli_error_has_no_traceback(tmp_path):
@@ -378,3 +399,172 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("trace: error:")
+
+
+def test_hub_lookups_fail_in_seconds_without_a_network(models_dir, text_file, tmp_path, capsys, monkeypatch):
+    """No network: a hub model or dataset is one line naming HF_HUB_OFFLINE=1 within seconds,
+    instead of half a minute of retries; with HF_HUB_OFFLINE=1 the same for what is not cached."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr("tracing.cli.load_moe_model", _refuse_loading)
+    model = save_tiny("qwen3_moe", models_dir)
+    cases = [("--model", "nobody/no-such-moe", "--dataset", text_file),
+             ("--model", model, "--dataset", "nobody/no-such-corpus")]
+    for args in cases:
+        start = time.monotonic()
+        assert run_cli(*args, "--out", tmp_path / "out") == 2
+        assert time.monotonic() - start < 15
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trace:")]
+        assert len(err) == 1 and "cannot be reached" in err[0] and "HF_HUB_OFFLINE=1" in err[0], err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run_cli("--model", "nobody/no-such-moe", "--out", tmp_path / "out") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trace:")]
+    assert len(err) == 1 and "nor in the local Hugging Face cache" in err[0] and "HF_HUB_OFFLINE=1" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_complete_trace_says_so_and_grows_with_its_shards_unchanged(models_dir, text_file, tmp_path, capsys):
+    """--resume on a complete trace: nothing traced, and it says so; with a larger --max-tokens
+    the trace grows, its shards stay byte for byte as they were, and it holds what a fresh trace
+    of that length holds."""
+    from tracing import TraceConfig, run_trace
+    from tracing.cli import print_summary
+
+    model = save_tiny("qwen3_moe", models_dir)
+    out = tmp_path / "trace"
+    common = ["--model", model, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+              "--shard-tokens", 2 * SEQ_LEN, "--store-dtype", "fp32"]
+    # the Python entry point takes the same settings as a dataclass
+    config = TraceConfig(model=str(model), dataset=str(text_file), seq_len=SEQ_LEN, batch_size=2,
+                         shard_tokens=2 * SEQ_LEN, store_dtype="fp32", max_tokens=5 * SEQ_LEN, out=out)
+    print_summary(run_trace(config))
+    assert [e["sequences"] for e in json.loads((out / "manifest.json").read_text())["shards"]] == [2, 2, 1]
+    before = _shard_hashes(out)
+    capsys.readouterr()
+
+    assert run_cli(*common, "--max-tokens", 5 * SEQ_LEN, "--out", out, "--resume") == 0
+    said = capsys.readouterr().out
+    assert "already holds the complete trace" in said and "nothing traced" in said and "traced 160" not in said
+    assert _shard_hashes(out) == before
+
+    assert run_cli(*common, "--max-tokens", 3 * SEQ_LEN, "--out", out, "--resume") == 2  # never shrinks
+    assert "does not shrink" in capsys.readouterr().err
+
+    assert run_cli(*common, "--max-tokens", 8 * SEQ_LEN, "--out", out, "--resume") == 0
+    assert f"traced {3 * SEQ_LEN:,} more tokens" in capsys.readouterr().out
+    after = _shard_hashes(out)
+    for name, digest in before.items():
+        if name.startswith("shard-"):
+            assert after[name] == digest, f"{name} changed"
+    grown = TraceReader(out, verify=True)
+    assert grown.complete and grown.num_sequences == 8
+    assert [e["sequences"] for e in grown.manifest["shards"]] == [2, 2, 1, 2, 1]
+    assert grown.manifest["dataset"]["max_tokens"] == 8 * SEQ_LEN
+
+    assert run_cli(*common, "--max-tokens", 8 * SEQ_LEN, "--out", tmp_path / "fresh") == 0
+    fresh = TraceReader(tmp_path / "fresh")
+    assert torch.equal(grown.token_ids(), fresh.token_ids())
+    for layer in fresh.layers:  # batches differ where the trace grew: equal up to float rounding
+        for field, value in fresh.layer(layer).items():
+            torch.testing.assert_close(grown.layer(layer)[field], value, rtol=1e-5, atol=1e-5,
+                                       msg=f"{layer} {field}")
+        assert torch.equal(grown.expert_counts()[layer], fresh.expert_counts()[layer])
+        torch.testing.assert_close(grown.default_vectors()[layer], fresh.default_vectors()[layer],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_shows_a_trace_and_refuses_a_damaged_one(models_dir, text_file, tmp_path, capsys):
+    model = save_tiny("qwen3_moe", models_dir)
+    out = tmp_path / "trace"
+    assert run_cli("--model", model, "--dataset", text_file, "--seq-len", SEQ_LEN, "--batch-size", 2,
+                   "--shard-tokens", 2 * SEQ_LEN, "--max-tokens", 4 * SEQ_LEN, "--out", out) == 0
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--verify") == 0
+    shown = capsys.readouterr().out
+    reader = TraceReader(out)
+    for text in (": complete", "qwen3_moe", "checksums    verified",
+                 f"tokens       {4 * SEQ_LEN:,} in 4 sequences of {SEQ_LEN}", "shards       2,",
+                 f"layers       {reader.layers[0]}-{reader.layers[-1]}", "expert load per layer"):
+        assert text in shown, text
+    assert len([line for line in shown.splitlines() if line.split()[:1] in ([str(l)] for l in reader.layers)]) \
+        == len(reader.layers)
+    assert run_cli("inspect", out, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tokens"] == 4 * SEQ_LEN and summary["complete"] and summary["shards"] == 2
+
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for args, expect in (((out, "--verify"), "shard-00001.safetensors"), ((model,), "manifest.json is missing"),
+                         ((tmp_path / "nowhere",), "does not exist")):
+        assert run_cli("inspect", *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("trace inspect: error:") and expect in err[0], err
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        trace_main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out.split("options:", 1)[1].split("\n\n", 1)[0]
+    blocks: dict[str, str] = {}
+    for line in text.strip("\n").splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        else:
+            blocks[name] += " " + line.strip()
+    blocks.pop("-h")
+    assert blocks.pop("--out").count("(required)") == 1
+    assert len(blocks) >= 18
+    for name, block in blocks.items():
+        assert block.count("(default:") == 1, (name, block)
+    assert "(default: train)" in blocks["--split"] and "(default: text)" in blocks["--text-field"]
+    assert "(default: 256)" in blocks["--seq-len"] and "(default: the bundled demo corpus)" in blocks["--dataset"]
+
+
+def test_settings_come_from_yaml_and_flags_override_them(tmp_path, capsys):
+    from tracing import TraceConfig, load_trace_config
+    from tracing.config import DEFAULT_CONFIG_PATH
+
+    assert load_trace_config(DEFAULT_CONFIG_PATH) == TraceConfig()  # the shipped file states the defaults
+    cfg = tmp_path / "trace.yaml"
+    cfg.write_text("seq_len: 64\nmax_tokens: 1024\nfsync: false\n")
+    loaded = load_trace_config(cfg, max_tokens=2048)
+    assert (loaded.seq_len, loaded.max_tokens, loaded.fsync) == (64, 2048, False)
+    for text, expect in (("seq_len: 64\nbogus: 1\n", "unknown setting(s) bogus"),
+                         ("seq_len: long\n", "seq_len must be int"),
+                         ("fsync: 3\n", "fsync must be bool"),
+                         ("max_tokens: 10\n", "--max-tokens 10 is less than one row"),
+                         ("- a list\n", "must be a mapping")):
+        cfg.write_text(text)
+        assert run_cli("--config", cfg, "--out", tmp_path / "out") == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trace:")]
+        assert len(err) == 1 and expect in err[0], (text, err)
+    cfg.write_text("max_tokens: 10\n")  # the flag wins over the file: the error is now the flag's
+    assert run_cli("--config", cfg, "--max-tokens", 0, "--out", tmp_path / "out") == 2
+    assert "--max-tokens must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_report_headers_line_up_with_their_columns():
+    from tracing.model_report import format_report
+
+    layer = {"load_entropy": 0.95, "top16_share": 0.3, "uniform_top_share": 0.125, "max_share": 0.11,
+             "min_share": 0.0, "unused_experts": 2, "random_router_perplexity": 15.2, "random_router_rise": 0.2}
+    report = {"model": "m", "family": "qwen3_moe", "eval_tokens": 16384, "perplexity": 12.3,
+              "layers": {0: layer, 11: {**layer, "random_router_rise": 1000.0, "random_router_perplexity": 12345.6}}}
+    table = format_report(report).splitlines()[2:-1]
+    assert len({len(line) for line in table}) == 1
+    header = table[0]
+    # each header ends where its column ends: right-aligned cells end under the header's last letter
+    ends = [i + 1 for i, ch in enumerate(header) if ch != " " and (i + 1 == len(header) or header[i + 1] == " ")]
+    for row in table[1:]:
+        cells_end = [i + 1 for i, ch in enumerate(row) if ch != " " and (i + 1 == len(row) or row[i + 1] == " ")]
+        assert set(cells_end) <= set(ends), (header, row)
+        assert len(cells_end) == 7

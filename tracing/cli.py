@@ -3,11 +3,15 @@
     trace --out traces/demo-train                       # demo model on the demo corpus's train split
     trace --model Qwen/Qwen3-30B-A3B --device auto --dataset data.jsonl --max-tokens 200000 \\
           --layers 0-7 --out traces/qwen3 --resume
+    trace inspect traces/qwen3 --verify                 # what a trace holds, checksums checked
+
+Settings come from configs/trace.yaml (tracing.config.TraceConfig); flags override it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +21,15 @@ from tqdm.auto import tqdm
 
 from specmoe.corpus import describe_dataset, load_text_dataset
 from specmoe.errors import SpecmoeError, cli_errors
-from specmoe.models import DTYPES, load_config, load_moe_model
-from specmoe.paths import DEMO_MODEL_DIR, display_path
+from specmoe.models import DTYPES, load_config, load_moe_model, resolve_model_id
+from specmoe.paths import display_path
+
+from .config import COMPUTE_DTYPES, STORE_DTYPE_CHOICES, TraceConfig, load_trace_config
+from .trace_format import (MANIFEST, estimate_trace_bytes, human_bytes, read_manifest, trace_files_in)
+from .trace_reader import TraceReader
+from .trace_recovery import mismatch_error, settings_mismatch
+from .text_table import format_table
+from .trace_writer import TraceWriter, check_disk_space
 
 
 def parse_layers(text: str | None, moe_layers: tuple[int, ...]) -> list[int]:
@@ -47,8 +58,6 @@ def sequences_per_shard(spec, layers: list[int], store_dtype: str, seq_len: int,
 
     A shard is held in memory while it is filled and written, and it is the unit a
     reader loads, so its size in bytes matters more than its token count."""
-    from .trace_format import estimate_trace_bytes
-
     if shard_tokens is None:
         token_bytes = estimate_trace_bytes(1, layers=layers, hidden_size=spec.hidden_size,
                                            num_experts=spec.num_experts, top_k=spec.top_k,
@@ -57,25 +66,6 @@ def sequences_per_shard(spec, layers: list[int], store_dtype: str, seq_len: int,
     if shard_tokens < 1:
         raise SpecmoeError("--shard-tokens must be positive")
     return max(batch_size, shard_tokens // seq_len // batch_size * batch_size)
-
-
-def _existing_shard_sequences(out: Path) -> int | None:
-    """sequences_per_shard of the trace in `out`, if there is a readable one (the writer
-    reports a damaged manifest itself)."""
-    from .trace_format import read_manifest
-
-    try:
-        return read_manifest(out)["sequences_per_shard"]
-    except SpecmoeError:
-        return None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -110,119 +100,265 @@ def record_rows(recorder, writer, rows: torch.Tensor, batch_size: int, desc: str
         bar.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trace", description="Record residuals, router logits and routing of an MoE model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="hub id or local model directory")
-    p.add_argument("--revision", help="model revision (hub models)")
-    p.add_argument("--dataset", help="text/jsonl/parquet/csv file, dataset directory, saved dataset or hub name "
-                                     "(default: the bundled demo corpus)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--max-tokens", type=int, help="stop after this many tokens (default: the whole split)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="compute dtype (auto: fp32 on cpu, the checkpoint's dtype on GPU)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (shard over all GPUs)")
-    p.add_argument("--layers", help="MoE layers to record, e.g. 0-3,8 (default: all)")
-    p.add_argument("--store-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="dtype of stored residuals and logits")
-    p.add_argument("--shard-tokens", type=int, default=None,
-                   help="tokens per shard, rounded to whole batches (default: about 256 MB per shard)")
-    p.add_argument("--default-vector-every", type=int, default=1,
-                   help="compute default vectors from every N-th token (1: all tokens)")
-    p.add_argument("--writer-threads", type=int, default=6,
-                   help="shards written to disk at once (0: write in the tracing thread)")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="do not force each shard to disk: faster; a killed process still loses nothing, "
-                        "a power cut may damage the last shards (their checksums catch it)")
-    p.add_argument("--out", type=Path, required=True, help="trace directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted trace in --out")
+
+# ------------------------------------------------------------------------------------------ options
+
+# what a setting left at None means, for --help
+_NONE_MEANS = {"model": "the bundled demo model", "revision": "the main branch", "dataset": "the bundled demo corpus",
+               "max_tokens": "the whole split", "layers": "all MoE layers",
+               "shard_tokens": "about 256 MB of trace per shard", "out": None}
+
+
+def _default_config() -> TraceConfig:
+    """What a run without flags uses: configs/trace.yaml, or the built-in defaults where it is unreadable."""
+    try:
+        return load_trace_config()
+    except SpecmoeError:
+        return TraceConfig()
+
+
+def build_parser(defaults: TraceConfig | None = None) -> argparse.ArgumentParser:
+    """Every flag defaults to None (not given), so that the settings file fills it in; --help
+    shows the value that a run without the flag uses (`defaults`: configs/trace.yaml's)."""
+    d = defaults or _default_config()
+
+    def shown(key: str) -> str:
+        value = getattr(d, key)
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        return f"(default: {_NONE_MEANS[key] if value is None else value})"
+
+    p = argparse.ArgumentParser(
+        prog="trace", description="Record residuals, router logits and routing of an MoE model.",
+        epilog="Also: `trace inspect DIR [--verify]` shows what a trace holds and checks it.")
+    add = p.add_argument
+    add("--config", type=Path, metavar="PATH", help="settings file (default: configs/trace.yaml)")
+    add("--model", metavar="ID_OR_DIR", help=f"hub id or local model directory {shown('model')}")
+    add("--revision", metavar="REV", help=f"model revision, for hub models {shown('revision')}")
+    add("--dataset", metavar="PATH_OR_NAME", help=f"text/jsonl/parquet/csv file, dataset directory, saved dataset or hub name "
+                          f"{shown('dataset')}")
+    add("--split", metavar="NAME", help=f"dataset split {shown('split')}")
+    add("--text-field", metavar="NAME", help=f"column that holds the text {shown('text_field')}")
+    add("--max-tokens", metavar="N", type=int, help=f"stop after this many tokens {shown('max_tokens')}")
+    add("--seq-len", metavar="N", type=int, help=f"tokens per row {shown('seq_len')}")
+    add("--batch-size", metavar="N", type=int, help=f"rows per forward pass {shown('batch_size')}")
+    add("--dtype", choices=COMPUTE_DTYPES,
+        help=f"compute dtype; auto: fp32 on cpu, the checkpoint's dtype on GPU {shown('dtype')}")
+    add("--device", metavar="DEVICE", help=f"cpu, cuda, cuda:N, or auto (shard over all GPUs) {shown('device')}")
+    add("--layers", metavar="LIST", help=f"MoE layers to record, e.g. 0-3,8 {shown('layers')}")
+    add("--store-dtype", choices=STORE_DTYPE_CHOICES, help=f"dtype of stored residuals and logits {shown('store_dtype')}")
+    add("--shard-tokens", metavar="N", type=int, help=f"tokens per shard, rounded to whole batches {shown('shard_tokens')}")
+    add("--default-vector-every", metavar="N", type=int,
+        help=f"compute default vectors from every N-th token {shown('default_vector_every')}")
+    add("--writer-threads", metavar="N", type=int,
+        help=f"shards written to disk at once; 0: write in the tracing thread {shown('writer_threads')}")
+    add("--fsync", action=argparse.BooleanOptionalAction,
+        help=f"force each shard to disk; --no-fsync is faster, a killed process still loses nothing, a power cut "
+             f"may damage the last shards (their checksums catch it) {shown('fsync')}")
+    add("--out", type=Path, metavar="DIR", help="trace directory (required)")
+    add("--resume", action=argparse.BooleanOptionalAction,
+        help=f"continue an interrupted trace in --out, or grow a complete one to a larger --max-tokens "
+             f"{shown('resume')}")
     return p
 
 
-def run_trace(args: argparse.Namespace) -> dict:
+def config_from_args(args: argparse.Namespace) -> TraceConfig:
+    """The settings file (--config, else configs/trace.yaml) with the flags given on top."""
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    return load_trace_config(args.config, **flags)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def check_out_dir(out: Path, resume: bool) -> dict | None:
+    """Refuse an --out that cannot take the trace; return the manifest of the trace there, if any."""
+    if out.exists() and not out.is_dir():
+        raise SpecmoeError(f"--out {out} is a file; the trace needs a directory (a new or empty one)")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SpecmoeError(f"--out {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecmoeError(f"--out {out}: {probe} is not writable")
+    if not out.is_dir():
+        return None
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if not resume:
+            how = "complete" if manifest.get("complete") else "interrupted"
+            tokens = sum(int(e["tokens"]) for e in manifest["shards"])
+            raise SpecmoeError(f"{out} already holds a trace ({how}, {tokens:,} tokens); add --resume to continue "
+                               "it or grow it to a larger --max-tokens, or choose another --out")
+        return manifest
+    stray = trace_files_in(out)
+    if stray:
+        raise SpecmoeError(f"{out} holds trace files ({', '.join(stray[:3])}...) but no {MANIFEST}; "
+                           "refusing to overwrite them; use another --out")
+    others = sorted(p.name for p in out.iterdir())
+    if others:
+        more = ", ..." if len(others) > 3 else ""
+        raise SpecmoeError(f"--out {out} is a directory that holds other files ({', '.join(others[:3])}{more}), "
+                           "not a trace; choose a new or empty directory")
+    return None
+
+
+def _load_tokenizer(model_id: str | None, revision: str | None):
+    from transformers import AutoTokenizer
+
+    model_id = resolve_model_id(model_id)
+    try:
+        return AutoTokenizer.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecmoeError(f"cannot load the tokenizer of {model_id}: {first}") from None
+
+
+def _shrink_error(out: Path, have: int, want: int, seq_len: int) -> SpecmoeError:
+    return SpecmoeError(f"the trace in {out} holds {have * seq_len:,} tokens, more than the {want * seq_len:,} "
+                        "asked for now (--max-tokens, or the whole split); a trace does not shrink: "
+                        "choose another --out")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def run_trace(config: TraceConfig) -> dict:
+    """Trace as `config` says. Every option, the output directory, the model's config and the
+    dataset are checked before the model is loaded; a complete trace asked for again is left
+    as it is, and one asked for with more tokens grows (its shards stay as they are)."""
     from specmoe.families import detect_family, router_fingerprint
-    from .trace_format import estimate_trace_bytes
-    from .trace_writer import TraceWriter
+    from specmoe.paths import DEMO_MODEL_DIR
     from specmoe.tokens import pack_rows
-
-    t0 = time.time()
-    if args.seq_len < 2 or args.batch_size < 1:
-        raise SpecmoeError("--seq-len must be at least 2 and --batch-size at least 1")
-    if args.writer_threads < 0:
-        raise SpecmoeError("--writer-threads must be 0 (write in the tracing thread) or more")
-    config = load_config(args.model, args.revision)
-    family = detect_family(config)
-    spec = family.spec(config)
-    if args.seq_len > spec.max_position_embeddings:
-        raise SpecmoeError(f"--seq-len {args.seq_len} exceeds the model's context of {spec.max_position_embeddings} tokens")
-    layers = parse_layers(args.layers, spec.moe_layers)
-    if (args.out / "manifest.json").exists() and not args.resume:
-        raise SpecmoeError(f"{args.out} already holds a trace; add --resume to continue it, or choose another --out")
-    dataset = load_text_dataset(args.dataset, args.split, args.text_field)
-
-    loaded = load_moe_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
-    rows = pack_rows(dataset, loaded.tokenizer, args.text_field, args.seq_len, args.max_tokens)
-    n_rows = len(rows)
-    seqs_per_shard = sequences_per_shard(spec, layers, args.store_dtype, args.seq_len, args.batch_size,
-                                         args.shard_tokens)
-    if args.resume and args.shard_tokens is None:  # go on with the trace's own shard size
-        seqs_per_shard = _existing_shard_sequences(args.out) or seqs_per_shard
-    store_dtype = DTYPES[args.store_dtype]
-    meta = {
-        "model": {"id": display_path(args.model), "revision": args.revision, "family": spec.family,
-                  "model_type": spec.model_type, "num_layers": spec.num_layers, "moe_layers": list(spec.moe_layers),
-                  "num_experts": spec.num_experts, "top_k": spec.top_k, "hidden_size": spec.hidden_size,
-                  "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                  "fingerprint": router_fingerprint(loaded.model, family)},
-        "dataset": {"spec": describe_dataset(args.dataset), "split": args.split, "text_field": args.text_field,
-                    "max_tokens": args.max_tokens},
-        "default_vector_every": args.default_vector_every,
-    }
-    expected = estimate_trace_bytes(n_rows * args.seq_len, layers=layers, hidden_size=spec.hidden_size,
-                                    num_experts=spec.num_experts, top_k=spec.top_k, store_dtype=args.store_dtype)
-    writer = TraceWriter(args.out, meta, layers, args.seq_len, seqs_per_shard, args.store_dtype,
-                         resume=args.resume, expected_bytes=expected, fsync=not args.no_fsync,
-                         workers=args.writer_threads)
 
     from .recorder import TraceRecorder
 
-    recorder = TraceRecorder(loaded, layers, store_dtype, args.default_vector_every)
+    cfg = config.validate()
+    t0 = time.time()
+    out = cfg.out
+    existing = check_out_dir(out, cfg.resume)
+    model_config = load_config(cfg.model, cfg.revision)
+    family = detect_family(model_config)
+    spec = family.spec(model_config)
+    if cfg.seq_len > spec.max_position_embeddings:
+        raise SpecmoeError(f"--seq-len {cfg.seq_len} exceeds the model's context of {spec.max_position_embeddings} tokens")
+    layers = parse_layers(cfg.layers, spec.moe_layers)
+    seqs_per_shard = sequences_per_shard(spec, layers, cfg.store_dtype, cfg.seq_len, cfg.batch_size, cfg.shard_tokens)
+    if existing is not None and cfg.shard_tokens is None:  # go on with the trace's own shard size
+        seqs_per_shard = existing["sequences_per_shard"]
+    model_meta = {"id": display_path(cfg.model if cfg.model is not None else DEMO_MODEL_DIR), "revision": cfg.revision,
+                  "family": spec.family, "model_type": spec.model_type, "num_layers": spec.num_layers,
+                  "moe_layers": list(spec.moe_layers), "num_experts": spec.num_experts, "top_k": spec.top_k,
+                  "hidden_size": spec.hidden_size}
+    dataset_meta = {"spec": describe_dataset(cfg.dataset), "split": cfg.split, "text_field": cfg.text_field,
+                    "max_tokens": cfg.max_tokens}
+    if existing is not None:
+        problems = settings_mismatch(existing, model=model_meta, dataset=dataset_meta, layers=layers,
+                                     seq_len=cfg.seq_len, store_dtype=cfg.store_dtype,
+                                     sequences_per_shard=seqs_per_shard)
+        every = existing.get("default_vector_every")
+        if every is not None and every != cfg.default_vector_every:
+            problems.append(f"default_vector_every {every!r} vs {cfg.default_vector_every!r}")
+        if problems:
+            raise mismatch_error(out, problems)
+
+    dataset = load_text_dataset(cfg.dataset, cfg.split, cfg.text_field)
+    rows = pack_rows(dataset, _load_tokenizer(cfg.model, cfg.revision), cfg.text_field, cfg.seq_len, cfg.max_tokens)
+    n_rows = len(rows)
+    if existing is not None:
+        listed = sum(int(e["sequences"]) for e in existing["shards"])
+        if n_rows < listed:
+            raise _shrink_error(out, listed, n_rows, cfg.seq_len)
+        if existing.get("complete") and n_rows == listed:
+            reader = TraceReader(out, verify=True)
+            return {"already_complete": True, "tokens": reader.num_tokens, "new_tokens": 0,
+                    "bytes": trace_bytes(reader), "seconds": time.time() - t0, "layers": reader.layers,
+                    "counts": reader.expert_counts(), "spec": spec, "out": out}
+
+    expected = estimate_trace_bytes(n_rows * cfg.seq_len, layers=layers, hidden_size=spec.hidden_size,
+                                    num_experts=spec.num_experts, top_k=spec.top_k, store_dtype=cfg.store_dtype)
+    written = 0 if existing is None else sum(int(e["bytes"]) for e in existing["shards"])
+    check_disk_space(out, expected - written)
+
+    loaded = load_moe_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    meta = {
+        "model": {**model_meta,
+                  "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                  "fingerprint": router_fingerprint(loaded.model, family)},
+        "dataset": dataset_meta,
+        "default_vector_every": cfg.default_vector_every,
+    }
+    writer = TraceWriter(out, meta, layers, cfg.seq_len, seqs_per_shard, cfg.store_dtype, resume=cfg.resume,
+                         expected_bytes=expected, fsync=cfg.fsync, workers=cfg.writer_threads)
+    if writer.sequences_done > n_rows:  # sequences kept beyond the listed shards
+        writer.stop()
+        raise _shrink_error(out, writer.sequences_done, n_rows, cfg.seq_len)
+    start = writer.sequences_done
+    writer.grow()  # a complete trace asked for more tokens (a no-op otherwise)
+    bytes_before = writer.bytes_written
+
+    recorder = TraceRecorder(loaded, layers, DTYPES[cfg.store_dtype], cfg.default_vector_every)
     if writer.state is not None:
         recorder.load_state(writer.state)
-    record_rows(recorder, writer, rows, args.batch_size, desc=f"trace {spec.family}")
+    record_rows(recorder, writer, rows, cfg.batch_size, desc=f"trace {spec.family}")
     writer.close(recorder.default_vectors())
     recorder.close()
-    return {"tokens": n_rows * args.seq_len, "bytes": writer.bytes_written, "seconds": time.time() - t0,
-            "layers": layers, "counts": recorder.counts, "spec": spec, "out": args.out,
+    return {"tokens": n_rows * cfg.seq_len, "new_tokens": (n_rows - start) * cfg.seq_len,
+            "bytes": writer.bytes_written - bytes_before, "seconds": time.time() - t0,
+            "layers": layers, "counts": recorder.counts, "spec": spec, "out": out,
             "default_vectors_from": recorder.mode}
+
+
+def trace_bytes(reader: TraceReader) -> int:
+    """Bytes of a trace's shards and default vectors, as its manifest lists them."""
+    total = sum(int(e["bytes"]) for e in reader.manifest["shards"])
+    dv = reader.manifest.get("default_vectors")
+    return total + (int(dv["bytes"]) if dv else 0)
+
+
+def load_table(layers: list[int], counts: dict[int, torch.Tensor], num_experts: int) -> list[str]:
+    """Per layer: the smallest and largest share of routing assignments an expert takes,
+    the largest against an even load, and the experts never chosen."""
+    uniform = 1.0 / num_experts
+    rows = []
+    for layer in layers:
+        c = counts[layer].double()
+        share = c / c.sum().clamp(min=1)
+        rows.append([str(layer), f"{share.min().item():.4f}", f"{share.max().item():.4f}",
+                     f"{share.max().item() / uniform:.2f}", str(int((c == 0).sum()))])
+    return format_table(["layer", "min load", "max load", "max/even", "unused"], rows)
 
 
 def print_summary(result: dict, file=None) -> None:
     file = file or sys.stdout  # looked up now: redirections of sys.stdout apply
     spec = result["spec"]
-    print(f"traced {result['tokens']:,} tokens x {len(result['layers'])} layers of {spec.family} in "
-          f"{result['seconds']:.1f}s; wrote {human_bytes(result['bytes'])} "
-          f"({result['bytes'] / max(1, result['tokens']):.0f} B/token) to {result['out']}", file=file)
-    how = {"sorted": "the experts' own pass (grouped)", "original": "the experts' own pass (batched)",
-           "second pass": "a second pass over the experts"}.get(result.get("default_vectors_from"))
-    if how:
-        print(f"default vectors from {how}", file=file)
-    uniform = 1.0 / spec.num_experts
-    print(f"{'layer':>5} {'min load':>9} {'max load':>9} {'max/even':>8} {'unused':>6}", file=file)
-    for layer in result["layers"]:
-        c = result["counts"][layer].double()
-        share = c / c.sum()
-        print(f"{layer:>5} {share.min().item():>9.4f} {share.max().item():>9.4f} {share.max().item() / uniform:>8.2f} "
-              f"{int((c == 0).sum()):>6}", file=file)
+    n_layers = len(result["layers"])
+    if result.get("already_complete"):
+        print(f"{result['out']} already holds the complete trace: {result['tokens']:,} tokens x {n_layers} layers "
+              f"of {spec.family}, {human_bytes(result['bytes'])}, checksums verified; nothing traced "
+              "(a larger --max-tokens with --resume grows it)", file=file)
+    else:
+        new, total = result["new_tokens"], result["tokens"]
+        grown = f" ({total:,} in the trace now)" if new != total else ""
+        print(f"traced {new:,} {'more ' if grown else ''}tokens x {n_layers} layers of {spec.family} in "
+              f"{result['seconds']:.1f}s{grown}; wrote {human_bytes(result['bytes'])} "
+              f"({result['bytes'] / max(1, new):.0f} B/token) to {result['out']}", file=file)
+        how = {"sorted": "the experts' own pass (grouped)", "original": "the experts' own pass (batched)",
+               "second pass": "a second pass over the experts"}.get(result.get("default_vectors_from"))
+        if how:
+            print(f"default vectors from {how}", file=file)
+    for line in load_table(result["layers"], result["counts"], spec.num_experts):
+        print(line, file=file)
 
 
 @cli_errors("trace", " (rerun with --resume)")
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:
+        from .inspect_trace import main as inspect_main
+
+        return inspect_main(argv[1:])
     args = build_parser().parse_args(argv)
-    print_summary(run_trace(args))
+    print_summary(run_trace(config_from_args(args)))
     return 0
 
 

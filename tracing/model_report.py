@@ -27,6 +27,8 @@ from specmoe.errors import cli_errors
 from specmoe.models import load_moe_model
 from specmoe.tokens import pack_rows
 
+from .text_table import format_table
+
 
 @torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 16, desc: str | None = None) -> float:
@@ -121,16 +123,18 @@ def format_report(report: dict) -> str:
              + (f" (unigram baseline {report['unigram_perplexity']:.1f})" if "unigram_perplexity" in report else "")]
     first = next(iter(report["layers"].values()))
     top_key = next(k for k in first if k.startswith("top") and k.endswith("_share"))
-    header = f"{'layer':>5} {'load entropy':>12} {top_key:>10} {'max share':>9} {'unused':>6}"
     has_random = "random_router_perplexity" in first
+    headers = ["layer", "load entropy", top_key, "max share", "unused"]
     if has_random:
-        header += f" {'random-router ppl':>17} {'rise':>7}"
-    lines.append(header)
+        headers += ["random-router ppl", "rise"]
+    rows = []
     for layer, s in report["layers"].items():
-        row = f"{layer:>5} {s['load_entropy']:>12.3f} {s[top_key]:>10.3f} {s['max_share']:>9.3f} {s['unused_experts']:>6}"
+        row = [str(layer), f"{s['load_entropy']:.3f}", f"{s[top_key]:.3f}", f"{s['max_share']:.3f}",
+               str(s["unused_experts"])]
         if has_random:
-            row += f" {s['random_router_perplexity']:>17.2f} {100 * s['random_router_rise']:>6.1f}%"
-        lines.append(row)
+            row += [f"{s['random_router_perplexity']:.2f}", f"{100 * s['random_router_rise']:.1f}%"]
+        rows.append(row)
+    lines += format_table(headers, rows)
     lines.append(f"(even load: entropy 1.000, {top_key} {first['uniform_top_share']:.3f})")
     return "\n".join(lines)
 
