@@ -107,7 +107,8 @@ class CheckpointReader:
 
     Attributes: `path`, `config`, `family`, `spec` (MoESpec), `layout` (name of the
     detected expert layout: "per_expert", "fused" or "mxfp4"), `dtype` (the checkpoint's
-    floating dtype; for MXFP4 that of its unquantised tensors)."""
+    floating dtype: that of most of its floating-point bytes, MXFP4 blocks not counted; read
+    off the tensors, not the config's `dtype` field, which normally agrees)."""
 
     def __init__(self, model_id_or_dir: str | Path, revision: str | None = None):
         self.path = resolve_checkpoint_dir(model_id_or_dir, revision)

@@ -70,14 +70,15 @@ def test_without_experts_everything_else_is_stock(ckpts, model_type):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss", "qwen2_moe"])
-def test_auto_keeps_a_bf16_checkpoint_bf16_on_cpu(ckpts, model_type, tmp_path):
+@pytest.mark.parametrize("model_type,layout", [("deepseek_v3", "saved"), ("gpt_oss", "saved"),
+                                               ("qwen2_moe", "published")])
+def test_auto_keeps_a_bf16_checkpoint_bf16_on_cpu(ckpts, model_type, layout, tmp_path):
     """Same dtypes as from_pretrained(dtype="auto"), including the tensors transformers
     keeps in float32 (DeepSeek-V3's router), and the same values."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(model_type).to(torch.bfloat16)
-    directory = save_layout(model, tmp_path / "bf16", "saved", shards=3)
+    directory = save_layout(model, tmp_path / "bf16", layout, shards=3)
     stock = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").eval()
     skel = load_skeleton(directory, experts="modules")
     assert skel.dtype == torch.bfloat16 and skel.reader.dtype == torch.bfloat16

@@ -97,12 +97,15 @@ def save_layout(model, directory: Path, layout: str, shards: int = 1) -> Path:
         model.save_pretrained(directory, max_shard_size="40KB" if shards > 1 else "50GB")
         return directory
     model.config.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    # As a publisher's config would: its dtype is the tensors' (transformers' "auto" reads it).
+    dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    config[dtype_key] = str(next(model.parameters()).dtype).removeprefix("torch.")
     if layout == "published" and detect_family(model).name == "gpt_oss":
-        config = json.loads((directory / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "mxfp4",
                                          "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                                     "model.embed_tokens", "lm_head"]}
-        (directory / "config.json").write_text(json.dumps(config))
+    (directory / "config.json").write_text(json.dumps(config))
     tensors = published_state_dict(model) if layout == "published" else dict(model.state_dict())
     return write_safetensors(directory, tensors, shards)
 
