@@ -23,7 +23,12 @@ config.json (format "specmoe-estimator", version 1):
     weights_sha256   of estimator.safetensors
 
 `load_estimator(path, model)` refuses (MismatchError, one line) a checkpoint made
-for another model, and (CorruptFileError) one whose files are damaged.
+for another model, and (CorruptFileError) one whose files are damaged. The router
+fingerprint decides which model a checkpoint belongs to; the recorded id is
+information (a copy of the model in another directory is the same model). `model` may
+be a loaded model (its routed experts need not be materialised: only norms, routers and
+shared experts are read, and copied) or a hub id / directory, which is then loaded
+without its routed experts (specmoe.skeleton).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from specmoe.families import router_fingerprint  # noqa: F401  (part of this mod
 from .predictors import CorrectionNet, Estimator, collect_parts
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "router_fingerprint",
-           "save_estimator", "load_estimator", "read_config"]
+           "save_estimator", "load_estimator", "read_config", "check_weights", "load_routing_model"]
 
 FORMAT_NAME = "specmoe-estimator"
 FORMAT_VERSION = 1
@@ -131,24 +136,58 @@ def _check_model(cfg: Mapping, model, family, spec, where: str) -> None:
                                 f"vs this model's {mine_fp[:12]}...)")
 
 
-def load_estimator(path: str | Path, model, device: torch.device | str | None = None) -> Estimator:
-    """The Estimator saved in `path`, bound to `model` (its norms and routers, copied to fp32;
-    with add_shared its shared experts are referenced, not copied). Placed on `device`
-    (default: the device of the model's first target router)."""
-    from specmoe.families import detect_family
-
+def check_weights(path: str | Path, cfg: Mapping | None = None) -> Path:
+    """The checkpoint's weights file, checked against the sha256 in its config (CorruptFileError)."""
     d = Path(path)
-    cfg = read_config(d)
-    where = f"the estimator in {d}"
-    family = detect_family(model)
-    spec = family.spec(model)
-    _check_model(cfg, model, family, spec, where)
-
+    cfg = read_config(d) if cfg is None else cfg
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise CorruptFileError(f"{weights} is missing")
     if cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
         raise CorruptFileError(f"{weights} does not match its sha256 in {CONFIG_FILE} (file is damaged)")
+    return weights
+
+
+def load_routing_model(model_id: str | Path, dtype: str = "auto") -> torch.nn.Module:
+    """The model `model_id` names, on the CPU, with what estimators read of it (norms, routers,
+    shared experts) and without its routed experts (specmoe.skeleton): a model of any size
+    loads in the memory of its non-expert weights. dtype "auto" keeps the checkpoint's."""
+    from specmoe.models import resolve_model_id
+    from specmoe.skeleton import load_skeleton
+
+    return load_skeleton(resolve_model_id(model_id), device="cpu", dtype=dtype, experts="none").model
+
+
+def _model_arg(model, cfg: Mapping) -> torch.nn.Module:
+    if model is None:
+        model = cfg["model"].get("id")
+        if not model:
+            raise SpecmoeError("the estimator's config.json names no model; pass the model (or its id)")
+    if isinstance(model, (str, Path)):
+        return load_routing_model(model)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise SpecmoeError(
+            f"load_estimator needs the model the estimator predicts for: a loaded transformers model "
+            f"(its routed experts may stay unloaded), or its hub id or directory; got {type(model).__name__}")
+    return model
+
+
+def load_estimator(path: str | Path, model=None, device: torch.device | str | None = None) -> Estimator:
+    """The Estimator saved in `path`, bound to `model`: a loaded transformers model, or its hub
+    id or directory (default: the id the checkpoint records), loaded without its routed experts. The estimator holds fp32 copies of the norms and routers it needs (and
+    of the shared experts with add_shared); the model itself is never moved or changed.
+    Placed on `device` (default: the device of the model's first target router)."""
+    from specmoe.families import detect_family
+
+    d = Path(path)
+    cfg = read_config(d)
+    where = f"the estimator in {d}"
+    model = _model_arg(model, cfg)
+    family = detect_family(model)
+    spec = family.spec(model)
+    _check_model(cfg, model, family, spec, where)
+
+    weights = check_weights(d, cfg)
     try:
         with safe_open(str(weights), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -176,7 +215,7 @@ def load_estimator(path: str | Path, model, device: torch.device | str | None = 
         if key not in tensors:
             raise CorruptFileError(f"{weights} lacks {key}")
         default_vectors[s] = tensors[key]
-    parts = collect_parts(model, family, pairs, add_shared, copy_shared=False)
+    parts = collect_parts(model, family, pairs, add_shared)
     meta = {k: cfg["model"].get(k) for k in ("id", "model_type", "moe_layers", "fingerprint")}
     meta["parameters"] = cfg.get("parameters")
     est = Estimator(family, pairs=pairs, default_vectors=default_vectors, parts=parts,

@@ -24,7 +24,9 @@ ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 @dataclasses.dataclass
 class EstimatorConfig:
     # --- correction networks (one per target layer)
-    width: int = 64                 # hidden width of each correction MLP
+    width: int | str = "auto"       # hidden width of each correction MLP; "auto": the widest up to
+                                    # max_width that keeps the estimator within max_param_share
+    max_width: int = 64             # the widest correction MLP "auto" picks
     depth: int = 1                  # hidden layers of each correction MLP
     activation: str = "silu"
     add_shared: bool = False        # quasi state also adds shared_l(s_l) (families with a shared expert)
@@ -54,15 +56,18 @@ class EstimatorConfig:
     precision: str = "auto"         # auto: bf16-mixed on GPU, 32 on CPU; or any Lightning precision string
     model_dtype: str = "auto"       # dtype the model is loaded in (only norms/routers are used, in fp32)
     cpu_threads: int = 0            # torch intra-op threads on CPU (0: torch's default)
-    seed: int = 0
-    progress_bar: bool = False
+    seed: int = 0                   # seeds weights, shuffling and splits: same seed, same machine, same result
+    deterministic: bool = True      # deterministic kernels (Lightning's Trainer(deterministic=True))
+    progress_bar: bool = True       # progress on stderr while training and evaluating (`--quiet` turns it off)
 
     def validate(self) -> "EstimatorConfig":
         def bad(msg: str) -> SpecmoeError:
             return SpecmoeError(f"estimator config: {msg}")
 
-        if self.width < 1 or self.depth < 1:
-            raise bad(f"width and depth must be at least 1 (got width={self.width}, depth={self.depth})")
+        if self.width != "auto" and (isinstance(self.width, str) or self.width < 1):
+            raise bad(f"width must be a positive int or 'auto' (got {self.width!r})")
+        if self.depth < 1 or self.max_width < 1:
+            raise bad(f"depth and max_width must be at least 1 (got depth={self.depth}, max_width={self.max_width})")
         if self.activation not in ACTIVATIONS:
             raise bad(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -103,7 +108,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     allowed = typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return None
-    if name == "devices" and value == "auto":
+    if name in ("devices", "width") and value == "auto":
         return value
     for kind in allowed:
         if kind is type(None):

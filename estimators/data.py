@@ -79,16 +79,24 @@ def _model_of(reader: TraceReader) -> dict:
 
 
 def check_same_model(readers: Sequence[TraceReader]) -> dict:
-    """The manifest model description all `readers` share (MismatchError if they differ)."""
+    """The manifest model description all `readers` share (MismatchError if they differ).
+
+    The router fingerprint decides: traces whose manifests record the same fingerprint are
+    of the same model whatever its id says (a copy in another directory, a hub id against a
+    local snapshot). Only where a manifest lacks the fingerprint do the id and revision
+    have to agree."""
     first = _model_of(readers[0])
     for r in readers[1:]:
         other = _model_of(r)
-        for key in ("id", "revision", "fingerprint", *_MODEL_KEYS, "moe_layers"):
+        fingerprinted = first.get("fingerprint") is not None and other.get("fingerprint") is not None
+        keys = ("fingerprint", *_MODEL_KEYS, "moe_layers") if fingerprinted else \
+            ("id", "revision", *_MODEL_KEYS, "moe_layers")
+        for key in keys:
             a, b = first.get(key), other.get(key)
             if a is not None and b is not None and a != b:
-                raise MismatchError(
-                    f"traces {readers[0].path} and {r.path} come from different models "
-                    f"(model {key} {a!r} vs {b!r})")
+                what = f"router fingerprint {str(a)[:12]}... vs {str(b)[:12]}..." if key == "fingerprint" \
+                    else f"model {key} {a!r} vs {b!r}"
+                raise MismatchError(f"traces {readers[0].path} and {r.path} come from different models ({what})")
     return first
 
 
@@ -134,8 +142,8 @@ def _check_logits(reader, model, family, layers, tokens, tolerance, where) -> No
     for l in picked:
         data = reader.layer(l, ("residual", "router_logits"), shards=[0])
         r, z = data["residual"][:tokens], data["router_logits"][:tokens].float()
-        norm = _frozen_fp32(family.moe_norm(model, l), True)
-        router = _frozen_fp32(family.router(model, l), True)
+        norm = _frozen_fp32(family.moe_norm(model, l))
+        router = _frozen_fp32(family.router(model, l))
         mine = family.router_logits(router, moe_input(norm, r)).float()
         err = float((mine - z).abs().mean() / z.abs().mean().clamp_min(1e-6))
         if not math.isfinite(err) or err > tolerance:

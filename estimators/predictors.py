@@ -47,7 +47,7 @@ from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_sta
 
 __all__ = [
     "KINDS", "PREDICTORS", "SourceState", "CorrectionNet", "SharedExpert", "Estimator", "Predictor",
-    "collect_parts", "expert_parameter_count", "layer_pairs", "routing_vector",
+    "collect_parts", "correction_parameter_count", "expert_parameter_count", "layer_pairs", "routing_vector",
 ]
 
 KINDS = ("current", "quasi", "learned")                 # what a target layer can deploy
@@ -114,25 +114,35 @@ class CorrectionNet(nn.Sequential):
         super().__init__(*layers, last)
 
 
-def _frozen_fp32(module: nn.Module, do_copy: bool) -> nn.Module:
-    if not do_copy:
-        return module
+def _frozen_fp32(module: nn.Module) -> nn.Module:
+    """An fp32 copy of `module` with frozen parameters: the estimator owns it, so moving or
+    casting the estimator never moves or casts the model's own modules."""
     dup = copy.deepcopy(module).float()
     for p in dup.parameters():
         p.requires_grad_(False)
     return dup.eval()
 
 
-def collect_parts(model: nn.Module, family, pairs: list[tuple[int, int]], add_shared: bool = False,
-                  copy_shared: bool = True) -> dict[str, dict[int, nn.Module]]:
-    """The model modules prediction needs: fp32 frozen copies of the norms of every source
-    and target layer and of every target router; shared experts of the sources if
-    `add_shared` (copied, or referenced as they are with copy_shared=False)."""
+def correction_parameter_count(in_features: int, experts: int, width: int, depth: int = 1) -> int:
+    """Parameters of one CorrectionNet (weights and biases)."""
+    size, total = int(in_features), 0
+    for _ in range(depth):
+        total += (size + 1) * width
+        size = width
+    return total + (size + 1) * experts
+
+
+def collect_parts(model: nn.Module, family, pairs: list[tuple[int, int]],
+                  add_shared: bool = False) -> dict[str, dict[int, nn.Module]]:
+    """The model modules prediction needs, as fp32 frozen copies the estimator owns: the
+    norms of every source and target layer, every target router and, with `add_shared`, the
+    shared expert (and its gate) of every source layer. The routed experts are never read,
+    so a model whose experts are not materialised (meta tensors) serves as well."""
     sources = sorted({s for s, _ in pairs})
     targets = sorted({t for _, t in pairs})
     parts: dict[str, dict[int, nn.Module]] = {
-        "norms": {l: _frozen_fp32(family.moe_norm(model, l), True) for l in sorted(set(sources) | set(targets))},
-        "routers": {t: _frozen_fp32(family.router(model, t), True) for t in targets},
+        "norms": {l: _frozen_fp32(family.moe_norm(model, l)) for l in sorted(set(sources) | set(targets))},
+        "routers": {t: _frozen_fp32(family.router(model, t)) for t in targets},
         "shared": {},
     }
     if add_shared:
@@ -142,7 +152,7 @@ def collect_parts(model: nn.Module, family, pairs: list[tuple[int, int]], add_sh
             shared = family.shared_expert(model, s)
             if shared is None:
                 raise SpecmoeError(f"add_shared is set but MoE layer {s} of this model has no shared expert")
-            parts["shared"][s] = _frozen_fp32(shared, copy_shared)
+            parts["shared"][s] = _frozen_fp32(shared)
     return parts
 
 

@@ -17,8 +17,8 @@ from specmoe.paths import display_path
 
 from .metrics import RoutingMetrics, mean_over_layers, per_layer_table
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "PLOT_PNG", "build_report", "render_tables", "render_markdown",
-           "plot_recall", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_MD", "PLOT_PNG", "LINE_STYLES", "build_report", "render_tables",
+           "render_markdown", "split_title", "recall_figure", "plot_recall", "write_report"]
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -77,7 +77,7 @@ def render_markdown(report: Mapping[str, Any], results: Results, plot_name: str 
     if plot_name:
         lines += [f"![recall@k per layer]({plot_name})", ""]
     for split, per_pred in results.items():
-        lines.append(f"## {_SPLIT_TITLES.get(split, split)}")
+        lines.append(f"## {split_title(split, report.get('traces'))}")
         lines.append("")
         lines.append("| predictor | recall@k | weighted recall | exact match | top-1 | tokens/layer |")
         lines.append("|---|---|---|---|---|---|")
@@ -95,24 +95,46 @@ def render_markdown(report: Mapping[str, Any], results: Results, plot_name: str 
     return "\n".join(lines)
 
 
-def plot_recall(results: Results, path: str | Path, title: str | None = None) -> Path:
-    """PNG of recall@k per target layer, one line per predictor, one panel per split."""
+# one look per predictor: colour, marker and dash all differ, and `hybrid` (which equals
+# `learned` or `quasi` on every layer) is drawn hollow and larger, so the line under it shows
+LINE_STYLES = {
+    "current": dict(color="tab:gray", marker="v", linestyle=":", markersize=4),
+    "quasi": dict(color="tab:blue", marker="o", linestyle="--", markersize=4),
+    "learned": dict(color="tab:green", marker="s", linestyle="-", markersize=4),
+    "hybrid": dict(color="tab:red", marker="D", linestyle=(0, (1, 2)), markersize=8, markerfacecolor="none",
+                   markeredgewidth=1.3),
+    "previous": dict(color="tab:purple", marker="x", linestyle="-.", markersize=5),
+}
+
+
+def split_title(split: str, traces: Mapping[str, Any] | None = None) -> str:
+    """Panel / section title of a split, naming its traces when known."""
+    names = list((traces or {}).get(split) or [])
+    if not names:
+        return _SPLIT_TITLES.get(split, split)
+    shown = ", ".join(names)
+    if split == "validation":
+        return f"validation: held-out sequences of {shown}"
+    return f"{split}: {shown}"
+
+
+def recall_figure(results: Results, title: str | None = None, traces: Mapping[str, Any] | None = None):
+    """The matplotlib figure of plot_recall (one panel per split, titled with its traces)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     splits = [s for s, per in results.items() if any(per.values())]
-    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(6.4 * max(1, len(splits)), 4.2), squeeze=False)
-    markers = {"current": "v", "quasi": "o", "learned": "s", "hybrid": "D", "previous": "x"}
+    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(6.4 * max(1, len(splits)), 4.4), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for name, layers in results[split].items():
             if not layers:
                 continue
             xs = sorted(layers)
-            ax.plot(xs, [layers[t].recall for t in xs], marker=markers.get(name, "."), label=name,
-                    linewidth=1.4, markersize=4)
-        ax.set_title(_SPLIT_TITLES.get(split, split).split(" (")[0])
+            style = LINE_STYLES.get(name, dict(marker=".", linestyle="-"))
+            ax.plot(xs, [layers[t].recall for t in xs], label=name, linewidth=1.4, **style)
+        ax.set_title(split_title(split, traces), fontsize=9, wrap=True)
         ax.set_xlabel("predicted MoE layer")
         ax.set_ylabel("recall@k (hit rate)")
         ax.set_ylim(0.0, 1.02)
@@ -121,6 +143,16 @@ def plot_recall(results: Results, path: str | Path, title: str | None = None) ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_recall(results: Results, path: str | Path, title: str | None = None,
+                traces: Mapping[str, Any] | None = None) -> Path:
+    """PNG of recall@k per target layer, one line per predictor, one panel per split
+    (`traces`: {split: [trace names]} for the panel titles)."""
+    import matplotlib.pyplot as plt
+
+    fig = recall_figure(results, title, traces)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -136,7 +168,7 @@ def write_report(out_dir: str | Path, results: Results, meta: Mapping[str, Any] 
     report = build_report(results, meta)
     model = (meta or {}).get("model") or {}
     title = f"{display_path(model.get('id', ''))} - lookahead {(meta or {}).get('lookahead', '?')}".strip(" -")
-    png = plot_recall(results, out / PLOT_PNG, title=title)
+    png = plot_recall(results, out / PLOT_PNG, title=title, traces=(meta or {}).get("traces"))
     paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": png}
     for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", render_markdown(report, results))):
         tmp = paths[key].with_name(paths[key].name + ".tmp")

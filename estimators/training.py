@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from .config import EstimatorConfig
@@ -31,7 +32,8 @@ from .evaluate import distill_kl
 from .metrics import MetricAccumulator
 from .predictors import Estimator
 
-__all__ = ["MONITOR", "EstimatorModule", "TraceDataModule", "build_trainer", "resolve_hardware", "quiet_lightning"]
+__all__ = ["MONITOR", "EstimatorModule", "TraceDataModule", "TrainProgress", "build_trainer", "resolve_hardware",
+           "quiet_lightning"]
 
 MONITOR = "val/recall_best"
 
@@ -48,6 +50,56 @@ def quiet_lightning() -> None:
                     r".*module\(s\) in eval mode at the start of training.*", r".*treespec, LeafSpec.*",
                     r".*AccumulateGrad node's stream does not match.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+class TrainProgress(TQDMProgressBar):
+    """Lightning's tqdm progress bar, on stderr (stdout carries the report), as one bar over
+    the whole run: step / total steps, elapsed and ETA, the training loss (distillation KL)
+    and the mean validation recall of the last validation and the best kept so far. The
+    validation bar is transient. Rank 0 only (Lightning disables it on the other ranks)."""
+
+    BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+
+    def _bar(self, desc: str, leave: bool, position: int = 0):
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(desc=desc, position=position, disable=self.is_disabled, leave=leave, dynamic_ncols=True,
+                    file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def init_train_tqdm(self):
+        return self._bar("train", leave=True)
+
+    def init_validation_tqdm(self):
+        bar = self._bar("validate", leave=False, position=1)
+        bar.bar_format = "{desc}{percentage:3.0f}%|{bar}| batch {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+        return bar
+
+    def on_train_epoch_start(self, trainer, *_):
+        bar = self.train_progress_bar
+        total = trainer.estimated_stepping_batches
+        if total is not None and total != float("inf") and bar.total != int(total):
+            bar.total = int(total)
+        bar.set_description(f"train (epoch {trainer.current_epoch})", refresh=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = trainer.global_step
+        bar = self.train_progress_bar
+        if self.is_enabled and (n % self.refresh_rate == 0 or n == bar.total):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if self._train_progress_bar is not None and self.is_enabled and not trainer.sanity_checking:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    def get_metrics(self, trainer, pl_module):
+        shown = {"train/kl": "loss", "val/recall": "val_recall", MONITOR: "best"}
+        items = super().get_metrics(trainer, pl_module)
+        return {label: items[key] for key, label in shown.items() if key in items}
 
 
 class TraceDataModule(L.LightningDataModule):
@@ -206,8 +258,18 @@ def resolve_hardware(cfg: EstimatorConfig, device: str | None = None) -> dict:
             "precision": precision, "device": device}
 
 
+def _deterministic(cfg: EstimatorConfig, hw: dict) -> bool | str:
+    """Trainer(deterministic=...): on the CPU every kernel used has a deterministic form; on
+    GPUs an op without one warns instead of stopping the run."""
+    if not cfg.deterministic:
+        return False
+    return "warn" if hw["accelerator"] == "gpu" else True
+
+
 def build_trainer(cfg: EstimatorConfig, out_dir: Path, hw: dict, batches_per_epoch: int,
-                  max_steps: int | None = None, max_epochs: int | None = None) -> L.Trainer:
+                  max_steps: int | None = None, max_epochs: int | None = None,
+                  progress: bool | None = None) -> L.Trainer:
+    """The Trainer of `learned`; `progress` (default: cfg.progress_bar) shows TrainProgress."""
     quiet_lightning()
     log_dir = Path(out_dir) / "lightning"
     max_steps = cfg.max_steps if max_steps is None else max_steps
@@ -223,6 +285,8 @@ def build_trainer(cfg: EstimatorConfig, out_dir: Path, hw: dict, batches_per_epo
     stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience, min_delta=cfg.min_delta,
                             check_finite=True, check_on_train_epoch_end=False)
     logger = CSVLogger(save_dir=str(log_dir), name="", version="")
+    progress = cfg.progress_bar if progress is None else progress
+    callbacks = [checkpoint, stopper] + ([TrainProgress()] if progress else [])
     return L.Trainer(
         accelerator=hw["accelerator"], devices=hw["devices"], strategy=hw["strategy"],
         precision=hw["precision"],
@@ -230,9 +294,9 @@ def build_trainer(cfg: EstimatorConfig, out_dir: Path, hw: dict, batches_per_epo
         max_steps=max_steps,
         val_check_interval=val_interval, num_sanity_val_steps=0,
         reload_dataloaders_every_n_epochs=1, gradient_clip_val=cfg.grad_clip or None,
-        callbacks=[checkpoint, stopper], logger=logger,
+        callbacks=callbacks, logger=logger,
         log_every_n_steps=max(1, min(50, batches_per_epoch)),
-        enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
-        default_root_dir=str(log_dir), deterministic=False,
+        enable_progress_bar=progress, enable_model_summary=False,
+        default_root_dir=str(log_dir), deterministic=_deterministic(cfg, hw),
     )
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from estimators.checkpoint import load_estimator, read_config, router_fingerprint
-from estimators.cli import build_parser, main as train_main, run_train
+from estimators.cli import TrainRun, main as train_main, run_train
 from estimators.config import load_config
 from estimators.data import PairBatches, Source, batch_source_state, make_loader, split_sequences
 from estimators.predictors import Estimator, SourceState, collect_parts, layer_pairs
@@ -389,12 +389,14 @@ def test_split_is_by_whole_sequences_and_deterministic(tiny_trace):
 
 
 def test_config_rejects_unknown_and_bad_values(tmp_path):
-    assert load_config(None).width > 0
+    assert load_config(None).width == "auto" and load_config(None, width=8).width == 8
+    with pytest.raises(SpecmoeError, match="width must be"):
+        load_config(write_config(tmp_path / "d.yaml", width=0))
     with pytest.raises(SpecmoeError, match="unknown setting"):
         load_config(write_config(tmp_path / "a.yaml", widht=3))
     with pytest.raises(SpecmoeError, match="val_fraction"):
         load_config(write_config(tmp_path / "b.yaml", val_fraction=1.5))
-    with pytest.raises(SpecmoeError, match="width must be int"):
+    with pytest.raises(SpecmoeError, match="width must be"):
         load_config(write_config(tmp_path / "c.yaml", width="wide"))
 
 
@@ -410,11 +412,9 @@ def trained(root, text_file, tokenizer_dir):
         model_dir = save_tiny(root, tokenizer_dir, "q3-train", "qwen3_moe", 0, **QWEN3_4)
         width, tokens = 8, 4096
     trace = make_trace(model_dir, root / "trace-train", text_file, tokens, seq_len=64)
-    cfg = write_config(root / "train.yaml", width=width)
+    cfg = load_config(write_config(root / "train.yaml", width=width), max_steps=45)
     out = root / "ckpt-learned"
-    args = build_parser().parse_args(["--traces", str(trace), "--out", str(out), "--config", str(cfg),
-                                      "--max-steps", "45"])
-    result = run_train(args)
+    result = run_train(TrainRun(traces=[trace], out=out, estimator=cfg, quiet=True))
     return {"result": result, "out": out, "model_dir": model_dir, "trace": trace}
 
 
@@ -578,3 +578,256 @@ def test_ddp_two_processes_count_every_validation_token_once(root, tiny_trace):
     metrics = read_config(out)["metrics"]["validation"]
     assert float(rows[0]["val/recall_quasi"]) == pytest.approx(metrics["quasi"]["recall"], abs=1e-6)
     assert float(rows[-1]["val/recall_best"]) == pytest.approx(metrics["learned"]["recall"], abs=1e-6)
+
+
+# ------------------------------------------------ same model elsewhere, evaluation, loading
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(root, tiny_trace, tiny_eval_trace):
+    """A quick `train` on the tiny model with a separate eval trace (its report has an eval split)."""
+    cfg = write_config(root / "tiny-ckpt.yaml", width=8)
+    out = root / "ckpt-tiny-eval"
+    assert train_main(["--traces", str(tiny_trace), "--eval-traces", str(tiny_eval_trace), "--out", str(out),
+                       "--config", str(cfg), "--max-steps", "6", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_q3_copy(root, tiny_q3) -> Path:
+    """The very same model, copied into another directory (another id, same weights)."""
+    import shutil
+
+    out = root / "elsewhere" / "q3-copy"
+    if not out.exists():
+        shutil.copytree(tiny_q3, out)
+    return out
+
+
+def test_same_model_in_another_directory_is_the_same_model(root, tiny_trace, tiny_q3_copy, tiny_q3_other,
+                                                           text_file, capsys):
+    """The router fingerprint decides, not the id: a trace of a copy of the model in another
+    directory trains and evaluates with a trace of the original; another model is refused."""
+    copy_trace = make_trace(tiny_q3_copy, root / "trace-q3-copy", text_file, 512)
+    capsys.readouterr()
+    assert TraceReader(copy_trace).manifest["model"]["id"] != TraceReader(tiny_trace).manifest["model"]["id"]
+    cfg = write_config(root / "copy.yaml", width=8)
+    out = root / "ckpt-copy"
+    rc = train_main(["--traces", str(tiny_trace), "--eval-traces", str(copy_trace), "--out", str(out),
+                     "--config", str(cfg), "--max-steps", "2", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert train_main(["--traces", str(tiny_trace), str(copy_trace), "--out", str(root / "ckpt-copy-2"),
+                       "--config", str(cfg), "--max-steps", "2", "--quiet", "--predictor", "quasi"]) == 0
+    capsys.readouterr()
+    # load_estimator: the copy (as a loaded model or as a path) is the model the estimator was made for
+    est = load_estimator(out, load_model(tiny_q3_copy))
+    assert load_estimator(out, str(tiny_q3_copy)).pairs == est.pairs
+    # a trace of another model (same shapes, other weights) is still refused, in one line
+    other_trace = make_trace(tiny_q3_other, root / "trace-q3-other", text_file, 512)
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["--traces", str(tiny_trace), "--eval-traces", str(other_trace), "--out",
+                                   str(root / "ckpt-other"), "--config", str(cfg), "--max-steps", "2"])
+    assert "different models" in err and "fingerprint" in err
+    with pytest.raises(MismatchError, match="fingerprint"):
+        load_estimator(out, str(tiny_q3_other))
+
+
+def test_load_estimator_takes_a_model_id_or_says_what_to_pass(tiny_ckpt, tiny_q3):
+    model = load_model(tiny_q3)
+    ref = load_estimator(tiny_ckpt, model)
+    for arg in (str(tiny_q3), tiny_q3, None):      # a directory (str or Path), or the id it records
+        est = load_estimator(tiny_ckpt, arg)
+        assert est.pairs == ref.pairs and est.kinds == ref.kinds
+        for (name, a), b in zip(ref.state_dict().items(), est.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(SpecmoeError, match="hub id or directory"):
+        load_estimator(tiny_ckpt, 42)
+
+
+def test_evaluate_a_checkpoint_without_training(root, tiny_ckpt, tiny_eval_trace, tiny_q3_other, text_file,
+                                                capsys):
+    """`train --evaluate CKPT --eval-traces DIR --out DIR` writes the report training writes, with
+    the same numbers on the same trace; a trace of another model: one line, exit 2."""
+    out = root / "eval-report"
+    capsys.readouterr()
+    rc = train_main(["--evaluate", str(tiny_ckpt), "--eval-traces", str(tiny_eval_trace), "--out", str(out),
+                     "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "== eval ==" in captured.out and "recall per layer" in captured.out
+    for name in ("report.json", "report.md", "recall_per_layer.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "estimator.safetensors").exists()
+    mine = json.loads((out / "report.json").read_text())["splits"]["eval"]
+    trained = json.loads((tiny_ckpt / "report.json").read_text())["splits"]["eval"]
+    assert list(mine) == list(trained) == ["current", "quasi", "learned", "hybrid", "previous"]
+    assert mine == trained
+    # an existing report is not replaced by accident
+    err = _one_line_error(capsys, ["--evaluate", str(tiny_ckpt), "--eval-traces", str(tiny_eval_trace),
+                                   "--out", str(out)])
+    assert "already holds a report" in err
+    other_trace = make_trace(tiny_q3_other, root / "trace-q3-other", text_file, 512)
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["--evaluate", str(tiny_ckpt), "--eval-traces", str(other_trace),
+                                   "--out", str(root / "eval-other")])
+    assert "another model" in err
+    err = _one_line_error(capsys, ["--evaluate", str(tiny_ckpt), "--eval-traces", str(other_trace),
+                                   "--lookahead", "2", "--out", str(root / "eval-other")])
+    assert "--lookahead only applies to training" in err
+
+
+# ---------------------------------------------------------- models without their experts
+
+
+class _Untouchable(torch.nn.Module):
+    """Stands in for a routed-experts module that must not be read, copied or moved."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("the routed experts were copied")
+
+    def _apply(self, fn, recurse=True):
+        raise AssertionError("the routed experts were moved or cast")
+
+    def parameters(self, recurse=True):
+        raise AssertionError("the routed experts' parameters were read")
+
+
+def test_estimator_owns_its_parts_and_never_reads_the_experts(root, tokenizer_dir, text_file):
+    """load_estimator / collect_parts copy norms, routers and shared experts: moving or casting
+    the estimator leaves the model as it was; a model without routed experts serves as well."""
+    from estimators.checkpoint import save_estimator
+
+    model_dir = save_tiny(root, tokenizer_dir, "own-q2", "qwen2_moe", 5)     # has shared experts
+    trace = make_trace(model_dir, root / "trace-own-q2", text_file, 2 * SEQ_LEN)
+    model = load_model(model_dir)
+    family = detect_family(model)
+    spec = family.spec(model)
+    reader = TraceReader(trace)
+    pairs = layer_pairs(spec.moe_layers, reader.layers, 1)
+    est = Estimator(family, pairs=pairs, default_vectors=reader.default_vectors(),
+                    parts=collect_parts(model, family, pairs, add_shared=True), num_experts=spec.num_experts,
+                    top_k=spec.top_k, hidden_size=spec.hidden_size, lookahead=1, width=4, add_shared=True)
+    est.meta.update(fingerprint=router_fingerprint(model), id=str(model_dir))
+    save_estimator(est, root / "ckpt-own")
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    for made in (est, load_estimator(root / "ckpt-own", model)):
+        assert not ptrs & {p.data_ptr() for p in made.parameters()}     # nothing shared with the model
+        made.to(torch.float64)
+        made.to("meta")
+    after = model.state_dict()
+    assert all(after[k].device.type == "cpu" and after[k].dtype == v.dtype and torch.equal(after[k], v)
+               for k, v in before.items())
+
+    # the same estimator on a model whose routed experts are not there at all
+    skeleton = load_model(model_dir)
+    for l in spec.moe_layers:
+        setattr(family.moe_block(skeleton, l), family.experts_attr, _Untouchable())
+    loaded = load_estimator(root / "ckpt-own", skeleton)
+    full = load_estimator(root / "ckpt-own", model)
+    batch = next(iter(make_loader(PairBatches([Source(str(trace))], pairs, SEQ_LEN))))
+    for p, (_, t) in enumerate(pairs):
+        state = batch_source_state(batch, p)
+        for kind in ("current", "quasi", "learned"):
+            assert torch.equal(loaded.logits(t, state, kind), full.logits(t, state, kind)), (kind, t)
+
+
+# -------------------------------------------------------------- running the train command
+
+
+def test_default_width_fits_the_budget(root, tiny_trace, capsys):
+    """With the shipped config (width auto), a model whose experts are small beside its hidden
+    size gets the widest correction net within max_param_share, and the run says which."""
+    out = root / "ckpt-auto"
+    rc = train_main(["--traces", str(tiny_trace), "--out", str(out), "--max-steps", "2", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    cfg = read_config(out)
+    width = cfg["estimator"]["width"]
+    assert 1 <= width < 64 and f"width {width}:" in captured.err and "max_param_share" in captured.err
+    assert cfg["parameters"]["share"] <= load_config(None).max_param_share
+    assert cfg["training"]["width_auto"] is True
+    # one wider would not have fitted
+    from estimators.predictors import correction_parameter_count
+
+    p = cfg["parameters"]
+    wider = p["default_vectors"] + len(cfg["pairs"]) * correction_parameter_count(
+        64, 8, width + 1, cfg["estimator"]["depth"])
+    assert wider / p["expert"] > load_config(None).max_param_share
+
+
+def test_progress_by_default_and_quiet(root, tiny_trace, capsys):
+    cfg = write_config(root / "progress.yaml", width=8)
+    base = ["--traces", str(tiny_trace), "--config", str(cfg), "--max-steps", "6"]
+    assert train_main([*base, "--out", str(root / "ckpt-progress")]) == 0
+    err = capsys.readouterr().err
+    for shown in ("train", "step 6/6", "loss=", "val_recall=", "<"):      # "<": elapsed<ETA
+        assert shown in err, (shown, err[-2000:])
+    assert train_main([*base, "--out", str(root / "ckpt-progress-q"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "== validation ==" in captured.out
+
+
+def test_same_seed_same_result(root, tiny_trace):
+    """Two runs with the same seed give the same weights and the same report, exactly."""
+    cfg = load_config(write_config(root / "seed.yaml", width=8, val_every_steps=3), max_steps=9)
+    reports, weights = [], []
+    for name in ("ckpt-seed-a", "ckpt-seed-b"):
+        torch.rand(7)        # whatever ran before must not matter
+        run_train(TrainRun(traces=[tiny_trace], out=root / name, estimator=cfg, quiet=True))
+        reports.append(json.loads((root / name / "report.json").read_text())["splits"])
+        weights.append((root / name / "estimator.safetensors").read_bytes())
+    assert reports[0] == reports[1]
+    assert weights[0] == weights[1]
+    assert not torch.are_deterministic_algorithms_enabled()     # left as it was
+
+
+def test_skip_existing_keeps_a_complete_estimator(root, tiny_trace, capsys):
+    cfg = write_config(root / "skip.yaml", width=8)
+    out = root / "ckpt-skip"
+    base = ["--traces", str(tiny_trace), "--out", str(out), "--config", str(cfg), "--max-steps", "2", "--quiet"]
+    assert train_main([*base, "--skip-existing"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert train_main([*base, "--skip-existing"]) == 0
+    assert "left as it is" in capsys.readouterr().out
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # another lookahead, or no flag at all: still refused, nothing touched
+    err = _one_line_error(capsys, [*base, "--skip-existing", "--lookahead", "2"])
+    assert "other settings" in err and "lookahead" in err
+    err = _one_line_error(capsys, base)
+    assert "already holds an estimator" in err
+    err = _one_line_error(capsys, [*base, "--skip-existing", "--overwrite"])
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # an incomplete one (its report missing) is made again
+    (out / "report.json").unlink()
+    assert train_main([*base, "--skip-existing"]) == 0
+    assert (out / "report.json").is_file()
+
+
+def test_plot_tells_equal_predictors_apart_and_names_the_traces():
+    import matplotlib.pyplot as plt
+
+    from estimators.metrics import compute_metrics
+    from estimators.report import recall_figure
+
+    ids = torch.tensor([[0, 1], [2, 3]])
+    w = torch.ones(2, 2)
+    m = compute_metrics(ids, ids, w)
+    per = {name: {1: m, 2: m} for name in ("current", "quasi", "learned", "hybrid", "previous")}
+    fig = recall_figure({"validation": per, "eval": per}, traces={"validation": ["runs/demo/trace-train"],
+                                                                  "eval": ["runs/demo/trace-test"]})
+    try:
+        for ax in fig.axes:
+            looks = {line.get_label(): (line.get_marker(), str(line.get_linestyle()), line.get_color(),
+                                        str(line.get_markerfacecolor())) for line in ax.get_lines()}
+            assert len(looks) == 5 and len({l[0] for l in looks.values()}) == 5
+            assert len({l[2] for l in looks.values()}) == 5
+            # hybrid equals learned here: it differs in marker, dash and fill, so both stay visible
+            assert all(a != b for a, b in zip(looks["hybrid"], looks["learned"]))
+        titles = [ax.get_title() for ax in fig.axes]
+        assert "runs/demo/trace-train" in titles[0] and "runs/demo/trace-test" in titles[1]
+    finally:
+        plt.close(fig)
