@@ -248,17 +248,34 @@ def _existing_estimator(run: TrainRun) -> dict | None:
     check_weights(out, cfg)
     training = cfg.get("training") or {}
     wanted = {"lookahead": run.lookahead, "predictor": run.predictor,
-              "traces": sorted(str(Path(t).resolve()) for t in run.traces)}
+              "traces": [str(Path(t).resolve()) for t in run.traces],
+              "eval traces": [str(Path(t).resolve()) for t in run.eval_traces],
+              "trace tokens": _trace_tokens(run.traces + run.eval_traces)}
     have = {"lookahead": cfg.get("lookahead"), "predictor": training.get("predictor"),
-            "traces": sorted(str(Path(t).resolve()) for t in training.get("traces") or [])}
+            "traces": [str(Path(t).resolve()) for t in training.get("traces") or []],
+            "eval traces": [str(Path(t).resolve()) for t in training.get("eval_traces") or []],
+            "trace tokens": training.get("trace_tokens")}
     for key, value in wanted.items():
         if have[key] is not None and have[key] != value:
-            shown = (lambda v: ", ".join(display_path(t) for t in v)) if key == "traces" else str
+            shown = (lambda v: ", ".join(display_path(t) for t in v) or "none") if "traces" in key else str
             raise SpecmoeError(f"{out} holds an estimator made with other settings ({key} {shown(have[key])}, "
                                f"not {shown(value)}); use --overwrite to replace it, or another --out")
     if not (out / REPORT_JSON).is_file():
         return None     # the checkpoint is there but its report is not: run again and write both
     return cfg
+
+
+def _trace_tokens(paths) -> list[int | None]:
+    """Tokens in each trace (None where it cannot be read): a trace grown since is another trace."""
+    from tracing import TraceReader
+
+    out = []
+    for p in paths:
+        try:
+            out.append(int(TraceReader(p).num_tokens))
+        except Exception:  # noqa: BLE001 - a missing or damaged trace differs from any recorded one
+            out.append(None)
+    return out
 
 
 def run_train(run: TrainRun) -> dict | None:
@@ -362,6 +379,7 @@ def run_train(run: TrainRun) -> dict | None:
     val_sources = [Source(str(r.path), m) for r, m in zip(readers, val_masks)]
     training: dict = {"traces": [str(r.path) for r in readers],
                       "eval_traces": [str(r.path) for r in eval_readers],
+                      "trace_tokens": [int(r.num_tokens) for r in readers + eval_readers],
                       "predictor": run.predictor, "width": width, "width_auto": cfg.width == "auto",
                       "train_tokens": sum(int((~m).sum()) * r.seq_len for r, m in zip(readers, val_masks)),
                       "val_tokens": sum(int(m.sum()) * r.seq_len for r, m in zip(readers, val_masks)),

@@ -794,9 +794,11 @@ def test_skip_existing_keeps_a_complete_estimator(root, tiny_trace, capsys):
     assert train_main([*base, "--skip-existing"]) == 0
     assert "left as it is" in capsys.readouterr().out
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    # another lookahead, or no flag at all: still refused, nothing touched
+    # another lookahead, another trace, or no flag at all: still refused, nothing touched
     err = _one_line_error(capsys, [*base, "--skip-existing", "--lookahead", "2"])
     assert "other settings" in err and "lookahead" in err
+    err = _one_line_error(capsys, [*base, "--skip-existing", "--eval-traces", str(tiny_trace)])
+    assert "other settings" in err and "eval traces" in err
     err = _one_line_error(capsys, base)
     assert "already holds an estimator" in err
     err = _one_line_error(capsys, [*base, "--skip-existing", "--overwrite"])
@@ -805,6 +807,14 @@ def test_skip_existing_keeps_a_complete_estimator(root, tiny_trace, capsys):
     (out / "report.json").unlink()
     assert train_main([*base, "--skip-existing"]) == 0
     assert (out / "report.json").is_file()
+    capsys.readouterr()
+    # a trace that has grown since (here: the token count the checkpoint recorded) is another trace
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["training"]["trace_tokens"] == [TraceReader(tiny_trace).num_tokens]
+    cfg_json["training"]["trace_tokens"] = [1]
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    err = _one_line_error(capsys, [*base, "--skip-existing"])
+    assert "trace tokens" in err
 
 
 def test_plot_tells_equal_predictors_apart_and_names_the_traces():
