@@ -9,6 +9,10 @@ Where the experts sit on disk (per-expert matrices, fused stacks, MXFP4 blocks) 
 family's data (`Family.checkpoint_layouts`); the reader finds which layout a checkpoint
 uses from its keys, checks every expert tensor's presence and shape from the headers when
 it opens, and then reads only the bytes asked for, one expert at a time.
+
+Files are memory-mapped: a CPU tensor handed out without a dtype change is a (copy-on-write)
+view of the file, as transformers' own CPU loading gives; do not rewrite a checkpoint in
+place while tensors read from it are in use.
 """
 
 from __future__ import annotations
