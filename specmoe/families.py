@@ -213,32 +213,30 @@ def _sparsemixer_eval_route(router: nn.Module, logits: Tensor) -> Routing:
 # ------------------------------------------------------------------------ experts
 
 
-# An expert is gate_fn (x -> the gated intermediate a) followed by down_fn, which is affine
-# in a: down_fn(w, a, n) is W_down a + n b_down, so applied to a sum of n intermediates it
-# gives the sum of the n outputs.
+# An expert is a gated projection followed by a down projection,
+#     a = glu(x W_gate_up (+ b_gate_up)),    y = a W_down (+ b_down),
+# with `gate_up_proj` / `down_proj` (and `*_bias`) as the experts module names them. What a
+# family changes is data: the weight layout (`Family.weights_in_out`: GPT-OSS stores
+# [in, out], the others [out, in] as F.linear does) and the glu (`Family.glu_fn`: how gate
+# and up sit in the projection and combine). The down projection is affine in a, so applied
+# to a sum of n intermediates with bias n b_down it gives the sum of the n outputs.
+#
+# The glu functions only read non-parameter attributes of the experts module (act_fn,
+# alpha, limit): the runtime keeps that module with its parameters on the meta device.
 
-def _swiglu_gate(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """[gate; up] stacked along the output dim, weights [out, in] (F.linear layout)."""
-    gate, up = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
+def _swiglu(experts: nn.Module, gate_up: Tensor) -> Tensor:
+    """[gate; up] concatenated along the last dim: act(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
 
 
-def _linear_down(w: Mapping[str, Tensor], a: Tensor, n: Tensor | float) -> Tensor:
-    return F.linear(a, w["down_proj"])
-
-
-def _gpt_oss_gate(experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """Weights [in, out] with biases; gate and up interleaved (even / odd columns);
-    a clamped swish-GLU whose `up` branch is shifted by one."""
+def _gpt_oss_glu(experts: nn.Module, gate_up: Tensor) -> Tensor:
+    """Gate and up interleaved (even / odd columns); a clamped swish-GLU whose `up`
+    branch is shifted by one."""
     alpha, limit = experts.alpha, experts.limit
-    gate_up = x @ w["gate_up_proj"] + w["gate_up_proj_bias"]
     gate = gate_up[..., 0::2].clamp(max=limit)
     up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
-def _gpt_oss_down(w: Mapping[str, Tensor], a: Tensor, n: Tensor | float) -> Tensor:
-    return a @ w["down_proj"] + n * w["down_proj_bias"]
 
 
 # ------------------------------------------------------------------------ on disk
@@ -312,6 +310,16 @@ class SharedExpert(nn.Module):
             out = torch.sigmoid(self.gate(x).float()) * out
         return out
 
+    def native(self, s: Tensor) -> Tensor:
+        """The same in the modules' own dtype, rounded where the stock blocks round (gate
+        and product in that dtype): what the stock block adds to its routed output."""
+        param = next(self.shared.parameters(), None)
+        x = s.to(param.dtype) if param is not None else s
+        out = self.shared(x)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out
+
 
 @dataclass(frozen=True)
 class Family:
@@ -343,8 +351,7 @@ class Family:
     logits_fn: Callable[[nn.Module, Tensor], Tensor] = _linear_logits
     route_fn: Callable[[nn.Module, Tensor], Routing] = _softmax_topk
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
-    gate_fn: Callable[[nn.Module, Mapping[str, Tensor], Tensor], Tensor] = _swiglu_gate
-    down_fn: Callable[[Mapping[str, Tensor], Tensor, Tensor | float], Tensor] = _linear_down
+    glu_fn: Callable[[nn.Module, Tensor], Tensor] = _swiglu   # gate_up projection [..., 2I] -> a [..., I]
     weights_in_out: bool = False                 # expert weights stored [in, out] instead of [out, in]
     model_types: tuple[str, ...] = ()            # config.model_type values; defaults to (name,)
     # --- on disk: the published expert layouts (the fused in-memory one is always accepted
@@ -352,7 +359,6 @@ class Family:
     # in order as substrings, as transformers' own conversion mapping does
     published_layouts: tuple[CheckpointLayout, ...] = (_QWEN_PER_EXPERT,)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
-
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -430,9 +436,12 @@ class Family:
     def shared_expert(self, model: nn.Module, layer_idx: int) -> "SharedExpert | None":
         """The shared expert of an MoE block with its gate, as one module that can be
         copied without the routed experts; None where the family or layer has none."""
+        return self.block_shared_expert(self.moe_block(model, layer_idx))
+
+    def block_shared_expert(self, block: nn.Module) -> "SharedExpert | None":
+        """`shared_expert` of a MoE block module at hand."""
         if self.shared_attr is None:
             return None
-        block = self.moe_block(model, layer_idx)
         shared = getattr(block, self.shared_attr, None)
         if shared is None:
             return None
@@ -524,6 +533,43 @@ class Family:
         """Views (no copy) of expert e's slices of the fused parameters."""
         return {name: getattr(experts, name).detach()[e] for name in self.expert_params}
 
+    def expert_stack(self, experts: nn.Module, ids: Tensor | None = None) -> dict[str, Tensor]:
+        """`expert_tensors` of the experts `ids` stacked along a new dim 0 ([N, ...]): views
+        of the fused parameters for all experts (ids None), copies for a selection."""
+        stack = {name: getattr(experts, name).detach() for name in self.expert_params}
+        if ids is None:
+            return stack
+        return {name: t.index_select(0, ids.to(t.device)) for name, t in stack.items()}
+
+    # The expert computation below serves one expert (tensors as `expert_tensors` gives
+    # them, x [T, H]) and a stack of N experts (every tensor with a leading [N] dim, x
+    # [N, M, H] or anything that broadcasts to it) alike: the batched MoE block runs the
+    # same code as tracing, so the two cannot drift apart.
+
+    def in_out(self, weight: Tensor) -> Tensor:
+        """An expert weight (or a stack of them) as a [..., in, out] view, whatever the stored layout."""
+        return weight if self.weights_in_out else weight.mT
+
+    def project(self, w: Mapping[str, Tensor], name: str, x: Tensor, n: Tensor | float = 1) -> Tensor:
+        """x W_name (+ n b_name, where the family has biases): `gate_up_proj` or `down_proj`."""
+        out = x @ self.in_out(w[name])
+        bias = w.get(name + "_bias")
+        if bias is None:
+            return out
+        if w[name].dim() == 3:
+            bias = bias.unsqueeze(-2)  # one bias row per stacked expert, broadcast over its rows
+        # n == 1 adds the bias as is: the stock experts' rounding, bit for bit.
+        return out + (bias if isinstance(n, (int, float)) and n == 1 else n * bias)
+
+    def gate_fn(self, experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The gated intermediate a = glu(x W_gate_up + b) [..., I]."""
+        return self.glu_fn(experts, self.project(w, "gate_up_proj", x))
+
+    def down_fn(self, w: Mapping[str, Tensor], a: Tensor, n: Tensor | float = 1) -> Tensor:
+        """a W_down + n b_down: one output per row of a, or the sum of n outputs when a is
+        the sum of n intermediates."""
+        return self.project(w, "down_proj", a, n)
+
     def apply_expert(self, experts: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Unweighted output of one expert given its tensors (e.g. copies on another
         device); `experts` supplies only the activation and its constants."""
@@ -603,7 +649,7 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         route_fn=_topk_then_softmax,
         experts_call=("hidden_states", "router_indices", "routing_weights"),
         expert_params=_GPT_OSS_PARAMS,
-        gate_fn=_gpt_oss_gate, down_fn=_gpt_oss_down, weights_in_out=True,
+        glu_fn=_gpt_oss_glu, weights_in_out=True,
         published_layouts=(_GPT_OSS_MXFP4,),
     ),
     Family(
@@ -613,7 +659,6 @@ _ALL_FAMILIES: tuple[Family, ...] = (
         published_layouts=(_MIXTRAL_PER_EXPERT,),
         checkpoint_renames=((".block_sparse_moe.gate.", ".mlp.router."), (".block_sparse_moe.", ".mlp.")),
     ),
-
 )
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _ALL_FAMILIES})
