@@ -139,6 +139,8 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
         from estimators.checkpoint import read_config
 
         lookahead = int(read_config(config.estimators)["lookahead"])
+    if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:
+        prefetch = "none"  # nothing lies `lookahead` MoE layers ahead of any layer
     predictor = build_predictor(prefetch, model, family, spec, estimators=config.estimators,
                                 default_vectors=config.default_vectors, lookahead=lookahead, recorded=recorded,
                                 oracle_hit_rate=config.oracle_hit_rate, device=device)

@@ -271,6 +271,7 @@ class OffloadedMoE:
         plan = _Plan()
         protected = {(layer, e) for e in chunk} | {k for keys in self._inflight.values() for k in keys}
         zero = self.slots.zero_slot
+        waits = []
         for t, row in enumerate(host_ids):
             slots_row, keep_row = [], []
             for j, e in enumerate(row):
@@ -293,11 +294,20 @@ class OffloadedMoE:
                         self._copy(key, slot)
                         self.telemetry.demand_copies += 1
                     if slot is not None:
-                        self.streams.compute_waits(self.slots.pending_ready(slot))
+                        ready = self.slots.pending_ready(slot)
+                        if ready is not None:
+                            waits.append(ready)
                 slots_row.append(zero if slot is None else slot)
                 keep_row.append(0.0 if slot is None else 1.0)
             plan.slot_idx.append(slots_row)
             plan.keep.append(keep_row)
+        if waits:
+            # Two timed events around the waits: the gap between them is the time the
+            # compute stream stood still for copies.
+            before = self.streams.timed_event_on_compute()
+            for ev in waits:
+                self.streams.compute_waits(ev)
+            self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
         return plan
 
     def _compute(self, layer: int, s: torch.Tensor, ids, weights, host_ids, then=None) -> torch.Tensor:

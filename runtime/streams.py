@@ -36,6 +36,13 @@ class Streams:
         ev.record(self.compute)
         return ev
 
+    def timed_event_on_compute(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.compute)
+        return ev
+
     def copy_waits(self, event) -> None:
         if event is not None:
             self.copy.wait_event(event)

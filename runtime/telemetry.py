@@ -52,6 +52,7 @@ class Telemetry:
         self._pred_hits = torch.zeros(n, dtype=torch.long, device=self.device)
         self._pred_total = [0] * n
         self._decode_bytes_start = 0
+        self._waits: list = []
 
     def reset_counters(self) -> None:
         """Forget everything counted so far (e.g. after warm-up). Device counters are zeroed
@@ -79,6 +80,17 @@ class Telemetry:
         self._pred_hits[i] += (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
         if count:
             self._pred_total[i] += t.numel()
+
+    def copy_wait(self, before, after) -> None:
+        if before is not None:
+            self._waits.append((before, after))
+
+    def copy_wait_seconds(self) -> float:
+        total = 0.0
+        for before, after in self._waits:
+            after.synchronize()
+            total += before.elapsed_time(after) / 1e3
+        return total
 
     def count_predicted(self, layer: int, n: int) -> None:
         self._pred_total[self._index[layer]] += n
@@ -117,6 +129,7 @@ class Telemetry:
             "demand_copies": self.demand_copies,
             "cpu_expert_seconds": self.cpu_expert_seconds,
             "cpu_wait_seconds": self.cpu_wait_seconds,
+            "gpu_copy_wait_seconds": self.copy_wait_seconds(),
             "peak_gpu_bytes": (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None),
             "peak_host_bytes": host_peak_bytes(),
             "per_layer": per_layer,
@@ -138,6 +151,7 @@ def format_summary(s: dict) -> str:
         ("cache hit rate", num(s["cache_hit_rate"], ".3f")),
         ("copied per decoded token", num((s["bytes_copied_per_token"] or 0) / 2**20 if s["decoded_tokens"] else None,
                                          ".2f") + " MiB"),
+        ("GPU waiting for copies", num(s["gpu_copy_wait_seconds"], ".3f") + " s"),
         ("CPU expert time", num(s["cpu_expert_seconds"], ".3f") + " s"),
         ("peak GPU memory", num(s["peak_gpu_bytes"] / 2**30 if s["peak_gpu_bytes"] else None, ".2f") + " GiB"),
         ("peak host memory", num(s["peak_host_bytes"] / 2**30, ".2f") + " GiB"),

@@ -179,3 +179,105 @@ def demo_model_pair():
         return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
 
     return load(), load()
+
+
+# ---------------------------------------------------------------- loading from checkpoints on disk
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tests.tiny_checkpoints import shared_checkpoints
+
+    return shared_checkpoints(tmp_path_factory)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("layout,shards", [("published", 3), ("fused", 1), ("saved", 3)])
+def test_loaded_from_each_disk_layout_matches_stock(checkpoints, family, layout, shards):
+    """runtime.load reads the experts straight from the safetensors files into its host store
+    (no model object holds them) and decodes as the stock model does."""
+    if family == "gpt_oss" and layout == "published":
+        pytest.skip("published GPT-OSS experts are MXFP4: quantised weights (the reader's tests check them)")
+    directory = checkpoints.dir(family, layout, shards)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(checkpoints.model(family), ids)
+    engine = runtime.load(model=str(directory), device="cpu", dtype="fp32", prefetch="current", on_miss="fetch",
+                          max_context=64, progress=False)
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert all(p.is_meta for l in engine.spec.moe_layers
+               for p in engine.family.experts(engine.model, l).parameters())
+
+
+def test_missing_expert_tensor_is_one_clear_error(checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoints.dir("qwen3_moe", "published", 1)
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    path = next(dst.glob("*.safetensors"))
+    tensors = load_file(path)
+    key = next(k for k in tensors if ".experts.3.up_proj" in k)
+    del tensors[key]
+    save_file(tensors, path)
+    with pytest.raises(SpecmoeError, match="experts.3.up_proj"):
+        runtime.load(model=str(dst), device="cpu", progress=False)
+
+
+def test_dense_model_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(SpecmoeError, match="dense"):
+        runtime.load(model=str(tmp_path / "dense"), device="cpu", progress=False)
+
+
+def test_estimator_of_another_model_is_refused(checkpoints):
+    from specmoe.paths import REPO_ROOT
+
+    with pytest.raises(SpecmoeError, match="another model"):
+        runtime.load(model=str(checkpoints.dir("qwen3_moe", "fused", 1)), device="cpu", prefetch="hybrid",
+                     estimators=str(REPO_ROOT / "checkpoints" / "demo-estimator-h1"), progress=False)
+
+
+def test_host_memory_stays_near_the_expert_bytes(tmp_path):
+    """Loading a checkpoint whose experts dominate peaks near the expert bytes plus the rest,
+    not at twice the experts (no model object ever holds them)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("qwen3_moe", num_experts=32, moe_intermediate_size=512, num_hidden_layers=2,
+                         hidden_size=256, head_dim=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "big-experts")
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    assert expert_bytes > 10 * other_bytes
+    code = textwrap.dedent(f"""
+        import resource, torch, runtime
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports cost ~100 MB: not the model's
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        before = rss()
+        engine = runtime.load(model={str(tmp_path / 'big-experts')!r}, device="cpu", progress=False)
+        print(before, rss(), engine.parts.store.nbytes)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    before, after, store = (int(v) for v in out.stdout.split()[-3:])
+    grown = after - before
+    assert store >= expert_bytes
+    # the store, the non-expert weights and one expert in flight, plus a fixed allowance
+    assert grown < store + 2 * other_bytes + 64 * 2**20, (grown, store, other_bytes)

@@ -78,26 +78,33 @@ def test_speculate_with_oracle_is_exact_on_cuda():
 
 
 def test_copies_overlap_compute():
-    """In the profile of a decode with copies ahead, host-to-device copies run while
-    kernels run on the compute stream."""
+    """In the profile of a decode with copies ahead, host-to-device copies of the next
+    layer's experts run while the current layer's kernels run."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers import Qwen3MoeConfig
 
-    engine = runtime.from_model(_demo(torch.bfloat16), cfg(prefetch="current", on_miss="speculate", max_context=128))
+    from runtime.build import parts_random
+
+    shape = Qwen3MoeConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=1024,
+                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                           num_experts=64, num_experts_per_tok=4, max_position_embeddings=512)
+    config = cfg(prefetch="current", on_miss="speculate", dtype="bf16", cuda_graphs=False, max_context=128)
+    engine = runtime.configure(parts_random(shape, config, progress=False), config)
     list(engine.generate(PROMPT, 4))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        list(engine.generate(PROMPT, 16))
+        list(engine.generate(PROMPT, 8))
     copies, kernels = [], []
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         span = (ev.time_range.start, ev.time_range.end)
-        if "Memcpy HtoD" in ev.name and "Pinned" in ev.name:
-            copies.append(span)
+        if "Memcpy HtoD" in ev.name and "Pinned" in ev.name and ev.time_range.end - ev.time_range.start > 20:
+            copies.append(span)   # expert copies (about 6 MB), not the small index writes
         elif "Memcpy" not in ev.name and "Memset" not in ev.name:
             kernels.append(span)
     assert copies and kernels
     overlapped = sum(1 for cs, ce in copies if any(ks < ce and cs < ke for ks, ke in kernels))
-    assert overlapped / len(copies) > 0.2, (overlapped, len(copies))
+    assert overlapped / len(copies) > 0.5, (overlapped, len(copies))
 
 
 @pytest.mark.parametrize("prefetch,on_miss", [("hybrid", "speculate"), ("hybrid", "fetch"), ("quasi", "cpu")])

@@ -1,0 +1,70 @@
+"""The `infer` command as a user runs it: text out, tables and files written, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.cli import main
+from specmoe.paths import REPO_ROOT
+
+EST = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
+
+
+def test_generate_streams_text_and_writes_telemetry(tmp_path, capsys):
+    tel = tmp_path / "telemetry.json"
+    code = main(["generate", "To be, or not to be", "--device", "cpu", "--max-new-tokens", "12",
+                 "--estimators", EST, "--prefetch", "hybrid", "--on-miss", "cpu", "--telemetry", str(tel), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert len(out.out.strip()) > 0
+    assert "time per token, median" in out.err
+    data = json.loads(tel.read_text())
+    assert data["decoded_tokens"] == 11 and data["engine"]["prefetch"] == "hybrid"
+    assert data["prefetch_hit_rate"] > 0.5
+
+
+def test_generate_reads_stdin(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("And God said"))
+    assert main(["generate", "--device", "cpu", "--max-new-tokens", "4", "--prefetch", "none", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_bench_writes_json_and_markdown_with_the_copy_floor(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--device", "cpu", "--estimators", EST, "--modes", "none+fetch,hybrid+speculate",
+                 "--budgets", "0,25%", "--prompt-tokens", "32", "--decode-tokens", "6", "--warmup", "2",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["mode"] for r in data["modes"]] == ["none+fetch"] * 2 + ["hybrid+speculate"] * 2
+    assert all(r["copy_floor_ms"] is not None for r in data["modes"])
+    assert "copy floor ms" in (out / "bench.md").read_text()
+    assert data["command"].startswith("infer bench")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "hi", "--device", "cpu", "--gpu-expert-budget", "1KiB"], "minimum"),
+    (["generate", "hi", "--device", "cpu", "--model", "/nonexistent/model"], "does not exist"),
+    (["generate", "hi", "--device", "cpu", "--prefetch", "learned"], "--estimators"),
+    (["generate", "hi", "--device", "cpu", "--prefetch", "none", "--on-miss", "speculate"], "speculate"),
+    (["generate", "hi", "--device", "cpu", "--max-context", "8", "--max-new-tokens", "16"], "context"),
+    (["generate", "hi", "--device", "cpu", "--estimators", "/nonexistent/est"], "does not exist"),
+    (["bench", "--device", "cpu", "--modes", "quasi"], "PREFETCH+ON_MISS"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv + ["--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("infer: error:") and message in err[0], err
+
+
+def test_cuda_without_cuda_is_exit_2(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", "hi", "--device", "cuda", "--quiet"]) == 2
+    assert "CUDA" in capsys.readouterr().err
