@@ -3,10 +3,8 @@ from_pretrained for every family; experts="modules" must give the same logits.""
 
 from __future__ import annotations
 
+import gc
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,6 @@ from specmoe.paths import DEMO_MODEL_DIR
 from specmoe.skeleton import load_skeleton
 from tiny_checkpoints import save_layout, shared_checkpoints
 from tiny_models import TINY_FAMILIES, tiny_model
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -166,31 +162,30 @@ def test_misshaped_non_expert_tensor(ckpts, tmp_path):
     assert "model.layers.1.self_attn.o_proj.weight" in str(err.value) and "model.safetensors" in str(err.value)
 
 
-_PEAK_SCRIPT = """
-import gc, sys
-from specmoe.skeleton import load_skeleton
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
 
-load_skeleton(sys.argv[1])          # imports and lazy initialisation are not what is measured
-for experts in ("none", "modules"):
+def _peak_growth(load) -> int:
+    """How far resident memory (file pages included) rose above its level before `load()`."""
     gc.collect()
-    base = status("VmRSS")
+    base = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                # resets the peak (VmHWM) to the current resident size
-    skel = load_skeleton(sys.argv[1], experts=experts)
-    print(experts, status("VmHWM") - base)
-    del skel
-"""
+        f.write("5")  # resets the peak (VmHWM) to the current resident size
+    kept = load()
+    growth = _status_bytes("VmHWM") - base
+    del kept
+    return growth
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
 def test_peak_host_memory_leaves_out_the_experts(tmp_path):
     """Experts are nearly all of this model's bytes; loading without them must not come
-    near them (resident memory, file pages included, measured in a fresh process)."""
+    near them."""
     from transformers import AutoModelForCausalLM
 
     from tiny_checkpoints import write_safetensors
@@ -205,12 +200,13 @@ def test_peak_host_memory_leaves_out_the_experts(tmp_path):
     assert expert_bytes > 100e6 and non_expert < 1e6
     config.save_pretrained(tmp_path)
     write_safetensors(tmp_path, {k: torch.full(s, 0.01) for k, s in shapes.items()})
-    # One thread: on a busy machine OpenMP copies crawl, and memory is what is measured.
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    grown = dict((k, int(v)) for k, v in (line.split() for line in run.stdout.strip().splitlines()))
-    assert grown["none"] < non_expert + 0.1 * expert_bytes, grown
-    assert grown["modules"] > 0.9 * expert_bytes, grown  # the measurement does see experts when they load
+    load_skeleton(tmp_path)  # imports and lazy initialisation are not what is measured
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy machine OpenMP copies crawl; memory is what is measured
+    try:
+        without = _peak_growth(lambda: load_skeleton(tmp_path))
+        whole = _peak_growth(lambda: load_skeleton(tmp_path, experts="modules"))
+    finally:
+        torch.set_num_threads(threads)
+    assert without < non_expert + 0.1 * expert_bytes, (without, expert_bytes)
+    assert whole > 0.9 * expert_bytes, (whole, expert_bytes)  # the measurement does see experts when they load
