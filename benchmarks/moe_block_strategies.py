@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from specmoe.families import FAMILIES
-from specmoe.moe_block import STRATEGIES, grouped_available, routed_output
+from specmoe.moe_block import STRATEGIES, grouped_available, indexed_available, routed_output
 
 # (label, hidden, expert hidden, slots, top-k, token counts)
 SHAPES = (
@@ -105,7 +105,8 @@ def main() -> None:
                 weights = torch.softmax(torch.randn(t, k, generator=gen), -1).to(device, dtype)
                 cells = []
                 for s in STRATEGIES:
-                    if s == "grouped" and not grouped_available(device, dtype):
+                    if (s == "grouped" and not grouped_available(device, dtype)
+                            or s == "indexed" and not indexed_available(device)):
                         cells.append("n/a")
                         continue
                     with torch.no_grad():

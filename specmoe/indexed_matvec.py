@@ -1,4 +1,4 @@
-"""y[p] = W[slot[p]] v[row[p]]: matrix-vector products with weights picked by a device index.
+"""y[p] = W[slot[p]] v[p // share]: matrix-vector products with weights picked by a device index.
 
 The decode step of an MoE block multiplies a handful of vectors by experts chosen on
 the device. Gathering those experts first (`stack[slots]`) copies every weight once
@@ -33,13 +33,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def indexed_matvec_kernel(v_ptr, w_ptr, slot_ptr, row_ptr, y_ptr, N, K,
+    def indexed_matvec_kernel(v_ptr, w_ptr, slot_ptr, y_ptr, N, K, share,
                               s_vrow, s_wslot, s_wn, s_wk, s_yrow,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         p = tl.program_id(0)
         nb = tl.program_id(1)
         slot = tl.load(slot_ptr + p).to(tl.int64)
-        row = tl.load(row_ptr + p).to(tl.int64)
+        row = (p // share).to(tl.int64)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         w_base = w_ptr + slot * s_wslot + n.to(tl.int64)[:, None] * s_wn
@@ -56,11 +56,13 @@ def _kernel():
     return indexed_matvec_kernel
 
 
-def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, rows: Tensor, *, in_out: bool) -> Tensor:
-    """[P, N]: row p is v[rows[p]] times slot slots[p] of `weight`.
+def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, share: int = 1, *, in_out: bool,
+                   tiles: tuple[int, int, int] | None = None) -> Tensor:
+    """[P, N]: row p is v[p // share] times slot slots[p] of `weight` (share = k: every
+    token's row serves its k choices, with no index tensor to build).
 
-    v [R, K] (rows contiguous); weight [S, N, K] (in_out False, F.linear layout) or
-    [S, K, N] (in_out True), any strides; slots, rows [P] integer tensors on v's device."""
+    v [P / share, K] (rows contiguous); weight [S, N, K] (in_out False, F.linear layout)
+    or [S, K, N] (in_out True), any strides; slots [P] an integer tensor on v's device."""
     import triton
 
     if in_out:
@@ -73,9 +75,13 @@ def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, rows: Tensor, *, in
         v = v.contiguous()
     p = slots.shape[0]
     y = torch.empty(p, n_dim, dtype=weight.dtype, device=v.device)
-    # Small tiles over N give enough programs to keep every SM's loads in flight at batch 1.
-    block_n, block_k = (16, 256) if s_wk == 1 else (64, 32)
+    # Tiles (BLOCK_N, BLOCK_K, warps) swept on an H200 at Qwen3-30B-A3B's expert shape, 8
+    # pairs: 3.6-3.9 TB/s of weights read for [out, in] weights (13.8 us for 8 gate_up
+    # projections, 6.4 us for 8 down projections), 2.3 TB/s for GPT-OSS's [in, out].
+    if tiles is None:
+        tiles = ((32, 256, 8) if k_dim >= 1024 else (32, 128, 4)) if s_wk == 1 else (32, 64, 4)
+    block_n, block_k, warps = tiles
     grid = (p, triton.cdiv(n_dim, block_n))
-    _kernel()[grid](v, weight, slots, rows, y, n_dim, k_dim, v.stride(0), weight.stride(0), s_wn, s_wk, y.stride(0),
-                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    _kernel()[grid](v, weight, slots, y, n_dim, k_dim, share, v.stride(0), weight.stride(0), s_wn, s_wk, y.stride(0),
+                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y

@@ -9,24 +9,51 @@ Every family difference (weight layout, glu, biases, routing) comes from
 `specmoe.families`; nothing here names a family.
 
 No path has a Python loop over experts, a host synchronisation or a data-dependent
-shape, so each can be captured in a CUDA graph. Three strategies compute the same
+shape, so each can be captured in a CUDA graph. Four strategies compute the same
 routed output:
 
-- ``gather``: the weights of every (token, choice) pair are gathered into a
-  [T*k, ...] copy and multiplied in batched matmuls (as gpt-fast does). Cheapest
-  when T*k is small; the copy grows with T.
-- ``grouped``: the (token, choice) pairs are sorted by slot and each projection is one
-  grouped matmul (`torch._grouped_mm` / `F.grouped_mm`) with end offsets computed on
-  the device (searchsorted, no histogram): every slot's weights are read once. Used
-  where the kernel exists: CUDA bf16 on sm90+, the CPU with torch >= 2.11.
-- ``dense``: every token through every slot, then the chosen outputs picked; exact,
-  S/k times the arithmetic, the fallback where ``grouped`` is not available (tokens
-  in chunks to bound memory).
+- ``indexed`` (CUDA with Triton): one kernel per projection reads each chosen slot's
+  weights in place (`specmoe.indexed_matvec`): decode at the memory-bandwidth floor
+  of the weights, no copy. Elsewhere it runs ``gather``.
+- ``gather``: the weights of every (token, choice) pair are gathered into a [T*k, ...]
+  copy and multiplied in batched matmuls (as gpt-fast does); the copy grows with T.
+- ``grouped``: the pairs are sorted by slot and each projection is one grouped matmul
+  (`torch._grouped_mm` / `F.grouped_mm`) with end offsets found on the device
+  (searchsorted): every slot's weights are read once. Where the kernel exists: CUDA
+  bf16 on sm90+, the CPU with torch >= 2.11; elsewhere it runs ``dense``.
+- ``dense``: every token through every slot in chunks, then the chosen outputs picked:
+  exact, S/k times the arithmetic.
 
-``auto`` takes ``gather`` while T*k <= GATHER_MAX_PAIRS, then ``grouped`` where
-available, else ``dense``.
+``auto`` picks by T*k pairs: ``indexed`` up to INDEXED_MAX_PAIRS (128) where it can
+run, else ``gather`` up to GATHER_MAX_PAIRS (8) if the copies stay within
+GATHER_MAX_BYTES (4 MiB on the CPU), else ``grouped``, else ``dense``.
 
-`benchmarks/moe_block_strategies.py` times the strategies against each other.
+Milliseconds per call (best of 20; `benchmarks/moe_block_strategies.py`), SwiGLU slot
+stacks laid out as the runtime lays them out:
+
+    CPU, 2 cores (the H200 host pinned to 2 cores, torch 2.11; this project's own 2-core
+    machine, shared with other jobs, gave the same ranking with 2-50x noise)
+                                      T    gather   grouped   dense
+    demo H128 I64 S32 k4, fp32        1     0.099     0.180   0.115
+                                     16     0.747     0.535   0.438
+                                    256      33.2      0.97    3.9
+    demo, bf16                        1     0.205     0.370   0.450
+                                     16     0.934     1.23    0.465
+                                    256      21.5      1.80    1.37
+    Qwen3-30B-A3B H2048 I768 S16 k8   1      55.8      6.9    11.6    (fp32)
+                                      1      31.9      3.3   199      (bf16)
+
+    H200, bf16, CUDA graph replays    T    gather   grouped   dense   indexed
+    Qwen3-30B-A3B, all 128 in slots   1     0.093     0.094   0.320   0.053
+                                      4     0.254     0.161   0.323   0.112
+                                     16     0.837     0.345   0.344   0.299
+                                     64      2.99     0.497   0.397   0.850
+                                   1024      46.8     0.685   3.66    11.1
+
+So on the CPU gather wins only for small experts at T=1 (the 4 MiB copy limit) and
+grouped from a few tokens on; on the GPU the indexed kernel wins decode (its two
+projections take 20 us of the 53; the rest is the glu and combine launches) and
+grouped wins prefill by 5x over dense.
 
 Numerics follow the stock transformers experts (their batched and grouped paths): x
 is cast to the weights' dtype, each projection and the glu run in that dtype, each
@@ -46,15 +73,16 @@ from specmoe.families import Family, SharedExpert
 from specmoe.indexed_matvec import available as indexed_matvec_available
 from specmoe.indexed_matvec import indexed_matvec
 
-__all__ = ["STRATEGIES", "GATHER_MAX_PAIRS", "routed_output", "moe_block_forward", "stack_from_module",
+__all__ = ["STRATEGIES", "INDEXED_MAX_PAIRS", "GATHER_MAX_PAIRS", "GATHER_MAX_BYTES", "routed_output", "moe_block_forward", "stack_from_module",
            "grouped_available", "indexed_available", "choose_strategy"]
 
 Tensor = torch.Tensor
 
 STRATEGIES = ("gather", "grouped", "dense", "indexed")
 
-# Up to this many (token, choice) pairs `auto` takes a per-pair path (indexed or gather);
-# beyond it, it groups.
+# Up to this many (token, choice) pairs `auto` runs the indexed kernel on CUDA ...
+INDEXED_MAX_PAIRS = 128
+# ... or, without it, gathers weight copies; beyond these, it groups.
 GATHER_MAX_PAIRS = 8
 # ... and gathers only while the weight copies stay this small (bytes, per device type):
 # on the CPU, allocating and filling a large copy costs more than the grouped kernel.
@@ -92,11 +120,10 @@ def indexed_available(device: torch.device) -> bool:
 def choose_strategy(pairs: int, device: torch.device, dtype: torch.dtype, expert_bytes: int = 0) -> str:
     """What `auto` runs for `pairs` = T*k (token, choice) pairs of experts of `expert_bytes` each."""
     device = torch.device(device)
-    if pairs <= GATHER_MAX_PAIRS:
-        if indexed_available(device):
-            return "indexed"
-        if pairs * expert_bytes <= GATHER_MAX_BYTES.get(device.type, 0):
-            return "gather"
+    if pairs <= INDEXED_MAX_PAIRS and indexed_available(device):
+        return "indexed"
+    if pairs <= GATHER_MAX_PAIRS and pairs * expert_bytes <= GATHER_MAX_BYTES.get(device.type, 0):
+        return "gather"
     return "grouped" if grouped_available(device, dtype) else "dense"
 
 
@@ -172,8 +199,8 @@ def _dense(family: Family, experts: nn.Module, x: Tensor, stack: dict[str, Tenso
 
 
 def _indexed_linear(family: Family, stack: dict[str, Tensor], name: str, v: Tensor, flat: Tensor,
-                    rows: Tensor) -> Tensor:
-    out = indexed_matvec(v, stack[name], flat, rows, in_out=family.weights_in_out)
+                    share: int) -> Tensor:
+    out = indexed_matvec(v, stack[name], flat, share, in_out=family.weights_in_out)
     bias = stack.get(name + "_bias")
     return out if bias is None else out + bias[flat]
 
@@ -181,10 +208,9 @@ def _indexed_linear(family: Family, stack: dict[str, Tensor], name: str, v: Tens
 def _indexed(family: Family, experts: nn.Module, x: Tensor, stack: dict[str, Tensor], slots: Tensor) -> Tensor:
     t, k = slots.shape
     flat = slots.reshape(-1)
-    pairs = torch.arange(t * k, device=x.device)
-    gate_up = _indexed_linear(family, stack, "gate_up_proj", x, flat, pairs // k)
+    gate_up = _indexed_linear(family, stack, "gate_up_proj", x, flat, k)
     a = family.glu_fn(experts, gate_up)
-    return _indexed_linear(family, stack, "down_proj", a, flat, pairs).view(t, k, -1)
+    return _indexed_linear(family, stack, "down_proj", a, flat, 1).view(t, k, -1)
 
 
 _RUN = {"gather": _gather, "grouped": _grouped, "dense": _dense, "indexed": _indexed}

@@ -177,6 +177,26 @@ def test_shared_override(models):
         torch.testing.assert_close(full, routed + module(x))
 
 
+@torch.no_grad()
+def test_experts_module_on_meta(models):
+    """The runtime keeps the stock experts module with its parameters on the meta device:
+    only its activation and constants may be read."""
+    import copy
+
+    model = models[torch.float32]
+    family = detect_family(model)
+    layer = family.spec(model).moe_layers[-1]
+    block = family.moe_block(model, layer)
+    stack = {k: v.clone() for k, v in stack_from_module(family, getattr(block, family.experts_attr)).items()}
+    x = _inputs(torch.float32, seed=9)
+    want, _, _ = moe_block_forward(family, block, x, stack, torch.arange(NUM_EXPERTS))
+    hollow = copy.deepcopy(block)
+    getattr(hollow, family.experts_attr).to("meta")
+    for strategy in STRATEGIES:
+        got, _, _ = moe_block_forward(family, hollow, x, stack, torch.arange(NUM_EXPERTS), strategy=strategy)
+        torch.testing.assert_close(got, want, **_tolerance(torch.float32, want))
+
+
 def test_stack_from_module_selection():
     model = tiny_model("gpt_oss")
     family = detect_family(model)
