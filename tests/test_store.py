@@ -670,3 +670,30 @@ def test_bad_batches(tmp_path):
         w.add({**b, "layers.1.residual": b["layers.1.residual"][:, :15]})
     with pytest.raises(SpecmoeError, match="owns that field"):
         new_writer(tmp_path / "u", meta={**META, "shards": []})
+
+
+def test_grow_a_complete_trace_through_an_interruption(tmp_path):
+    """grow() reopens a complete trace: its shards stay as they are (the short last one too),
+    new ones follow, and a growth killed before its first new shard resumes like any trace."""
+    out = tmp_path / "t"
+    full_run(out)  # 17 sequences: shards of 3, 3, 3, 3, 3, 2
+    before = shard_hashes(out)
+    w = new_writer(out, resume=True)
+    w.grow()
+    assert not w.complete and not TraceReader(out).complete
+    acc = Acc(w.state)
+    feed(w, TOTAL, TOTAL + 4, BATCH, acc, limit=1)  # 2 sequences: no new shard yet, then killed
+    del w
+    w = new_writer(out, resume=True)
+    assert w.sequences_done == TOTAL and not w.complete
+    acc = Acc(w.state)
+    feed(w, TOTAL, TOTAL + 7, BATCH, acc)
+    w.close(acc.default_vectors())
+    after = shard_hashes(out)
+    assert all(after[name] == digest for name, digest in before.items())
+    r = TraceReader(out, verify=True)
+    assert r.complete and [e["sequences"] for e in r.manifest["shards"]] == [3, 3, 3, 3, 3, 2, 3, 3, 1]
+    ref = make_sequences(0, TOTAL + 7)
+    assert torch.equal(r.token_ids(), ref["token_ids"].to(torch.int32))
+    assert torch.equal(r.layer(3, fields=("topk_ids",))["topk_ids"], ref["layers.3.topk_ids"].to(torch.int32))
+    assert int(r.expert_counts()[1].sum()) == (TOTAL + 7) * SEQ_LEN * K

@@ -172,7 +172,7 @@ class TraceWriter:
         self._buffered = 0  # sequences in the buffer being filled
         self._dims: dict[str, int] | None = None
         self._last_state_fn: Callable[[], dict[str, torch.Tensor]] | None = None
-        self._closed_short = False  # last shard is short: only close() may follow
+        self._closed_short = False  # this run wrote a short shard: only close() may follow
         # shards written by worker threads, committed (state + manifest) strictly in order
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="trace-shard") if self.workers else None
         self._jobs: list[Future] = []
@@ -579,8 +579,8 @@ class TraceWriter:
         self.state = found.state
         if found.pending_sequences:
             self._restore_pending(found.pending, found.pending_sequences)
-        if self._shards and self._shards[-1]["sequences"] < self.sequences_per_shard:
-            self._closed_short = True
+        # a short last shard of an earlier run (one that completed, or was killed while
+        # completing) may be followed by more shards: the trace grows after it
         if found.adopted:
             self._write_manifest()
 
@@ -606,7 +606,6 @@ class TraceWriter:
         if self.state is None and self._shards:
             raise SpecmoeError(f"the trace at {self.out_dir} keeps no accumulator state; it cannot grow")
         self.complete = False
-        self._closed_short = False
         self._default_vectors_entry = None
         self._write_manifest()  # no longer complete: an interrupted growth is resumed like any trace
         (self.out_dir / DEFAULT_VECTORS_FILE).unlink(missing_ok=True)
