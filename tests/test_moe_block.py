@@ -254,3 +254,28 @@ def test_gpu_bf16_and_cuda_graph():
                 want = family.moe_forward(model, layer, new_x.unsqueeze(0)).reshape(1, HIDDEN)
                 torch.testing.assert_close(static_out, want, **_tolerance(torch.bfloat16, want),
                                            msg=f"{model_type} graph replay")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("model_type, sizes", [
+    ("qwen3_moe", dict(hidden_size=1024, moe_intermediate_size=512)),
+    ("gpt_oss", dict(hidden_size=1024, intermediate_size=512)),
+])
+def test_gpu_strategies_at_scale(model_type, sizes):
+    """Hidden 1024: the indexed kernel's wide tiles (K >= 1024) and both weight layouts."""
+    device = torch.device("cuda")
+    model = tiny_model(model_type, **sizes).to(device, torch.bfloat16)
+    family = detect_family(model)
+    layer = family.spec(model).moe_layers[-1]
+    block = family.moe_block(model, layer)
+    table = torch.randperm(NUM_EXPERTS, generator=torch.Generator().manual_seed(1))
+    slot_of = {e: int(table[e]) for e in range(NUM_EXPERTS)}
+    stack = padded_stack(stack_from_module(family, getattr(block, family.experts_attr)), slot_of, NUM_EXPERTS)
+    for tokens in (1, 5, 40):
+        x = torch.randn(tokens, sizes["hidden_size"], generator=torch.Generator().manual_seed(tokens))
+        x = x.to(device, torch.bfloat16)
+        ref = family.moe_forward(model, layer, x.unsqueeze(0)).reshape(tokens, -1)
+        for strategy in STRATEGIES + ("auto",):
+            out, _, _ = moe_block_forward(family, block, x, stack, table.to(device), strategy=strategy)
+            torch.testing.assert_close(out, ref, **_tolerance(torch.bfloat16, ref), msg=f"{strategy} T={tokens}")
