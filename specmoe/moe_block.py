@@ -9,7 +9,8 @@ Every family difference (weight layout, glu, biases, routing) comes from
 `specmoe.families`; nothing here names a family.
 
 No path has a Python loop over experts, a host synchronisation or a data-dependent
-shape, so each can be captured in a CUDA graph. Four strategies compute the same
+shape, so each can be captured in a CUDA graph (call it once before capturing: Triton
+compiles and the matmul libraries initialise on first use). Four strategies compute the same
 routed output:
 
 - ``indexed`` (CUDA with Triton): one kernel per projection reads each chosen slot's
