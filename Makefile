@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m tracing.model_report --split test --max-tokens 16384
-	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --max-tokens 262144 --resume
-	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-test --split test --resume
+	HF_HUB_OFFLINE=1 $(PY) -m tracing.model_report --split test --max-tokens 4096
+	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --max-tokens 65536 --resume
+	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-test --split test --max-tokens 32768 --resume
 	HF_HUB_OFFLINE=1 $(VENV)/bin/train --traces $(DEMO)/trace-train --eval-traces $(DEMO)/trace-test \
 		--lookahead 1 --out $(DEMO)/estimator-h1 --overwrite
 
