@@ -5,7 +5,9 @@ Public API (see each module's docstring):
     load_estimator, save_estimator,
     router_fingerprint                     estimators.checkpoint (checkpoint format v1)
     compute_metrics, MetricAccumulator     estimators.metrics
-The `train` command: estimators.cli (python -m estimators).
+The `train` command: estimators.cli (python -m estimators); from Python,
+run_train(TrainRun(...)) and run_evaluate(EvaluateRun(...)) with an
+estimators.config.EstimatorConfig inside.
 """
 
 from .checkpoint import load_estimator, router_fingerprint, save_estimator
