@@ -56,7 +56,10 @@ def load_skeleton(model_id: str | Path, *, device: str | torch.device = "cpu", d
     whole model."""
     if experts not in ("none", "modules"):
         raise SpecmoeError(f"experts={experts!r}: use 'none' or 'modules'")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SpecmoeError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecmoeError(f"device {device} needs CUDA, but no GPU is visible")
     reader = CheckpointReader(model_id, revision)

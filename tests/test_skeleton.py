@@ -146,6 +146,8 @@ def test_bad_arguments(ckpts):
         load_skeleton(directory, experts="all")
     with pytest.raises(SpecmoeError, match="unknown dtype"):
         load_skeleton(directory, dtype="fp8")
+    with pytest.raises(SpecmoeError, match="unknown device"):
+        load_skeleton(directory, device="gpu0")
 
 
 def test_misshaped_non_expert_tensor(ckpts, tmp_path):
