@@ -76,8 +76,9 @@ def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, n
 
 
 def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, continuation: list[int],
-             warmup: int, recorded: RecordedRouting | None) -> dict:
-    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
+             warmup: int, recorded: RecordedRouting | None, predictor=None) -> dict:
+    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None,
+                       predictor=predictor(parts) if predictor is not None else None)
     try:
         engine.reset()
         tel = engine.telemetry
@@ -116,7 +117,8 @@ def mode_runs(base: RuntimeConfig, modes: list[tuple[str, str]], budgets: list[s
 
 def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], prompt: torch.Tensor,
           decode_tokens: int, warmup: int, progress: bool = True, labels: list[str] | None = None) -> dict:
-    """Run every config in `runs` on the same prompt and decoded tokens; one row each."""
+    """Run every config in `runs` on the same prompt and decoded tokens; one row each. An item
+    may also be (config, make_predictor), make_predictor(parts) giving the run's predictor."""
     if decode_tokens <= warmup:
         raise SpecmoeError(f"--decode-tokens ({decode_tokens}) must exceed --warmup ({warmup})")
     bandwidth = copy_bandwidth(parts.device)
@@ -124,7 +126,8 @@ def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], pro
     feed = continuation[:decode_tokens]
     rows = []
     for i, config in enumerate(tqdm(runs, desc="infer bench", unit="mode", disable=not progress)):
-        s = run_mode(parts, config, prompt, feed, warmup, recorded)
+        config, make = config if isinstance(config, tuple) else (config, None)
+        s = run_mode(parts, config, prompt, feed, warmup, recorded, make)
         if labels is not None:
             s["mode"] = labels[i]
         per_token = s["bytes_copied_per_token"] or 0.0

@@ -127,8 +127,10 @@ def _move_materialised(model, device: torch.device) -> None:
             t.data = t.data.to(device)
 
 
-def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRouting | None = None) -> Engine:
-    """An Engine running `parts` in the mode `config` asks for (prefetch, miss policy, budget)."""
+def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRouting | None = None,
+              predictor=None) -> Engine:
+    """An Engine running `parts` in the mode `config` asks for (prefetch, miss policy, budget).
+    `predictor` (a runtime.predict.RuntimePredictor) replaces the one `config.prefetch` names."""
     config.validate()
     model, family, spec, store, device = parts.model, parts.family, parts.spec, parts.store, parts.device
     layout = store.layout
@@ -141,9 +143,10 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
         lookahead = int(read_config(config.estimators)["lookahead"])
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:
         prefetch = "none"  # nothing lies `lookahead` MoE layers ahead of any layer
-    predictor = build_predictor(prefetch, model, family, spec, estimators=config.estimators,
-                                default_vectors=config.default_vectors, lookahead=lookahead, recorded=recorded,
-                                oracle_hit_rate=config.oracle_hit_rate, device=device)
+    if predictor is None:
+        predictor = build_predictor(prefetch, model, family, spec, estimators=config.estimators,
+                                    default_vectors=config.default_vectors, lookahead=lookahead, recorded=recorded,
+                                    oracle_hit_rate=config.oracle_hit_rate, device=device)
     if predictor is not None:
         lookahead = predictor.lookahead
     if config.on_miss == "speculate" and predictor is None:
@@ -157,6 +160,8 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
     cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
+    if num_slots >= total:
+        moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)
     info = dict(parts.info)
     info.update({"family": family.name, "device": str(device), "dtype": str(layout.dtype).replace("torch.", ""),

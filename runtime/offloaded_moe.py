@@ -70,6 +70,16 @@ class OffloadedMoE:
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
 
+    def preload_all(self) -> None:
+        """Copy every expert into its own slot now (a budget that holds them all)."""
+        for layer in self.spec.moe_layers:
+            for e in range(self.spec.num_experts):
+                key = (layer, e)
+                if key not in self.slots:
+                    self._copy(key, self.slots.reserve(key, set()))
+        self.streams.synchronize()
+        self.telemetry.bytes_copied = 0
+
     # ---------------------------------------------------------------- per step
 
     def begin_step(self) -> None:

@@ -138,6 +138,18 @@ def build_predictor(mode: str, model, family, spec, *, estimators: str | Path | 
                               mode)
 
 
+def router_predictor(model, family, spec, kind: str, default_vectors: dict | None = None, lookahead: int = 1,
+                     device="cpu") -> EstimatorPredictor:
+    """`current` or `quasi` from the model's own norms and routers, with default vectors given
+    as tensors {source layer: [E, H]} (zeros where None)."""
+    est = _router_only_estimator(model, family, spec, lookahead, None, "current", device)
+    if default_vectors is not None:
+        for s, _ in est.pairs:
+            est.default_vectors(s).copy_(default_vectors[s])
+    est.set_kinds({t: kind for t in est.targets})
+    return EstimatorPredictor(est, kind)
+
+
 def _router_only_estimator(model, family, spec, lookahead, default_vectors, mode, device):
     """An estimator with no correction nets: the model's own norms and routers (plus default
     vectors for `quasi`, from a trace)."""
