@@ -27,7 +27,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-train --split train --max-tokens 65536 --resume
 	HF_HUB_OFFLINE=1 $(VENV)/bin/trace --out $(DEMO)/trace-test --split test --max-tokens 32768 --resume
 	HF_HUB_OFFLINE=1 $(VENV)/bin/train --traces $(DEMO)/trace-train --eval-traces $(DEMO)/trace-test \
-		--lookahead 1 --out $(DEMO)/estimator-h1 --overwrite
+		--lookahead 1 --out $(DEMO)/estimator-h1 --skip-existing
+	HF_HUB_OFFLINE=1 $(VENV)/bin/infer generate "ROMEO. What light through yonder window breaks?" \
+		--estimators $(DEMO)/estimator-h1 --prefetch hybrid --on-miss fetch --gpu-expert-budget 25% --max-new-tokens 48
+	HF_HUB_OFFLINE=1 $(VENV)/bin/infer bench --estimators $(DEMO)/estimator-h1 --budgets 0,25% \
+		--modes none+fetch,hybrid+fetch,hybrid+cpu,hybrid+speculate --prompt-tokens 128 --decode-tokens 24 \
+		--out $(DEMO)/bench
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
