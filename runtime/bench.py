@@ -142,7 +142,8 @@ def markdown(result: dict, command: str) -> str:
     lines = [
         f"Model `{result['model']}` on `{result['device']}`; prompt {result['prompt_tokens']} tokens, "
         f"{result['decode_tokens'] - result['warmup']} decoded tokens timed after {result['warmup']} warm-up; "
-        f"host-to-device copy {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured in the same run.",
+        f"{'host-to-device copy' if result['device'].startswith('cuda') else 'copies (host memory to host memory on the CPU)'} "
+        f"{result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured in the same run.",
         "",
         f"    {command}",
         "",

@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 import torch
 
 from specmoe.errors import SpecmoeError
+from specmoe.paths import display_path
 
 from .budget import slots_for_budget
 from .config import RuntimeConfig
@@ -78,7 +79,7 @@ def load_parts(config: RuntimeConfig, progress: bool = True) -> ModelParts:
     store.fill(source, progress=progress)
     skeleton.model.eval()
     return ModelParts(skeleton.model, skeleton.family, skeleton.spec, store, device, skeleton.tokenizer,
-                      {"model": str(skeleton.model_id)})
+                      {"model": display_path(reader.path)})
 
 
 def from_model(model, config: RuntimeConfig, *, tokenizer=None, progress: bool = False,

@@ -153,7 +153,7 @@ def bench_prompt(tokenizer, n: int) -> torch.Tensor:
     ds = load_text_dataset(None, split="test")
     ids: list[int] = []
     for row in ds:
-        ids.extend(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"])
         if len(ids) >= n:
             break
     if len(ids) < n:
