@@ -1,4 +1,4 @@
-"""Router inputs and quasi-hidden states, batched and in float32 (docs/method.md).
+"""Router inputs and quasi-hidden states, batched and in float32.
 
 For MoE layer l and a target layer t = l + h (h MoE layers later):
 

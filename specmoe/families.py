@@ -15,7 +15,7 @@ as `top_k`, `norm_topk_prob`, `e_score_correction_bias`, expert attributes such 
 `act_fn`, `alpha`, `limit`), not off version checks, so one description serves
 transformers 5.17 and 5.24 alike.
 
-Notation (docs/method.md): r_l is the residual after attention, s_l = LN_moe_l(r_l)
+Notation (the README's `train` section): r_l is the residual after attention, s_l = LN_moe_l(r_l)
 the router input, z_l the router logits, (I_l, g_l) the top-k ids and weights.
 """
 
