@@ -19,29 +19,21 @@ class Streams:
         else:
             self.compute = self.copy = None
 
-    def event(self, timing: bool = False):
-        return torch.cuda.Event(enable_timing=timing) if self.cuda else None
+    def _record(self, stream, timing: bool = False):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=timing)
+        ev.record(stream)
+        return ev
 
     def record_on_copy(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(self.copy)
-        return ev
+        return self._record(self.copy)
 
     def record_on_compute(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(self.compute)
-        return ev
+        return self._record(self.compute)
 
     def timed_event_on_compute(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(self.compute)
-        return ev
+        return self._record(self.compute, timing=True)
 
     def copy_waits(self, event) -> None:
         if event is not None:
