@@ -281,3 +281,16 @@ def test_host_memory_stays_near_the_expert_bytes(tmp_path):
     assert store >= expert_bytes
     # the store, the non-expert weights and one expert in flight, plus a fixed allowance
     assert grown < store + 2 * other_bytes + 64 * 2**20, (grown, store, other_bytes)
+
+
+def test_budget_rules():
+    from runtime.budget import minimum_slots, parse_budget, slots_for_budget
+
+    assert parse_budget("8GiB", 10) == 8 * 2**30 and parse_budget("1.5 GB", 10) == 1_500_000_000
+    assert parse_budget("25%", 1000) == 250 and parse_budget(4096, 10) == 4096
+    assert minimum_slots(8, 1, True) == 16 and minimum_slots(8, 2, True) == 24 and minimum_slots(4, 3, False) == 8
+    assert slots_for_budget("0", 100, 1000, 4, 1, True, None) == 8
+    assert slots_for_budget("50%", 100, 1000, 4, 1, True, None) == 500
+    assert slots_for_budget("100%", 100, 1000, 4, 1, True, None) == 1000
+    with pytest.raises(SpecmoeError, match="GPU memory free"):
+        slots_for_budget("50%", 100, 1000, 4, 1, True, free_bytes=10_000)
