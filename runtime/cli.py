@@ -2,6 +2,7 @@
 
     infer generate "To be, or not to be" --estimators checkpoints/demo-estimator-h1 --prefetch hybrid
     infer bench --estimators checkpoints/demo-estimator-h1 --modes none+fetch,hybrid+fetch,hybrid+speculate
+    infer eval --estimators checkpoints/demo-estimator-h1 --modes quasi,learned,hybrid
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=4, help="decoded tokens not timed (default: %(default)s)")
     b.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.md (default: %(default)s)")
     _common(b)
+    ev = sub.add_parser("eval", help="what speculation costs in accuracy: every mode against the exact model")
+    ev.add_argument("--modes", default=None,
+                    help="speculative predictors, comma-separated (default: quasi,learned,hybrid with --estimators, "
+                         "else current,quasi)")
+    ev.add_argument("--dataset", default=None, help="any input trace accepts (default: the bundled demo corpus)")
+    ev.add_argument("--split", default="test", help="(default: %(default)s)")
+    ev.add_argument("--text-field", default="text", help="(default: %(default)s)")
+    ev.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    ev.add_argument("--max-tokens", type=int, default=16384, help="tokens evaluated (default: %(default)s)")
+    ev.add_argument("--exact-prefix", type=int, default=0,
+                    help="first tokens of each sequence run exactly, as a prefill would (default: %(default)s)")
+    ev.add_argument("--out", default="runs/eval", help="directory for eval.json, eval.md, eval.png (default: %(default)s)")
+    _common(ev)
     return parser
 
 
@@ -190,11 +204,49 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_eval(args: argparse.Namespace) -> dict:
+    from specmoe.corpus import load_text_dataset
+    from specmoe.tokens import pack_rows
+
+    from .build import load_parts
+    from .evaluate import evaluate, markdown, plot
+    from .telemetry import write_json
+
+    config = runtime_config(args)
+    if args.modes is None:
+        modes = ["quasi", "learned", "hybrid"] if config.estimators else ["current", "quasi"]
+    else:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    needs = [m for m in modes if m in ("learned", "hybrid")]
+    if needs and not config.estimators:
+        raise SpecmoeError(f"mode {needs[0]} needs trained estimators: pass --estimators DIR (made by `train`)")
+    if "quasi" in modes and not (config.estimators or config.default_vectors):
+        raise SpecmoeError("mode quasi needs default vectors: pass --estimators DIR or --default-vectors TRACE")
+    if args.seq_len < 2 or args.max_tokens < args.seq_len:
+        raise SpecmoeError(f"need --seq-len >= 2 and --max-tokens >= --seq-len (got {args.seq_len}, {args.max_tokens})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SpecmoeError(f"--out {out} is a file, not a directory")
+    dataset = load_text_dataset(args.dataset, split=args.split, text_field=args.text_field)
+    parts = load_parts(config, progress=not args.quiet)
+    if parts.tokenizer is None:
+        raise SpecmoeError("this model has no tokenizer; infer eval needs one")
+    rows = pack_rows(dataset, parts.tokenizer, args.text_field, args.seq_len, args.max_tokens)
+    result = evaluate(parts, config, modes, rows, args.exact_prefix, progress=not args.quiet)
+    result.update({"model": parts.info.get("model"), "dataset": args.dataset or "the demo corpus",
+                   "split": args.split, "estimators": config.estimators,
+                   "command": "infer eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", result)
+    md = markdown(result)
+    (out / "eval.md").write_text(f"    {result['command']}\n\n" + md, encoding="utf-8")
+    plot(result, out / "eval.png")
+    print(md)
+    return result
+
+
 @cli_errors("infer")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        run_generate(args)
-    else:
-        run_bench(args)
+    {"generate": run_generate, "bench": run_bench, "eval": run_eval}[args.command](args)
     return 0

@@ -66,6 +66,9 @@ class OffloadedMoE:
         self._inflight: dict[int, set] = {}     # layer -> keys copied ahead for it, not yet used
         self._block_bytes = store.layout.block_bytes
         self.record_routing: dict | None = None  # (position, layer) -> (ids, weights) when recording
+        # Speculate on steps of many tokens too (teacher-forced evaluation: every token of a
+        # sequence predicted from its own states, as decoding it one token at a time would).
+        self.speculate_many = False
         self._staging: dict[int, torch.Tensor] = {}   # pinned host buffers for one layer's small reads
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
@@ -88,7 +91,7 @@ class OffloadedMoE:
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
         predicted = self._predicted.pop(layer, None)
-        speculative = self.on_miss == "speculate" and predicted is not None and T == 1
+        speculative = self.on_miss == "speculate" and predicted is not None and (T == 1 or self.speculate_many)
         if speculative:
             ids, weights, host_ids = predicted.ids, predicted.weights, predicted.host_ids
             if self.telemetry.track_hits:
@@ -125,7 +128,7 @@ class OffloadedMoE:
             pred_host = [row[k:k + kp] for row in rows]
             current = {(layer, int(e)) for row in host_ids for e in row}
             # After this layer's own copies are queued (they are needed first), before its compute.
-            then = lambda: self._prefetch(target, pred, pred_host, current)  # noqa: E731
+            then = lambda copy: self._prefetch(target, pred, pred_host, current, copy)  # noqa: E731
         return self._compute(layer, s, ids, weights, host_ids, then)
 
     # ---------------------------------------------------------------- graphed decode
@@ -154,7 +157,7 @@ class OffloadedMoE:
         k = g.ids[layer].shape[1]
         if predicted is not None:
             if layer in g.pred_ids:
-                self.telemetry.count_predicted(layer, k)
+                self.telemetry.count_predicted(layer, k, 1)
             else:
                 self.telemetry.prefetch_hits_device(layer, predicted.ids, g.ids[layer])
         pred = None
@@ -235,9 +238,12 @@ class OffloadedMoE:
         # One small read; .tolist() on a device tensor waits only for the work that produced it.
         return t.reshape(t.shape[0], -1).tolist()
 
-    def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset()) -> None:
+    def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset(),
+                  copy: bool = True) -> None:
         ids_dev, w_dev = pred
         self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
+        if not copy:
+            return
         wanted = []
         for row in pred_host:
             for e in row:
@@ -279,7 +285,8 @@ class OffloadedMoE:
 
     def _plan(self, layer: int, host_ids: list[list[int]], chunk: set[int], cpu_ok: bool) -> _Plan:
         plan = _Plan()
-        protected = {(layer, e) for e in chunk} | {k for keys in self._inflight.values() for k in keys}
+        # This layer's other prefetched experts may give way to the group being computed.
+        protected = {(layer, e) for e in chunk} | {k for l, keys in self._inflight.items() if l != layer for k in keys}
         zero = self.slots.zero_slot
         waits = []
         for t, row in enumerate(host_ids):
@@ -327,10 +334,11 @@ class OffloadedMoE:
         chunks = self._chunks(layer, host_ids)
         for chunk in chunks:
             plan = self._plan(layer, host_ids, chunk, cpu_ok)
-            if then is not None and len(chunks) == 1:
+            if then is not None:
                 # Copies ahead only when this layer fits the slots at once (a prefill that
-                # cycles its experts through every slot leaves nothing to copy into).
-                then()
+                # cycles its experts through every slot leaves nothing to copy into); the
+                # prediction itself is kept either way.
+                then(len(chunks) == 1)
                 then = None
             if plan.cpu_work:
                 w_host = weights.float().cpu()

@@ -51,20 +51,23 @@ class Telemetry:
         self._index = {l: i for i, l in enumerate(self.moe_layers)}
         self._pred_hits = torch.zeros(n, dtype=torch.long, device=self.device)
         self._pred_total = [0] * n
+        self._pred_exact = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._pred_tokens = [0] * n
         self._decode_bytes_start = 0
         self._waits: list = []
 
     def reset_counters(self) -> None:
         """Forget everything counted so far (e.g. after warm-up). Device counters are zeroed
         in place: captured CUDA graphs keep adding into the same tensor."""
-        hits = self._pred_hits
+        hits, exact = self._pred_hits, self._pred_exact
         fresh = Telemetry(self.moe_layers, self.device, self.track_hits)
         self.__dict__.update(fresh.__dict__)
-        self._pred_hits = hits
+        self._pred_hits, self._pred_exact = hits, exact
         self.zero_device_counters()
 
     def zero_device_counters(self) -> None:
         self._pred_hits.zero_()
+        self._pred_exact.zero_()
 
     def count_use(self, layer: int, hit: bool) -> None:
         self.uses[layer] = self.uses.get(layer, 0) + 1
@@ -77,9 +80,12 @@ class Telemetry:
         CUDA graph too; then count=False and the host counts with `count_predicted`)."""
         i = self._index[layer]
         p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
-        self._pred_hits[i] += (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
+        found = (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1)
+        self._pred_hits[i] += found.sum()
+        self._pred_exact[i] += found.all(-1).sum()
         if count:
             self._pred_total[i] += t.numel()
+            self._pred_tokens[i] += t.shape[0]
 
     def copy_wait(self, before, after) -> None:
         if before is not None:
@@ -92,8 +98,9 @@ class Telemetry:
             total += before.elapsed_time(after) / 1e3
         return total
 
-    def count_predicted(self, layer: int, n: int) -> None:
+    def count_predicted(self, layer: int, n: int, tokens: int = 1) -> None:
         self._pred_total[self._index[layer]] += n
+        self._pred_tokens[self._index[layer]] += tokens
 
     def mark_decode_start(self) -> None:
         self._decode_bytes_start = self.bytes_copied
@@ -101,14 +108,16 @@ class Telemetry:
     # -------------------------------------------------------------- report
 
     def summary(self) -> dict:
-        hits = self._pred_hits.tolist()
+        hits, exact = self._pred_hits.tolist(), self._pred_exact.tolist()
         per_layer = {}
         for l, i in self._index.items():
             per_layer[str(l)] = {
                 "prefetch_hit_rate": hits[i] / self._pred_total[i] if self._pred_total[i] else None,
+                "exact_set_rate": exact[i] / self._pred_tokens[i] if self._pred_tokens[i] else None,
                 "cache_hit_rate": self.cache_hits.get(l, 0) / self.uses[l] if self.uses.get(l) else None,
             }
         rates = [v["prefetch_hit_rate"] for v in per_layer.values() if v["prefetch_hit_rate"] is not None]
+        exact_rates = [v["exact_set_rate"] for v in per_layer.values() if v["exact_set_rate"] is not None]
         uses = sum(self.uses.values())
         steps = self.step_seconds
         decode_tokens = len(steps)
@@ -120,6 +129,7 @@ class Telemetry:
             "ms_per_token_p90": 1e3 * _percentile(steps, 0.9) if steps else None,
             "tokens_per_second": decode_tokens / sum(steps) if steps else None,
             "prefetch_hit_rate": sum(rates) / len(rates) if rates else None,
+            "exact_set_rate": sum(exact_rates) / len(exact_rates) if exact_rates else None,
             "cache_hit_rate": sum(self.cache_hits.values()) / uses if uses else None,
             "bytes_copied": self.bytes_copied,
             "bytes_copied_per_token": ((self.bytes_copied - self._decode_bytes_start) / decode_tokens
