@@ -4,6 +4,7 @@ turns it into a single line on stderr and a non-zero exit instead of a traceback
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from typing import Callable
@@ -62,5 +63,12 @@ def _run_reporting_errors(prog: str, interrupted_hint: str, main: Callable[..., 
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; completed work is kept{interrupted_hint}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as command-line tools do.
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
+            return 0
 
     return wrapper

@@ -68,3 +68,14 @@ def test_cuda_without_cuda_is_exit_2(capsys):
         pytest.skip("this machine has CUDA")
     assert main(["generate", "hi", "--device", "cuda", "--quiet"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`infer generate ... | head -1`: no traceback when the reader goes away."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m runtime generate 'And God said' --device cpu --max-new-tokens 40 "
+                          "--prefetch none --quiet | head -c 1", shell=True, capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
