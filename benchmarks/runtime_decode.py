@@ -89,8 +89,66 @@ def model_a(args, out: dict) -> None:
             add("oracle", "fetch", b, p)
             add("oracle", "cpu", b, p)
     merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels)
+    if args.long_context:
+        # The same model at a long context: attention reads more; copies do not change.
+        long_base = dataclasses.replace(base, max_context=args.long_context + args.decode + 8)
+        long_prompt = torch.randint(0, parts.model.config.vocab_size, (args.long_context,),
+                                    generator=torch.Generator().manual_seed(1))
+        runs, labels = [], []
+        add("none", "fetch", "0")
+        add("quasi", "speculate", "0")
+        add("oracle", "fetch", args.budgets[0] if args.budgets else "25%", args.hit_rates[0] if args.hit_rates else 1.0)
+        runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
+                else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
+        out["model_a_long_context"] = bench(parts, long_base, runs, long_prompt, args.decode, args.warmup,
+                                            progress=False, labels=labels)
+        print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
     out["model_a"] = merged
     print(markdown(merged, "model A"), flush=True)
+
+
+def accelerate_baseline(args, out: dict) -> None:
+    """What users run instead: transformers with accelerate's CPU offload of the experts
+    (dispatch_model with the experts' modules on "cpu": hooks move their weights to the
+    GPU at every call). Few layers and tokens: it is slow; the per-layer time scales."""
+    import statistics
+
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    shape = qwen3_30b_shape(args.baseline_layers, args.hidden)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16).eval()
+    gpu = 0 if args.device == "cuda" else "cpu"   # "cpu" only for a dry run of this script
+    device_map = {"model.embed_tokens": gpu, "model.norm": gpu, "model.rotary_emb": gpu, "lm_head": gpu}
+    for l in range(shape.num_hidden_layers):
+        for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
+            device_map[f"model.layers.{l}.{part}"] = gpu
+        device_map[f"model.layers.{l}.mlp.experts"] = "cpu"
+    model = dispatch_model(model, device_map=device_map, main_device=gpu)
+    ids = torch.randint(0, shape.vocab_size, (1, args.baseline_context), generator=torch.Generator().manual_seed(0))
+    dev = "cuda" if args.device == "cuda" else "cpu"
+    times = []
+    with torch.inference_mode():
+        step = model(ids.to(dev), use_cache=True)
+        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        for _ in range(args.baseline_tokens + 1):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step = model(token, past_key_values=cache, use_cache=True)
+            token = step.logits[:, -1:].argmax(-1)
+            int(token)
+            times.append(time.perf_counter() - t0)
+    per_token = statistics.median(times[1:])
+    out["accelerate_offload"] = {
+        "layers": shape.num_hidden_layers, "context": args.baseline_context, "tokens_timed": len(times) - 1,
+        "ms_per_token": 1e3 * per_token, "ms_per_layer": 1e3 * per_token / shape.num_hidden_layers,
+        "ms_per_token_scaled_to_48_layers": 1e3 * per_token / shape.num_hidden_layers * 48,
+    }
+    print(f"accelerate offload: {1e3 * per_token:.1f} ms per token for {shape.num_hidden_layers} layers "
+          f"({1e3 * per_token / shape.num_hidden_layers:.1f} ms per layer)", flush=True)
+    del model
 
 
 def model_b(args, out: dict) -> None:
@@ -122,7 +180,11 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--budgets", default="25%,50%")
     p.add_argument("--hit-rates", default="0.85,0.95")
-    p.add_argument("--only", choices=("a", "b"), default=None)
+    p.add_argument("--only", choices=("a", "b", "baseline"), default=None)
+    p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
+    p.add_argument("--baseline-layers", type=int, default=4, help="layers of model A under accelerate offload")
+    p.add_argument("--baseline-tokens", type=int, default=4)
+    p.add_argument("--baseline-context", type=int, default=1024)
     p.add_argument("--out", default=str(RESULTS / "runtime_decode"))
     args = p.parse_args()
     args.budgets = [b for b in args.budgets.split(",") if b]
@@ -131,18 +193,55 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     if args.only in (None, "b"):
         model_b(args, out)
+    if args.only in (None, "baseline"):
+        accelerate_baseline(args, out)
     if args.only in (None, "a"):
         model_a(args, out)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Runtime decode on {out['gpu']}\n", f"    {out['command']}\n"]
+    if "accelerate_offload" in out:
+        a = out["accelerate_offload"]
+        md += ["## What users run instead: transformers with accelerate's CPU offload\n",
+               f"{a['layers']} layers of model A's shape, experts offloaded with `dispatch_model`, context "
+               f"{a['context']}: {a['ms_per_token']:.1f} ms per token, {a['ms_per_layer']:.1f} ms per layer, "
+               f"{a['ms_per_token_scaled_to_48_layers']:.0f} ms per token scaled to 48 layers.\n"]
     for key, title in (("model_b", "Model B: the demo model with its trained estimators"),
-                       ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights")):
+                       ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights"),
+                       ("model_a_long_context", "Model A at a long context")):
         if key in out:
             md += [f"## {title}\n", markdown(out[key], out["command"])]
     path.with_suffix(".md").write_text("\n".join(md))
+    if "model_a" in out:
+        plot_budgets(out["model_a"], path.with_suffix(".png"))
     return 0
+
+
+def plot_budgets(result: dict, path: Path) -> None:
+    """Time per token against the GPU expert budget, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = result["modes"][0]["engine"]["total_experts"]
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in result["modes"]:
+        share = 100.0 * row["engine"]["gpu_slots"] / total
+        lines.setdefault(row["mode"], []).append((share, row["ms_per_token_median"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (mode, pts) in enumerate(sorted(lines.items())):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>"[i % 7],
+                linestyle=["-", "--", ":", "-."][i % 4], label=mode)
+    ax.set_xlabel("GPU expert budget (% of all expert bytes)")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title(result["model"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
