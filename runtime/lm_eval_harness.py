@@ -1,6 +1,6 @@
 """specmoe as a model of lm-evaluation-harness: downstream tasks per runtime mode.
 
-    python -m runtime.lm_eval_harness --model specmoe \\
+    python -m runtime.lm_eval_harness --model specmoe --device cpu \\
         --model_args pretrained=checkpoints/demo-moe,estimators=checkpoints/demo-estimator-h1,prefetch=hybrid,on_miss=speculate \\
         --tasks demo_cloze --include_path benchmarks/lm_eval_tasks
 
@@ -44,8 +44,10 @@ class SpecmoeLM(TemplateLM):
                  gpu_expert_budget: str = "100%", max_length: int = 2048, default_vectors: str | None = None,
                  batch_size: int | str = 1, **_ignored):
         super().__init__()
-        # The harness's argument parser turns the word "none" into None.
+        # The harness's argument parser turns the word "none" into None; its --device arrives
+        # here as `device` (None when not given).
         prefetch = "none" if prefetch is None else str(prefetch)
+        device = "auto" if device is None else str(device)
         config = RuntimeConfig(model=_value(pretrained), estimators=_value(estimators), prefetch=prefetch,
                                on_miss=on_miss, device=device, dtype=dtype, gpu_expert_budget=str(gpu_expert_budget),
                                max_context=int(max_length), default_vectors=_value(default_vectors),

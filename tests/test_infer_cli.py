@@ -79,3 +79,15 @@ def test_a_closed_pipe_ends_quietly():
                           "--prefetch none --quiet | head -c 1", shell=True, capture_output=True, text=True,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_generate_stops_at_a_stop_string_and_samples_reproducibly(capsys):
+    args = ["generate", "ROMEO. What light", "--device", "cpu", "--max-new-tokens", "40", "--prefetch", "none",
+            "--quiet"]
+    assert main(args + ["--stop", "\n"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") <= 2   # the stop string ends generation (the first newline may open the reply)
+    assert main(args + ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main(args + ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first
