@@ -125,10 +125,20 @@ class DecodeGraphs:
             self.pred_ids[target].copy_(pid)
             self.pred_w[target].copy_(pw)
 
+    def host_fed(self, l: int) -> bool:
+        """Whether layer l's experts graph reads slots the host fed (speculation on a
+        prediction) rather than looking them up in the device table (exact)."""
+        return self.speculate and (l in self.pred_ids or not self.graphable_prediction)
+
     def _post(self, l: int):
         moe = self.moe
         s = self.s.reshape(1, -1)
-        out = routed_output(moe.family, moe._experts[l], s, moe.slots.stack, self.slot[l], self.wsel[l])
+        if self.host_fed(l):
+            # speculate: the host placed the predicted experts and fed their slots
+            out = routed_output(moe.family, moe._experts[l], s, moe.slots.stack, self.slot[l], self.wsel[l])
+        else:
+            # exact (and the first MoE layer of speculate): slots looked up in the device table
+            out = moe.table_output(l, s, self.ids[l], self.w[l])
         shared = moe._shared[l]
         if shared is not None:
             out = out + shared(s).to(out.dtype)

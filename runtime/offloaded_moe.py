@@ -69,6 +69,19 @@ class OffloadedMoE:
         # Speculate on steps of many tokens too (teacher-forced evaluation: every token of a
         # sequence predicted from its own states, as decoding it one token at a time would).
         self.speculate_many = False
+        # Exact decode looks its experts up on the device: table[row(l), e] is expert e's slot,
+        # or the zero slot while it is not on the GPU. The host keeps the same table in
+        # `_installed` and changes the device copy only through `_table_ops`, flushed in
+        # stream order before a layer's experts run.
+        zero = slots.zero_slot
+        self._rows = {l: i for i, l in enumerate(spec.moe_layers)}
+        self.table = torch.full((len(spec.moe_layers), spec.num_experts), zero, dtype=torch.long, device=self.device)
+        self._installed: dict[int, set[int]] = {l: set() for l in spec.moe_layers}
+        self._to_install: dict[int, dict[int, int]] = {}   # layer -> {expert: slot} copied, not yet in the table
+        self._table_ops: list[tuple[int, int, int]] = []
+        self._layer_released: dict[int, object] = {}       # layer -> event after its last expert computation
+        self._evicted_from: dict[int, int] = {}            # slot -> layer of the key it held
+        slots.on_evict = self._evicted
         self._staging: dict[int, torch.Tensor] = {}   # pinned host buffers for one layer's small reads
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
@@ -118,6 +131,9 @@ class OffloadedMoE:
                 self._prefetch(target, pred, self._to_host(pred[0]))
             return out
 
+        if T == 1:
+            return self._exact_decode(layer, s, ids, weights, target, pred)
+
         # One read for both: this layer's ids and the prediction's.
         k, kp = ids.shape[1], (pred[0].shape[1] if pred is not None else 0)
         both = ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
@@ -130,6 +146,118 @@ class OffloadedMoE:
             # After this layer's own copies are queued (they are needed first), before its compute.
             then = lambda copy: self._prefetch(target, pred, pred_host, current, copy)  # noqa: E731
         return self._compute(layer, s, ids, weights, host_ids, then)
+
+    # ---------------------------------------------------------------- exact decode on the device table
+    # The experts of layer l run from the device table without the host seeing the true ids
+    # first; the host reads them while the GPU computes and adds what was missing afterwards
+    # (copied now, or computed by the CPU). When everything is cached, the host never stands
+    # between the router and the experts.
+
+    def _prepare_layer(self, layer: int) -> set[int]:
+        """Put this layer's newly copied experts in the device table (after their copies) and
+        flush pending evictions; returns the experts the table holds for the computation."""
+        arrived = self._to_install.pop(layer, {})
+        waits = []
+        row = self._rows[layer]
+        for e, slot in arrived.items():
+            ready = self.slots.pending_ready(slot)
+            if ready is not None:
+                waits.append(ready)
+            self._table_ops.append((row, e, slot))
+            self._installed[layer].add(e)
+        if waits:
+            before = self.streams.timed_event_on_compute()
+            for ev in waits:
+                self.streams.compute_waits(ev)
+            self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
+        if self._table_ops:
+            # The last change to an entry wins (an index_put with repeated indices picks any).
+            last = {(r, e): v for r, e, v in self._table_ops}
+            ops = self._to_device([[r, e, v] for (r, e), v in last.items()])
+            self.table[ops[:, 0], ops[:, 1]] = ops[:, 2]
+            self._table_ops = []
+        return set(self._installed[layer])
+
+    def table_output(self, layer: int, s: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Routed output of the experts the device table holds for `ids` (the others weigh 0).
+        Capturable: this is the experts graph of exact decode."""
+        slots = self.table[self._rows[layer]][ids]
+        w = weights * (slots != self.slots.zero_slot).to(weights.dtype)
+        return routed_output(self.family, self._experts[layer], s, self.slots.stack, slots, w)
+
+    def _misses(self, layer: int, s: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
+                present: set[int]):
+        """What the table computation left out: None, a tensor to add, or ("cpu", future)."""
+        missing = []
+        for t, row in enumerate(host_ids):
+            for j, e in enumerate(row):
+                e = int(e)
+                hit = e in present
+                self.telemetry.count_use(layer, hit=hit)
+                if hit:
+                    self.slots.touch((layer, e))
+                else:
+                    missing.append((t, j, e))
+        if not missing:
+            return None
+        if self.on_miss == "cpu" and self.cpu is not None:
+            w_host = weights.float().cpu()
+            x_host = s.to("cpu", self.store.layout.dtype)
+            work = [(t, e, float(w_host[t, j])) for t, j, e in missing]
+            return ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
+        current = {(layer, int(e)) for row in host_ids for e in row}
+        protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
+        zero = self.slots.zero_slot
+        fix_slots = [[zero] * len(row) for row in host_ids]
+        keep = [[0.0] * len(row) for row in host_ids]
+        placed: dict[int, int] = {}
+        for t, j, e in missing:
+            if e not in placed:
+                slot = self.slots.reserve((layer, e), protected)
+                if slot is None:  # the minimum budget holds two layers: a bug, not a user error
+                    raise RuntimeError("no GPU expert slot is free for a needed expert")
+                self._copy((layer, e), slot)
+                self.telemetry.demand_copies += 1
+                placed[e] = slot
+            fix_slots[t][j] = placed[e]
+            keep[t][j] = 1.0
+        self._prepare_layer(layer)
+        w = weights * self._to_device(keep, weights.dtype)
+        out = routed_output(self.family, self._experts[layer], s, self.slots.stack, self._to_device(fix_slots), w)
+        self._layer_released[layer] = self.streams.record_on_compute()
+        return out
+
+    def _exact_decode(self, layer: int, s: torch.Tensor, ids, weights, target, pred) -> torch.Tensor:
+        present = self._prepare_layer(layer)
+        out = self.table_output(layer, s, ids, weights)
+        self._layer_released[layer] = self.streams.record_on_compute()
+        k = ids.shape[1]
+        both = ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
+        row = self._to_host(both)[0]
+        host_ids = [row[:k]]
+        fix = self._misses(layer, s, weights, host_ids, present)
+        if pred is not None:
+            self._prefetch(target, pred, [row[k:]], {(layer, int(e)) for e in host_ids[0]})
+        self._inflight.pop(layer, None)
+        shared = self._shared[layer]
+        if shared is not None:
+            out = out + shared(s).to(out.dtype)
+        return self._add_fix(out, fix)
+
+    def _add_fix(self, out: torch.Tensor, fix) -> torch.Tensor:
+        if fix is None:
+            return out
+        if isinstance(fix, tuple):
+            start = time.perf_counter()
+            part = fix[1].result()
+            self.telemetry.cpu_wait_seconds += time.perf_counter() - start
+            return (out.float() + self._to_device_tensor(part).reshape(out.shape)).to(out.dtype)
+        return out + fix.to(out.dtype).reshape(out.shape)
+
+    def _to_device_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if self.streams.cuda:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- graphed decode
     # The same decisions as __call__, for a decode step replayed from CUDA graphs
@@ -182,6 +310,12 @@ class OffloadedMoE:
             return
         both = g.ids[layer] if pred is None else torch.cat([g.ids[layer], pred[0].to(g.ids[layer].dtype)], dim=1)
         host, ev = self._read(layer, both)
+        if not g.host_fed(layer):
+            # Exact: the experts graph looks its slots up on the device; the host reads the
+            # ids while it runs and adds what was missing afterwards.
+            present = self._prepare_layer(layer)
+            self._pending[layer] = ("table", present, host, ev, target, pred, k)
+            return
         ev.synchronize()
         row = host[0].tolist()
         host_ids = [row[:k]]
@@ -208,12 +342,25 @@ class OffloadedMoE:
 
     def after_graphed_compute(self, layer: int, g) -> None:
         released = self.streams.record_on_compute()
+        pending = self._pending.pop(layer, None)
+        if pending is not None and pending[0] == "table":
+            self._layer_released[layer] = released
+            _, present, host, ev, target, pred, k = pending
+            ev.synchronize()
+            row = host[0].tolist()
+            host_ids = [row[:k]]
+            fix = self._misses(layer, g.s.reshape(1, -1), g.w[layer], host_ids, present)
+            if pred is not None:
+                self._prefetch(target, pred, [row[k:]], {(layer, int(e)) for e in host_ids[0]})
+            self._inflight.pop(layer, None)
+            if fix is not None:
+                g.x.copy_(self._add_fix(g.x.reshape(1, -1), fix).reshape(g.x.shape))
+            return
         zero = self.slots.zero_slot
         for row in self._last_plan.slot_idx:
             for slot in row:
                 if slot != zero:
                     self.slots.set_released(slot, released)
-        pending = self._pending.pop(layer, None)
         if pending is None:
             return
         if pending[0] == "cpu":
@@ -264,9 +411,20 @@ class OffloadedMoE:
             issued.add(key)
             self.telemetry.prefetched += 1
 
+    def _evicted(self, key, slot: int) -> None:
+        layer, e = key
+        self._installed[layer].discard(e)
+        self._to_install.get(layer, {}).pop(e, None)
+        self._table_ops.append((self._rows[layer], e, self.slots.zero_slot))
+        self._evicted_from[slot] = layer
+
     def _copy(self, key, slot: int) -> None:
         streams = self.streams
         streams.copy_waits(self.slots.released(slot))
+        # Exact decode may have read the slot through the device table: wait for the last
+        # expert computation of the layer that owned it.
+        streams.copy_waits(self._layer_released.get(self._evicted_from.pop(slot, None)))
+        self._to_install.setdefault(key[0], {})[key[1]] = slot
         with streams.copy_context():
             self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
         self.slots.set_ready(slot, streams.record_on_copy())

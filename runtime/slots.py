@@ -55,6 +55,7 @@ class ExpertSlots:
         self._slots = [_Slot() for _ in range(self.num_slots)]
         self._where: dict[Key, int] = {}
         self._free = list(range(self.num_slots - 1, -1, -1))
+        self.on_evict = None   # called with (key, slot) when a key gives its slot away
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +90,8 @@ class ExpertSlots:
                 return None
             slot = self._where.pop(victim)
             self.policy.forget(victim)
+            if self.on_evict is not None:
+                self.on_evict(victim, slot)
         self._slots[slot].key = key
         self._where[key] = slot
         self.policy.touched(key)

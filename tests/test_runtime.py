@@ -104,9 +104,23 @@ def test_eviction_never_takes_a_slot_in_use(demo_model_pair, monkeypatch):
                     checked.append(key)
         return original(self, layer, s, weights, plan)
 
+    table_checked = []
+    original_table = offloaded_moe.OffloadedMoE.table_output
+
+    def table_output(self, layer, s, ids, weights):
+        # exact decode reads slots through the device table: every entry it holds must name
+        # the expert that sits in that slot
+        row = self.table[self._rows[layer]].tolist()
+        for e, slot in enumerate(row):
+            if slot != self.slots.zero_slot:
+                assert self.slots._slots[slot].key == (layer, e), (layer, e, slot, self.slots._slots[slot].key)
+                table_checked.append((layer, e))
+        return original_table(self, layer, s, ids, weights)
+
     monkeypatch.setattr(offloaded_moe.OffloadedMoE, "_run", run)
+    monkeypatch.setattr(offloaded_moe.OffloadedMoE, "table_output", table_output)
     list(engine.generate(PROMPT, 12))
-    assert len(checked) > 100
+    assert len(checked) > 100 and len(table_checked) > 100
 
 
 def test_slots_respect_protection_and_policies():
