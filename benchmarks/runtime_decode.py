@@ -50,7 +50,8 @@ def qwen3_30b_shape(layers: int, hidden: int = 2048):
 
 
 def model_a(args, out: dict) -> None:
-    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
+    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
+                         device_table=args.device_table)
     t0 = time.perf_counter()
     parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False)
     print(f"model A built in {time.perf_counter() - t0:.1f}s: {parts.store.nbytes / 1e9:.1f} GB of experts", flush=True)
@@ -192,6 +193,7 @@ def main() -> int:
     p.add_argument("--hit-rates", default="0.85,0.95")
     p.add_argument("--only", choices=("a", "b", "baseline"), default=None)
     p.add_argument("--quick", action="store_true", help="model A: five modes only")
+    p.add_argument("--device-table", action="store_true", help="exact decode from the device-side slot table")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
     p.add_argument("--baseline-layers", type=int, default=4, help="layers of model A under accelerate offload")
     p.add_argument("--baseline-tokens", type=int, default=4)

@@ -161,6 +161,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
     cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
+    moe.device_table = config.device_table
     if num_slots >= total:
         moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)

@@ -128,6 +128,8 @@ class DecodeGraphs:
     def host_fed(self, l: int) -> bool:
         """Whether layer l's experts graph reads slots the host fed (speculation on a
         prediction) rather than looking them up in the device table (exact)."""
+        if not self.moe.device_table:
+            return True
         return self.speculate and (l in self.pred_ids or not self.graphable_prediction)
 
     def _post(self, l: int):

@@ -69,6 +69,7 @@ class OffloadedMoE:
         # Speculate on steps of many tokens too (teacher-forced evaluation: every token of a
         # sequence predicted from its own states, as decoding it one token at a time would).
         self.speculate_many = False
+        self.device_table = False   # RuntimeConfig.device_table
         # Exact decode looks its experts up on the device: table[row(l), e] is expert e's slot,
         # or the zero slot while it is not on the GPU. The host keeps the same table in
         # `_installed` and changes the device copy only through `_table_ops`, flushed in
@@ -131,7 +132,7 @@ class OffloadedMoE:
                 self._prefetch(target, pred, self._to_host(pred[0]))
             return out
 
-        if T == 1:
+        if T == 1 and self.device_table:
             return self._exact_decode(layer, s, ids, weights, target, pred)
 
         # One read for both: this layer's ids and the prediction's.

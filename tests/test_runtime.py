@@ -41,13 +41,15 @@ def cfg(**kw) -> RuntimeConfig:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("prefetch,on_miss,budget", [("none", "fetch", "0"), ("current", "cpu", "0"),
-                                                     ("current", "fetch", "50%")])
-def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget):
+@pytest.mark.parametrize("prefetch,on_miss,budget,table", [("none", "fetch", "0", False), ("current", "cpu", "0", False),
+                                                           ("current", "fetch", "50%", False),
+                                                           ("current", "fetch", "0", True), ("current", "cpu", "50%", True)])
+def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget, table):
     ref = tiny_model(family)
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])  # 20 tokens: past GPT-OSS's window of 16
     expected = stock_logits(ref, ids)
-    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
+                                                        device_table=table))
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
     engine.close()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -91,7 +93,7 @@ def test_eviction_never_takes_a_slot_in_use(demo_model_pair, monkeypatch):
 
     _, fresh = demo_model_pair
     engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", gpu_expert_budget="0",
-                                           lookahead=2))
+                                           lookahead=2, device_table=True))
     checked = []
     original = offloaded_moe.OffloadedMoE._run
 

@@ -44,12 +44,14 @@ def _demo(dtype):
     return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).eval()
 
 
-def test_demo_greedy_equals_stock_at_minimum_budget_on_cuda():
+@pytest.mark.parametrize("table", [False, True])
+def test_demo_greedy_equals_stock_at_minimum_budget_on_cuda(table):
     ref = _demo(torch.float32).cuda()
     with torch.no_grad():
         expected = ref.generate(PROMPT[None].cuda(), max_new_tokens=48, do_sample=False)[0, len(PROMPT):].tolist()
     for on_miss in ("fetch", "cpu"):
-        engine = runtime.from_model(_demo(torch.float32), cfg(prefetch="current", on_miss=on_miss, max_context=128))
+        engine = runtime.from_model(_demo(torch.float32), cfg(prefetch="current", on_miss=on_miss, max_context=128,
+                                                                device_table=table))
         assert list(engine.generate(PROMPT, 48)) == expected, on_miss
         engine.close()
 
@@ -109,8 +111,9 @@ def test_copies_overlap_compute():
     assert overlapped / len(copies) > 0.25, (overlapped, len(copies))
 
 
+@pytest.mark.parametrize("table", [False, True])
 @pytest.mark.parametrize("prefetch,on_miss", [("hybrid", "speculate"), ("hybrid", "fetch"), ("quasi", "cpu")])
-def test_graphed_decode_equals_eager_decode(prefetch, on_miss):
+def test_graphed_decode_equals_eager_decode(prefetch, on_miss, table):
     """Decode steps replayed from CUDA graphs compute what the eager steps compute, with the
     demo estimators predicting inside the graphs."""
     from specmoe.paths import REPO_ROOT
@@ -120,7 +123,7 @@ def test_graphed_decode_equals_eager_decode(prefetch, on_miss):
     rows = {}
     for graphs in (False, True):
         engine = runtime.from_model(_demo(torch.float32), cfg(prefetch=prefetch, on_miss=on_miss, estimators=est,
-                                                                cuda_graphs=graphs))
+                                                                cuda_graphs=graphs, device_table=table))
         rows[graphs] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         assert (engine._graphs is not None) == graphs
         rows[(graphs, "hits")] = engine.telemetry.summary()["prefetch_hit_rate"]
