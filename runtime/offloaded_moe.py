@@ -383,7 +383,7 @@ class OffloadedMoE:
         return self.family.route(router, logits)
 
     def _to_host(self, t: torch.Tensor) -> list[list[int]]:
-        # One small read; .tolist() on a device tensor waits only for the work that produced it.
+        # One small read; it waits for the work queued before it on the compute stream.
         return t.reshape(t.shape[0], -1).tolist()
 
     def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset(),
