@@ -91,3 +91,9 @@ def test_generate_stops_at_a_stop_string_and_samples_reproducibly(capsys):
     first = capsys.readouterr().out
     assert main(args + ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_chat_without_a_template_is_one_line(capsys):
+    assert main(["generate", "hi", "--chat", "--device", "cpu", "--prefetch", "none", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chat template" in err[0]
