@@ -9,10 +9,10 @@ SpecmoeError, so a typo in the YAML never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any
 
+from specmoe.config_yaml import load_dataclass_yaml
 from specmoe.errors import SpecmoeError
 from specmoe.paths import CONFIGS_DIR
 
@@ -98,63 +98,9 @@ class EstimatorConfig:
         return dataclasses.asdict(self)
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(EstimatorConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(EstimatorConfig)}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check (and gently convert) one YAML value against its annotated type."""
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    if name in ("devices", "width") and value == "auto":
-        return value
-    for kind in allowed:
-        if kind is type(None):
-            continue
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            continue
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    names = "/".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise SpecmoeError(f"estimator config: {name} must be {names}, got {value!r}")
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> EstimatorConfig:
     """EstimatorConfig from a YAML file (None: configs/estimator.yaml if present, else
     the defaults), then `overrides` (keys whose value is None are ignored)."""
-    import yaml
-
-    values: dict[str, Any] = {}
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SpecmoeError(f"estimator config {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SpecmoeError(f"estimator config {path} is not valid YAML: {first}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise SpecmoeError(f"estimator config {path} must be a mapping of settings")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    types = _field_types()
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise SpecmoeError(
-            f"estimator config: unknown setting(s) {', '.join(unknown)}; known: {', '.join(types)}"
-        )
-    kwargs = {name: _coerce(name, value, types[name]) for name, value in values.items()}
-    return EstimatorConfig(**kwargs).validate()
+    return load_dataclass_yaml(EstimatorConfig, path, "estimator config", **overrides).validate()
