@@ -439,8 +439,11 @@ class OffloadedMoE:
         capacity = max(1, self.slots.num_slots - len(others))
         if len(unique) <= capacity:
             return [set(unique)]
+        # Groups of half the slots: while one group computes, the next is copied into the
+        # other half (LRU gives up the older group's slots) instead of waiting for it.
         unique.sort(key=lambda e: (layer, e) not in self.slots)
-        return [set(unique[i:i + capacity]) for i in range(0, len(unique), capacity)]
+        size = max(1, capacity // 2)
+        return [set(unique[i:i + size]) for i in range(0, len(unique), size)]
 
     def _plan(self, layer: int, host_ids: list[list[int]], chunk: set[int], cpu_ok: bool) -> _Plan:
         plan = _Plan()
