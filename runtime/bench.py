@@ -11,6 +11,7 @@ by the host-to-device bandwidth measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 
@@ -77,6 +78,11 @@ def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, n
 
 def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, continuation: list[int],
              warmup: int, recorded: RecordedRouting | None, predictor=None) -> dict:
+    if parts.device.type == "cuda":
+        # Each mode reports its own peak GPU memory, with the previous mode's slots gone.
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(parts.device)
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None,
                        predictor=predictor(parts) if predictor is not None else None)
     try:
@@ -107,6 +113,7 @@ def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, con
     finally:
         engine.close()
         del engine
+        gc.collect()
         if parts.device.type == "cuda":
             torch.cuda.empty_cache()
 
