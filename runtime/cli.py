@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=16384, help="tokens evaluated (default: %(default)s)")
     ev.add_argument("--exact-prefix", type=int, default=0,
                     help="first tokens of each sequence run exactly, as a prefill would (default: %(default)s)")
+    ev.add_argument("--whole-model", action="store_true",
+                    help="hold the whole model on the device(s) instead of offloading its experts; with "
+                         "--device auto and several GPUs it is spread over them (device_map=auto)")
     ev.add_argument("--out", default="runs/eval", help="directory for eval.json, eval.md, eval.png (default: %(default)s)")
     _common(ev)
     return parser
@@ -228,12 +231,22 @@ def run_eval(args: argparse.Namespace) -> dict:
     if out.exists() and not out.is_dir():
         raise SpecmoeError(f"--out {out} is a file, not a directory")
     dataset = load_text_dataset(args.dataset, split=args.split, text_field=args.text_field)
-    parts = load_parts(config, progress=not args.quiet)
-    if parts.tokenizer is None:
-        raise SpecmoeError("this model has no tokenizer; infer eval needs one")
-    rows = pack_rows(dataset, parts.tokenizer, args.text_field, args.seq_len, args.max_tokens)
-    result = evaluate(parts, config, modes, rows, args.exact_prefix, progress=not args.quiet)
-    result.update({"model": parts.info.get("model"), "dataset": args.dataset or "the demo corpus",
+    if args.whole_model:
+        from .evaluate import evaluate_resident
+
+        model, tokenizer, name = _whole_model(config)
+        if tokenizer is None:
+            raise SpecmoeError("this model has no tokenizer; infer eval needs one")
+        rows = pack_rows(dataset, tokenizer, args.text_field, args.seq_len, args.max_tokens)
+        result = evaluate_resident(model, config, modes, rows, args.exact_prefix, progress=not args.quiet)
+    else:
+        parts = load_parts(config, progress=not args.quiet)
+        if parts.tokenizer is None:
+            raise SpecmoeError("this model has no tokenizer; infer eval needs one")
+        rows = pack_rows(dataset, parts.tokenizer, args.text_field, args.seq_len, args.max_tokens)
+        result = evaluate(parts, config, modes, rows, args.exact_prefix, progress=not args.quiet)
+        name = parts.info.get("model")
+    result.update({"model": name, "dataset": args.dataset or "the demo corpus", "whole_model": args.whole_model,
                    "split": args.split, "estimators": config.estimators,
                    "command": "infer eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])})
     out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +256,31 @@ def run_eval(args: argparse.Namespace) -> dict:
     plot(result, out / "eval.png")
     print(md)
     return result
+
+
+def _whole_model(config):
+    """The model with its experts, on one device, or over every GPU (device_map=auto) when
+    --device auto finds several."""
+    import torch
+
+    from specmoe.paths import display_path
+    from specmoe.skeleton import load_skeleton
+
+    from .build import resolve_device
+
+    if config.device == "auto" and torch.cuda.device_count() > 1:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from specmoe.checkpoint_reader import resolve_checkpoint_dir
+        from specmoe.models import resolve_dtype
+
+        path = resolve_checkpoint_dir(config.model)
+        dtype = resolve_dtype(config.dtype, "cuda")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
+        return model, AutoTokenizer.from_pretrained(path), display_path(path)
+    skeleton = load_skeleton(config.model, device=str(resolve_device(config.device)), dtype=config.dtype,
+                             experts="modules")
+    return skeleton.model, skeleton.tokenizer, display_path(skeleton.reader.path)
 
 
 @cli_errors("infer")

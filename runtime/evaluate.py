@@ -65,10 +65,7 @@ class _Scores:
                 "kl_from_exact": self.kl / n}
 
 
-def evaluate(parts: ModelParts, base: RuntimeConfig, modes: list[str], sequences: torch.Tensor,
-             exact_prefix: int = 0, progress: bool = True) -> dict:
-    """Scores of the exact model and of `speculate` with each predictor in `modes` on
-    `sequences` [N, L] (token ids); positions before `exact_prefix` are not scored."""
+def _check(modes: list[str], sequences: torch.Tensor, exact_prefix: int) -> int:
     for m in modes:
         if m not in SPECULATIVE:
             raise SpecmoeError(f"unknown mode {m!r}; choose from {', '.join(SPECULATIVE)}")
@@ -77,38 +74,98 @@ def evaluate(parts: ModelParts, base: RuntimeConfig, modes: list[str], sequences
     L = sequences.shape[1]
     if not 0 <= exact_prefix < L - 1:
         raise SpecmoeError(f"--exact-prefix must lie in [0, {L - 2}] for sequences of {L} tokens (got {exact_prefix})")
-    base = dataclasses.replace(base, max_context=max(base.max_context, L), cuda_graphs=False, track_hits=True)
-    exact_engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch"))
-    engines = {m: configure(parts, dataclasses.replace(base, prefetch=m, on_miss="speculate")) for m in modes}
+    return L
+
+
+def _score(runners: dict, sequences: torch.Tensor, exact_prefix: int, progress: bool) -> dict:
+    """runners: {"exact": fn(seq) -> logits, mode: (fn, telemetry, info)}; the scores table."""
+    modes = [m for m in runners if m != "exact"]
     scores = {"exact": _Scores(), **{m: _Scores() for m in modes}}
     bar = tqdm(total=len(sequences) * (1 + len(modes)), desc="infer eval", unit="seq", disable=not progress)
     first = max(exact_prefix - 1, 0)   # logits at position i predict token i + 1
     for seq in sequences:
         targets = seq[first + 1:]
-        exact = _logits(exact_engine, seq, exact_prefix, False)[first:-1]
+        exact = runners["exact"](seq)[first:-1]
         scores["exact"].add(exact, exact, targets)
         bar.update(1)
-        for m, engine in engines.items():
-            scores[m].add(_logits(engine, seq, exact_prefix, True)[first:-1], exact, targets)
+        for m in modes:
+            scores[m].add(runners[m][0](seq)[first:-1], exact, targets)
             bar.update(1)
     bar.close()
-    out = {"sequences": int(sequences.shape[0]), "seq_len": int(L), "exact_prefix": exact_prefix, "modes": {}}
+    out = {"sequences": int(sequences.shape[0]), "seq_len": int(sequences.shape[1]), "exact_prefix": exact_prefix,
+           "modes": {}}
     base_ppl = scores["exact"].result()["perplexity"]
     for name, sc in scores.items():
         row = sc.result()
         row["perplexity_change"] = row["perplexity"] / base_ppl - 1.0
         if name != "exact":
-            tel = engines[name].telemetry.summary()
+            _, telemetry, info = runners[name]
+            tel = telemetry.summary()
             row["hit_rate"] = tel["prefetch_hit_rate"]
             row["exact_set_rate"] = tel["exact_set_rate"]
             row["hit_rate_per_layer"] = {l: v["prefetch_hit_rate"] for l, v in tel["per_layer"].items()
                                          if v["prefetch_hit_rate"] is not None}
             row["paper_name"] = PAPER_NAMES[name]
-            row["lookahead"] = engines[name].info["lookahead"]
+            row["lookahead"] = info["lookahead"]
         out["modes"][name] = row
-    for engine in (exact_engine, *engines.values()):
-        engine.close()
     return out
+
+
+def evaluate(parts: ModelParts, base: RuntimeConfig, modes: list[str], sequences: torch.Tensor,
+             exact_prefix: int = 0, progress: bool = True) -> dict:
+    """Scores of the exact model and of `speculate` with each predictor in `modes` on
+    `sequences` [N, L] (token ids), through the offloaded runtime; positions before
+    `exact_prefix` are not scored."""
+    L = _check(modes, sequences, exact_prefix)
+    base = dataclasses.replace(base, max_context=max(base.max_context, L), cuda_graphs=False, track_hits=True)
+    exact_engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch"))
+    engines = {m: configure(parts, dataclasses.replace(base, prefetch=m, on_miss="speculate")) for m in modes}
+    runners = {"exact": lambda seq: _logits(exact_engine, seq, exact_prefix, False)}
+    for m, engine in engines.items():
+        runners[m] = ((lambda seq, e=engine: _logits(e, seq, exact_prefix, True)), engine.telemetry, engine.info)
+    try:
+        return _score(runners, sequences, exact_prefix, progress)
+    finally:
+        for engine in (exact_engine, *engines.values()):
+            engine.close()
+
+
+def evaluate_resident(model, base: RuntimeConfig, modes: list[str], sequences: torch.Tensor,
+                      exact_prefix: int = 0, progress: bool = True) -> dict:
+    """The same scores for a model held whole on its devices (a single one, or several through
+    device_map): runtime.resident_eval takes over its MoE blocks for each run."""
+    from specmoe.families import detect_family
+
+    from .predict import build_predictor
+    from .resident_eval import ResidentSpeculation
+    from .telemetry import Telemetry
+
+    _check(modes, sequences, exact_prefix)
+    family = detect_family(model)
+    spec = family.spec(model)
+    device = model.get_input_embeddings().weight.device
+    lookahead = base.lookahead or 1
+    if base.estimators and base.lookahead is None:
+        from estimators.checkpoint import read_config
+
+        lookahead = int(read_config(base.estimators)["lookahead"])
+
+    def runner(predictor, telemetry, speculate: bool):
+        def run(seq):
+            hooked = ResidentSpeculation(model, family, spec, predictor, telemetry)
+            try:
+                return hooked.logits(seq, exact_prefix, speculate)
+            finally:
+                hooked.remove()
+        return run
+
+    runners = {"exact": runner(None, Telemetry(tuple(spec.moe_layers), device), False)}
+    for m in modes:
+        predictor = build_predictor(m, model, family, spec, estimators=base.estimators,
+                                    default_vectors=base.default_vectors, lookahead=lookahead, device=device)
+        telemetry = Telemetry(tuple(spec.moe_layers), device)
+        runners[m] = (runner(predictor, telemetry, True), telemetry, {"lookahead": predictor.lookahead})
+    return _score(runners, sequences, exact_prefix, progress)
 
 
 def markdown(result: dict) -> str:

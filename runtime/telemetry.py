@@ -80,9 +80,10 @@ class Telemetry:
         CUDA graph too; then count=False and the host counts with `count_predicted`)."""
         i = self._index[layer]
         p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
-        found = (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1)
-        self._pred_hits[i] += found.sum()
-        self._pred_exact[i] += found.all(-1).sum()
+        found = (p.unsqueeze(-1) == t.to(p.device).unsqueeze(-2)).any(-1)
+        # .to() is a no-op on one device; with layers on several devices the counters live on one
+        self._pred_hits[i] += found.sum().to(self._pred_hits.device)
+        self._pred_exact[i] += found.all(-1).sum().to(self._pred_exact.device)
         if count:
             self._pred_total[i] += t.numel()
             self._pred_tokens[i] += t.shape[0]

@@ -85,3 +85,36 @@ def test_eval_bad_input(argv, message, capsys):
     assert main(["eval", "--device", "cpu", "--quiet", "--max-tokens", "256", "--seq-len", "64"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("family,prefix", [("qwen3_moe", 0), ("deepseek_v3", 4), ("gpt_oss", 6), ("qwen2_moe", 3)])
+def test_resident_evaluation_equals_the_offloaded_one(family, prefix):
+    """The whole-model evaluation (the path for models spread over several GPUs) computes
+    what the offloaded runtime computes, exact and speculative."""
+    from runtime.evaluate import evaluate, evaluate_resident
+
+    rows = torch.stack([SEQ, SEQ.flip(0)])
+    offloaded = evaluate(runtime.parts_from_model(tiny_model(family), RuntimeConfig(device="cpu")),
+                         RuntimeConfig(device="cpu"), ["current"], rows, prefix, progress=False)
+    resident = evaluate_resident(tiny_model(family), RuntimeConfig(device="cpu"), ["current"], rows, prefix,
+                                 progress=False)
+    for mode in ("exact", "current"):
+        a, b = offloaded["modes"][mode], resident["modes"][mode]
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-4)
+        assert b["kl_from_exact"] == pytest.approx(a["kl_from_exact"], abs=1e-5)
+        assert b["top1_agreement"] == a["top1_agreement"]
+    assert resident["modes"]["current"]["hit_rate"] == pytest.approx(offloaded["modes"]["current"]["hit_rate"])
+    assert resident["modes"]["current"]["perplexity_change"] != 0
+
+
+def test_infer_eval_whole_model_gives_the_offloaded_table(tmp_path):
+    from runtime.cli import main
+
+    tables = {}
+    for flag in ([], ["--whole-model"]):
+        out = tmp_path / ("whole" if flag else "offloaded")
+        assert main(["eval", "--device", "cpu", "--estimators", EST, "--modes", "hybrid", "--seq-len", "64",
+                     "--max-tokens", "128", "--dtype", "fp32", "--out", str(out), "--quiet", *flag]) == 0
+        tables[bool(flag)] = json.loads((out / "eval.json").read_text())["modes"]
+    for mode in ("exact", "hybrid"):
+        assert tables[True][mode]["perplexity"] == pytest.approx(tables[False][mode]["perplexity"], rel=1e-4)
