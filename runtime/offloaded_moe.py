@@ -413,6 +413,8 @@ class OffloadedMoE:
             self.telemetry.prefetched += 1
 
     def _evicted(self, key, slot: int) -> None:
+        if not self.device_table:
+            return
         layer, e = key
         self._installed[layer].discard(e)
         self._to_install.get(layer, {}).pop(e, None)
@@ -424,8 +426,9 @@ class OffloadedMoE:
         streams.copy_waits(self.slots.released(slot))
         # Exact decode may have read the slot through the device table: wait for the last
         # expert computation of the layer that owned it.
-        streams.copy_waits(self._layer_released.get(self._evicted_from.pop(slot, None)))
-        self._to_install.setdefault(key[0], {})[key[1]] = slot
+        if self.device_table:
+            streams.copy_waits(self._layer_released.get(self._evicted_from.pop(slot, None)))
+            self._to_install.setdefault(key[0], {})[key[1]] = slot
         with streams.copy_context():
             self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
         self.slots.set_ready(slot, streams.record_on_copy())

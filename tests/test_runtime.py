@@ -310,3 +310,12 @@ def test_budget_rules():
     assert slots_for_budget("100%", 100, 1000, 4, 1, True, None) == 1000
     with pytest.raises(SpecmoeError, match="GPU memory free"):
         slots_for_budget("50%", 100, 1000, 4, 1, True, free_bytes=10_000)
+
+
+def test_no_table_bookkeeping_grows_without_the_device_table(demo_model_pair):
+    """A long generation at the minimum budget evicts on every layer; with device_table off
+    nothing about the device table may pile up."""
+    _, fresh = demo_model_pair
+    engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", gpu_expert_budget="0"))
+    list(engine.generate(PROMPT, 24))
+    assert engine.moe._table_ops == [] and not any(engine.moe._to_install.values())
