@@ -24,7 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from specmoe.errors import SpecmoeError, cli_errors
+from specmoe.errors import SpecmoeError, cli_errors, first_line
 
 from .build import configure, load_parts
 from .config import RuntimeConfig
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_evaluate()
     except (ValueError, KeyError) as err:  # the harness's own "task not found" and the like
-        raise SpecmoeError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+        raise SpecmoeError(first_line(err)) from None
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .errors import CorruptFileError, SpecmoeError
+from .errors import CorruptFileError, SpecmoeError, first_line
+from .hub import hub_offline
 from .families import MXFP4_PARTS, ROUTER_STATE, CheckpointLayout, detect_family, fingerprint_router_state
 from .models import DTYPES, load_config, resolve_model_id
 
@@ -69,18 +69,6 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.
     return values.flatten(-2).to(dtype)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 def resolve_checkpoint_dir(model_id: str | Path | None, revision: str | None = None) -> Path:
     """A local model directory: the directory itself, or a hub id's snapshot (cached, or
     downloaded unless HF_HUB_OFFLINE=1: only config, tokenizer and safetensors files)."""
@@ -97,12 +85,12 @@ def resolve_checkpoint_dir(model_id: str | Path | None, revision: str | None = N
     try:
         return Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as err:  # the hub client raises a dozen types; the user needs one line
-        if _offline():
+        if hub_offline():
             raise SpecmoeError(
                 f"{model_id} is not a local directory and not in the Hugging Face cache, and "
                 f"HF_HUB_OFFLINE=1 forbids downloading it; pass a directory or fill the cache first"
             ) from None
-        raise SpecmoeError(f"cannot fetch {model_id} from the Hugging Face hub: {_first_line(err)}") from None
+        raise SpecmoeError(f"cannot fetch {model_id} from the Hugging Face hub: {first_line(err)}") from None
 
 
 class CheckpointReader:
@@ -147,7 +135,7 @@ class CheckpointReader:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise CorruptFileError(f"{index_path}: not a safetensors index ({_first_line(err)})") from None
+                raise CorruptFileError(f"{index_path}: not a safetensors index ({first_line(err)})") from None
         elif (self.path / SINGLE_FILE).exists():
             files = [SINGLE_FILE]
         else:
@@ -167,7 +155,7 @@ class CheckpointReader:
                     self._meta[key] = (piece.get_dtype(), tuple(piece.get_shape()))
                     self._where[key] = name
             except Exception as err:  # safetensors reports every kind of damage as one error type
-                raise CorruptFileError(f"{file}: not a valid safetensors file ({_first_line(err)})") from None
+                raise CorruptFileError(f"{file}: not a valid safetensors file ({first_line(err)})") from None
             self._handles[name] = handle
         if weight_map is not None:
             for key, name in weight_map.items():

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import SpecmoeError
+from .errors import SpecmoeError, first_line
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise SpecmoeError(f"{what} {path} is not valid YAML: {first}") from None
     if loaded is None:
         return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import SpecmoeError
+from .errors import SpecmoeError, first_line
 from .hub import hub_offline, offline_hint, require_hub
 from .paths import DEMO_CORPUS_DIR, display_path
 
@@ -65,8 +65,8 @@ def load_text_dataset(spec: str | os.PathLike | None = None, split: str = "train
     except FileNotFoundError as err:
         raise SpecmoeError(f"cannot load dataset {spec}: {err}") from None
     except Exception as err:  # datasets raises many types; the user needs the message, not the stack
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpecmoeError(f"cannot load dataset {spec}: {first_line}") from None
+        first = first_line(err)
+        raise SpecmoeError(f"cannot load dataset {spec}: {first}") from None
     finally:
         datasets.enable_progress_bars()
 

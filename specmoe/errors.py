@@ -10,6 +10,13 @@ import warnings
 from typing import Callable
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes from a library's longer one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class SpecmoeError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 

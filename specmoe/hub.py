@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .errors import SpecmoeError
+from .errors import SpecmoeError, first_line
 
 PROBE_TIMEOUT_S = 4.0
 
@@ -52,7 +52,7 @@ def probe_hub(timeout: float = PROBE_TIMEOUT_S) -> str | None:
             get_session().head(constants.ENDPOINT, timeout=timeout)
             result.append(None)
         except Exception as err:  # noqa: BLE001 - any failure means: not reachable
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = first_line(err)
             result.append(text)
 
     thread = threading.Thread(target=request, daemon=True, name="hub-probe")

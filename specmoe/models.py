@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpecmoeError
+from .errors import SpecmoeError, first_line
 from .paths import DEMO_MODEL_DIR, REPO_ROOT
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -37,11 +37,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def resolve_model_id(model_id: str | Path | None) -> str:
     """The bundled demo model by default; a path relative to this repository (as traces
     and checkpoints record it) also works from another working directory."""
@@ -68,7 +63,7 @@ def load_config(model_id: str | Path | None = None, revision: str | None = None)
     try:
         return AutoConfig.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError, KeyError) as err:
-        raise SpecmoeError(f"cannot load model config from {model_id}: {_first_line(err)}") from None
+        raise SpecmoeError(f"cannot load model config from {model_id}: {first_line(err)}") from None
 
 
 def load_moe_model(model_id: str | Path | None = None, *, dtype: str = "auto", device: str = "cpu",
@@ -93,7 +88,7 @@ def load_moe_model(model_id: str | Path | None = None, *, dtype: str = "auto", d
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise SpecmoeError(f"cannot load model {model_id}: {_first_line(err)}") from None
+        raise SpecmoeError(f"cannot load model {model_id}: {first_line(err)}") from None
     if device not in ("cpu", "auto"):
         model = model.to(device)
     if experts_implementation and hasattr(model, "set_experts_implementation"):

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specmoe.corpus import describe_dataset, load_text_dataset
-from specmoe.errors import SpecmoeError, cli_errors
+from specmoe.errors import SpecmoeError, cli_errors, first_line
 from specmoe.models import DTYPES, load_config, load_moe_model, resolve_model_id
 from specmoe.paths import display_path
 
@@ -210,7 +210,7 @@ def _load_tokenizer(model_id: str | None, revision: str | None):
     try:
         return AutoTokenizer.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise SpecmoeError(f"cannot load the tokenizer of {model_id}: {first}") from None
 
 
