@@ -4,7 +4,7 @@ predictor and miss policy, from a RuntimeConfig."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -18,7 +18,7 @@ from .engine import Engine
 from .expert_layout import ExpertLayout
 from .host_store import HostExpertStore
 from .offloaded_moe import OffloadedMoE
-from .predict import RecordedRouting, build_predictor
+from .predict import RecordedRouting, build_predictor, lookahead_of
 from .slots import ExpertSlots
 from .streams import Streams
 from .telemetry import Telemetry
@@ -137,11 +137,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     layout = store.layout
     streams = Streams(device)
     prefetch = config.resolved_prefetch()
-    lookahead = config.lookahead or 1
-    if config.estimators and config.lookahead is None:
-        from estimators.checkpoint import read_config
-
-        lookahead = int(read_config(config.estimators)["lookahead"])
+    lookahead = lookahead_of(config)
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:
         prefetch = "none"  # nothing lies `lookahead` MoE layers ahead of any layer
     if predictor is None:

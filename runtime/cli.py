@@ -26,7 +26,6 @@ _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype",
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    d = "(default: %(default)s)"
     p.add_argument("--config", default=None, help=f"YAML settings (default: {DEFAULT_CONFIG_PATH.name} in configs/)")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the bundled demo model)")
     p.add_argument("--estimators", default=None, help="estimator checkpoint made by `train` (learned, hybrid)")
@@ -46,7 +45,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default: 4096)")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    del d
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,7 +136,7 @@ def evaluate_resident(model, base: RuntimeConfig, modes: list[str], sequences: t
     device_map): runtime.resident_eval takes over its MoE blocks for each run."""
     from specmoe.families import detect_family
 
-    from .predict import build_predictor
+    from .predict import build_predictor, lookahead_of
     from .resident_eval import ResidentSpeculation
     from .telemetry import Telemetry
 
@@ -144,28 +144,21 @@ def evaluate_resident(model, base: RuntimeConfig, modes: list[str], sequences: t
     family = detect_family(model)
     spec = family.spec(model)
     device = model.get_input_embeddings().weight.device
-    lookahead = base.lookahead or 1
-    if base.estimators and base.lookahead is None:
-        from estimators.checkpoint import read_config
+    lookahead = lookahead_of(base)
 
-        lookahead = int(read_config(base.estimators)["lookahead"])
-
-    def runner(predictor, telemetry, speculate: bool):
-        def run(seq):
-            hooked = ResidentSpeculation(model, family, spec, predictor, telemetry)
-            try:
-                return hooked.logits(seq, exact_prefix, speculate)
-            finally:
-                hooked.remove()
-        return run
-
-    runners = {"exact": runner(None, Telemetry(tuple(spec.moe_layers), device), False)}
+    # The blocks are taken over once; each run names its predictor (None: exact).
+    hooked = ResidentSpeculation(model, family, spec, None, Telemetry(tuple(spec.moe_layers), device))
+    runners = {"exact": lambda seq: hooked.logits(seq, exact_prefix, False)}
     for m in modes:
         predictor = build_predictor(m, model, family, spec, estimators=base.estimators,
                                     default_vectors=base.default_vectors, lookahead=lookahead, device=device)
         telemetry = Telemetry(tuple(spec.moe_layers), device)
-        runners[m] = (runner(predictor, telemetry, True), telemetry, {"lookahead": predictor.lookahead})
-    return _score(runners, sequences, exact_prefix, progress)
+        run = (lambda seq, p=predictor, t=telemetry: hooked.logits(seq, exact_prefix, True, p, t))
+        runners[m] = (run, telemetry, {"lookahead": predictor.lookahead})
+    try:
+        return _score(runners, sequences, exact_prefix, progress)
+    finally:
+        hooked.remove()
 
 
 def markdown(result: dict) -> str:

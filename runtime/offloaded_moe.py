@@ -42,7 +42,9 @@ from .slots import ExpertSlots
 from .streams import Streams
 from .telemetry import Telemetry
 
-ON_MISS = ("speculate", "fetch", "cpu")
+def _with_prediction(ids: torch.Tensor, pred) -> torch.Tensor:
+    """This layer's ids and the prediction's side by side [T, k + k'], for one read."""
+    return ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
 
 
 @dataclass
@@ -146,8 +148,7 @@ class OffloadedMoE:
 
         # One read for both: this layer's ids and the prediction's.
         k, kp = ids.shape[1], (pred[0].shape[1] if pred is not None else 0)
-        both = ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
-        rows = self._to_host(both)
+        rows = self._to_host(_with_prediction(ids, pred))
         host_ids = [row[:k] for row in rows]
         then = None
         if pred is not None:
@@ -242,8 +243,7 @@ class OffloadedMoE:
         out = self.table_output(layer, s, ids, weights)
         self._layer_released[layer] = self.streams.record_on_compute()
         k = ids.shape[1]
-        both = ids if pred is None else torch.cat([ids, pred[0].to(ids.dtype)], dim=1)
-        row = self._to_host(both)[0]
+        row = self._to_host(_with_prediction(ids, pred))[0]
         host_ids = [row[:k]]
         fix = self._misses(layer, s, weights, host_ids, present)
         if pred is not None:
@@ -318,8 +318,7 @@ class OffloadedMoE:
                 host, ev = self._read(layer, pred[0])
                 self._pending[layer] = (target, pred, host, ev)
             return
-        both = g.ids[layer] if pred is None else torch.cat([g.ids[layer], pred[0].to(g.ids[layer].dtype)], dim=1)
-        host, ev = self._read(layer, both)
+        host, ev = self._read(layer, _with_prediction(g.ids[layer], pred))
         if not g.host_fed(layer):
             # Exact: the experts graph looks its slots up on the device; the host reads the
             # ids while it runs and adds what was missing afterwards.

@@ -111,6 +111,17 @@ class OraclePredictor(RuntimePredictor):
         return out
 
 
+def lookahead_of(config) -> int:
+    """The lookahead a RuntimeConfig asks for: its own, else its estimator checkpoint's, else 1."""
+    if config.lookahead is not None:
+        return int(config.lookahead)
+    if config.estimators:
+        from estimators.checkpoint import read_config
+
+        return int(read_config(config.estimators)["lookahead"])
+    return 1
+
+
 def build_predictor(mode: str, model, family, spec, *, estimators: str | Path | None = None,
                     default_vectors: str | Path | None = None, lookahead: int = 1,
                     recorded: RecordedRouting | None = None, oracle_hit_rate: float = 1.0,

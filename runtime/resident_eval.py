@@ -28,8 +28,6 @@ class ResidentSpeculation:
         self._residual: dict[int, torch.Tensor] = {}
         self._predicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = []
-        est = getattr(predictor, "estimator", None)
-        self.predictor_device = est.device if est is not None else torch.device("cpu")
         self._originals = {}
         for l in spec.moe_layers:
             self._install(l)
@@ -84,8 +82,18 @@ class ResidentSpeculation:
         out = out.reshape(shape)
         return (out, None) if returns_tuple else out
 
+    @property
+    def predictor_device(self) -> torch.device:
+        est = getattr(self.predictor, "estimator", None)
+        return est.device if est is not None else torch.device("cpu")
+
     @torch.inference_mode()
-    def logits(self, seq: torch.Tensor, exact_prefix: int, speculate: bool) -> torch.Tensor:
+    def logits(self, seq: torch.Tensor, exact_prefix: int, speculate: bool, predictor=None,
+               telemetry=None) -> torch.Tensor:
+        """Logits of `seq` [L] with `predictor` driving the blocks (None: exact), counted in
+        `telemetry` (default: the one given at construction)."""
+        self.predictor = predictor
+        self.telemetry = telemetry if telemetry is not None else self.telemetry
         self.exact_prefix, self.speculate = exact_prefix, speculate
         self._predicted.clear()
         device = self.model.get_input_embeddings().weight.device

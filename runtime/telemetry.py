@@ -12,16 +12,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def host_peak_bytes() -> int:
@@ -127,7 +119,7 @@ class Telemetry:
             "decoded_tokens": decode_tokens,
             "prefill_seconds": self.prefill_seconds,
             "ms_per_token_median": 1e3 * statistics.median(steps) if steps else None,
-            "ms_per_token_p90": 1e3 * _percentile(steps, 0.9) if steps else None,
+            "ms_per_token_p90": 1e3 * float(np.percentile(steps, 90)) if steps else None,
             "tokens_per_second": decode_tokens / sum(steps) if steps else None,
             "prefetch_hit_rate": sum(rates) / len(rates) if rates else None,
             "exact_set_rate": sum(exact_rates) / len(exact_rates) if exact_rates else None,
