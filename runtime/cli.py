@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -191,7 +192,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         raise SpecmoeError(f"--out {out} is a file, not a directory")
     need = args.prompt_tokens + args.decode_tokens + 2
     if config.max_context < need:
-        config = config.__class__(**{**config.to_dict(), "max_context": need})
+        config = dataclasses.replace(config, max_context=need)
     parts = load_parts(config, progress=not args.quiet)
     prompt = bench_prompt(parts.tokenizer, args.prompt_tokens)
     result = bench(parts, config, mode_runs(config, modes, budgets), prompt, args.decode_tokens, args.warmup,
