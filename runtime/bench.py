@@ -65,11 +65,21 @@ def copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, repeats: int 
     return nbytes / statistics.median(times)
 
 
-def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, new_tokens: int):
-    """Greedy continuation and true routing of every position, from an exact on-demand pass."""
+def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, new_tokens: int,
+                 forced: list[int] | None = None):
+    """Greedy continuation and true routing of every position, from an exact on-demand pass.
+    With `forced`, those tokens are fed instead of the greedy ones (a random model's greedy
+    output repeats one token, and so one routing, which would flatter every cache)."""
     engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch", gpu_expert_budget="0"))
     engine.moe.record_routing = {}
-    tokens = list(engine.generate(prompt, new_tokens))
+    if forced is None:
+        tokens = list(engine.generate(prompt, new_tokens))
+    else:
+        tokens = [int(t) for t in forced[:new_tokens]]
+        engine.reset()
+        engine.step(prompt)
+        for token in tokens[:-1]:
+            engine.step(torch.tensor([token]))
     routing = engine.moe.record_routing
     engine.close()
     recorded = RecordedRouting(ids={k: v[0] for k, v in routing.items()}, weights={k: v[1] for k, v in routing.items()})
@@ -123,13 +133,15 @@ def mode_runs(base: RuntimeConfig, modes: list[tuple[str, str]], budgets: list[s
 
 
 def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], prompt: torch.Tensor,
-          decode_tokens: int, warmup: int, progress: bool = True, labels: list[str] | None = None) -> dict:
+          decode_tokens: int, warmup: int, progress: bool = True, labels: list[str] | None = None,
+          forced: list[int] | None = None) -> dict:
     """Run every config in `runs` on the same prompt and decoded tokens; one row each. An item
-    may also be (config, make_predictor), make_predictor(parts) giving the run's predictor."""
+    may also be (config, make_predictor), make_predictor(parts) giving the run's predictor.
+    `forced` replaces the greedy continuation by given tokens (see `record_exact`)."""
     if decode_tokens <= warmup:
         raise SpecmoeError(f"--decode-tokens ({decode_tokens}) must exceed --warmup ({warmup})")
     bandwidth = copy_bandwidth(parts.device)
-    continuation, recorded = record_exact(parts, base, prompt, decode_tokens + 1)
+    continuation, recorded = record_exact(parts, base, prompt, decode_tokens + 1, forced=forced)
     feed = continuation[:decode_tokens]
     rows = []
     for i, config in enumerate(tqdm(runs, desc="infer bench", unit="mode", disable=not progress)):

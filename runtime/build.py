@@ -171,6 +171,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                     tokenizer=parts.tokenizer, info=info)
     engine.parts, engine.config = parts, config
     engine.use_graphs = streams.cuda and config.cuda_graphs
+    engine.compile = engine.use_graphs and config.compile
     return engine
 
 

@@ -37,6 +37,7 @@ class RuntimeConfig:
     track_hits: bool = True               # count prediction hits (also in speculate, one router per layer)
     oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
     cuda_graphs: bool = True              # replay decode steps from CUDA graphs (CUDA only)
+    compile: bool = True                  # fuse the graphs' pieces with torch.compile (with cuda_graphs)
     device_table: bool = False            # exact decode looks experts up on the device, fixes misses after
 
     def validate(self) -> "RuntimeConfig":

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from specmoe.moe_block import routed_output
-
+from .compiled_pieces import Pieces
 from .kv_cache import attention_masks
 from .predict import EstimatorPredictor
 
@@ -57,6 +56,7 @@ class DecodeGraphs:
         self.pred_ids, self.pred_w = {}, {}
         self.graphable_prediction = isinstance(moe.predictor, EstimatorPredictor)
         self.speculate = moe.on_miss == "speculate"
+        self.pieces = Pieces(compile=bool(getattr(e, "compile", False)))
         self._rope = None
         self._masks = None
         self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []
@@ -80,16 +80,12 @@ class DecodeGraphs:
 
     def _attention(self, l: int):
         e = self.engine
-        layer = e.layers[l]
-        h = layer.input_layernorm(self.x)
-        a = layer.self_attn(hidden_states=h, position_embeddings=self._rope, attention_mask=self._masks[e._kinds[l]],
-                            position_ids=self.pos.reshape(1, 1), **{e._cache_kw: e.cache})[0]
-        self.r.copy_(self.x + a)
-        self.s.copy_(layer.post_attention_layernorm(self.r))
+        self.pieces.attention_block(e.layers[l], self.x, self._rope, self._masks[e._kinds[l]], self.pos,
+                                    e.cache.layer(l), e._cache_kw, self.r, self.s)
 
     def _dense(self, l: int):
         self._attention(l)
-        self.x.copy_(self.r + self.engine.layers[l].mlp(self.s))
+        self.pieces.dense_mlp(self.engine.layers[l].mlp, self.r, self.s, self.x)
 
     def _source_routing(self, l: int):
         """The routing layer l's prediction starts from: the predicted one in speculate
@@ -102,17 +98,13 @@ class DecodeGraphs:
         moe = self.moe
         self._attention(l)
         s = self.s.reshape(1, -1)
-        ids, w = moe._route(l, s)
         if l not in self.ids:
+            ids, w = moe._route(l, s)
             self.ids[l], self.w[l] = torch.empty_like(ids), torch.empty_like(w)
             self.wsel[l] = torch.empty_like(w)
             self.slot[l] = torch.full(ids.shape, moe.slots.zero_slot, dtype=torch.long, device=ids.device)
-        self.ids[l].copy_(ids)
-        self.w[l].copy_(w)
-        if self.speculate and l in self.pred_ids:
-            self.wsel[l].copy_(self.pred_w[l])
-        else:
-            self.wsel[l].copy_(w)
+        wsel_from = self.pred_w[l] if self.speculate and l in self.pred_ids else None
+        self.pieces.route(moe.family, moe._routers[l], s, self.ids[l], self.w[l], self.wsel[l], wsel_from)
         tel = moe.telemetry
         if tel.track_hits and l in self.pred_ids:
             tel.prefetch_hits_device(l, self.pred_ids[l], self.ids[l], count=False)
@@ -135,23 +127,21 @@ class DecodeGraphs:
     def _post(self, l: int):
         moe = self.moe
         s = self.s.reshape(1, -1)
+        experts, shared, stack = moe._experts[l], moe._shared[l], moe.slots.stack
         if self.host_fed(l):
             # speculate: the host placed the predicted experts and fed their slots
-            out = routed_output(moe.family, moe._experts[l], s, moe.slots.stack, self.slot[l], self.wsel[l])
+            self.pieces.experts_from_slots(moe.family, experts, shared, s, stack, self.slot[l], self.wsel[l],
+                                           self.r, self.x)
         else:
             # exact (and the first MoE layer of speculate): slots looked up in the device table
-            out = moe.table_output(l, s, self.ids[l], self.w[l])
-        shared = moe._shared[l]
-        if shared is not None:
-            out = out + shared(s).to(out.dtype)
-        self.x.copy_(self.r + out.reshape(self.x.shape))
+            self.pieces.experts_from_table(moe.family, experts, shared, s, stack, moe.table_row(l),
+                                           moe.slots.zero_slot, self.ids[l], self.w[l], self.r, self.x)
 
     def _epilogue(self):
         e = self.engine
-        logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
         if self.logits is None:
-            self.logits = torch.empty_like(logits)
-        self.logits.copy_(logits)
+            self.logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
+        self.pieces.head(e.base.norm, e.model.lm_head, self.x, self.logits)
 
     def _pieces(self):
         e = self.engine

@@ -52,6 +52,7 @@ class Engine:
         # transformers renamed the attention's cache argument (past_key_values -> cache)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.use_graphs = False     # decode steps from CUDA graphs (captured on the first decode step)
+        self.compile = False        # their pieces compiled (runtime.compiled_pieces)
         self._graphs = None
         self._kinds, self._window = [], None
         for layer in self.layers:

@@ -56,6 +56,35 @@ class StaticKVCache:
         # Old entries stay: every position at or past `length` is masked until rewritten.
         self.length = 0
 
+    def layer(self, layer_idx: int) -> "LayerCache":
+        """Layer `layer_idx`'s tensors as a cache of their own (allocated by an earlier update)."""
+        if self.keys[layer_idx] is None:
+            raise RuntimeError(f"the cache of layer {layer_idx} is not allocated yet")
+        return LayerCache(self, self.keys[layer_idx], self.values[layer_idx])
+
+
+class LayerCache:
+    """One layer of a StaticKVCache that ignores the layer index the attention hands in: a
+    compiled attention then sees the same code for every layer (an index into the cache's
+    list would be a constant, and a compilation, per layer)."""
+
+    is_compileable = True
+
+    def __init__(self, cache: StaticKVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.cache, self.k, self.v = cache, keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int = 0, *args, **kwargs):
+        positions = self.cache.positions
+        self.k.index_copy_(2, positions, key_states.to(self.k.dtype))
+        self.v.index_copy_(2, positions, value_states.to(self.v.dtype))
+        return self.k, self.v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.cache.max_len
+
 
 def attention_masks(kinds: set[str], positions: torch.Tensor, max_len: int, sliding_window: int | None,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:

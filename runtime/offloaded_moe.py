@@ -189,6 +189,10 @@ class OffloadedMoE:
             self._table_ops = []
         return set(self._installed[layer])
 
+    def table_row(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s row of the device table [num_experts]: expert -> slot."""
+        return self.table[self._rows[layer]]
+
     def table_output(self, layer: int, s: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Routed output of the experts the device table holds for `ids` (the others weigh 0).
         Capturable: this is the experts graph of exact decode."""

@@ -1,0 +1,171 @@
+"""Where a decode step's time goes: GPU time of its graphs, host time per layer, kernels.
+
+    python benchmarks/profile_decode.py --layers 8
+
+Model A's shape (benchmarks/runtime_decode.py) with fewer layers. For each mode it
+measures, on the same forced tokens:
+
+- wall time per decoded token (median), as `infer bench` does;
+- the GPU time of the decode step alone: every captured graph of one step replayed
+  back to back with no host decision between them, timed with CUDA events (what a
+  token would cost if the host never stood in the way);
+- the host's time per MoE layer inside the runtime's per-layer decisions;
+- from the torch profiler over a few steps: kernels per step, their summed time, and
+  the largest kernels.
+
+Results: benchmarks/results/profile_decode.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.runtime_decode import qwen3_30b_shape  # noqa: E402
+from runtime.bench import record_exact  # noqa: E402
+from runtime.build import configure, parts_random  # noqa: E402
+from runtime.config import RuntimeConfig  # noqa: E402
+from specmoe.paths import REPO_ROOT  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def _timed(obj, name: str, bucket: list) -> None:
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            bucket.append(time.perf_counter() - t0)
+
+    setattr(obj, name, wrapper)
+
+
+def profile_mode(parts, config, prompt, tokens, warmup, recorded) -> dict:
+    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
+    try:
+        moe = engine.moe
+        host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
+        engine.step(prompt)
+        torch.cuda.synchronize()
+        walls = []
+        for i, tok in enumerate(tokens):
+            if i == warmup:
+                for name, bucket in host.items():
+                    _timed(moe, name, bucket)
+            t0 = time.perf_counter()
+            logits = engine.step(torch.tensor([tok]))
+            int(torch.argmax(logits[-1]))
+            walls.append(time.perf_counter() - t0)
+        walls = walls[warmup:]
+        n_moe = len(parts.spec.moe_layers)
+        steps = len(walls)
+        host_us = {k: 1e6 * sum(v) / (steps * n_moe) for k, v in host.items()}
+        graphs = engine._graphs
+        # The graphs alone, back to back: the device's own time for one step.
+        gpu = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _, _, g in graphs._graphs:
+                g.replay()
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+        # Kernels of a few steps, from the profiler.
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for tok in tokens[:3]:
+                logits = engine.step(torch.tensor([tok]))
+                int(torch.argmax(logits[-1]))
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        count = len(kernels) / 3
+        busy_ms = sum(e.device_time for e in kernels) / 1e3 / 3
+        top = Counter()
+        for e in kernels:
+            top[e.name[:80]] += e.device_time / 3
+        return {
+            "mode": f"{config.resolved_prefetch()}+{config.on_miss}",
+            "budget": config.gpu_expert_budget, "device_table": config.device_table, "compile": config.compile,
+            "oracle_hit_rate": config.oracle_hit_rate,
+            "wall_ms_median": 1e3 * statistics.median(walls),
+            "graphs_only_ms_median": statistics.median(gpu[2:]),
+            "graphs_per_step": len(graphs._graphs),
+            "host_us_per_moe_layer": host_us,
+            "kernels_per_step": count, "kernels_per_moe_layer": count / n_moe,
+            "kernel_busy_ms_per_step": busy_ms,
+            "top_kernels_us_per_step": {k: round(v, 1) for k, v in top.most_common(15)},
+            "cache_hit_rate": engine.telemetry.summary().get("cache_hit_rate"),
+        }
+    finally:
+        engine.close()
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--decode", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--out", default=str(RESULTS / "profile_decode"))
+    args = p.parse_args()
+    base = RuntimeConfig(device="cuda", dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
+    parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    vocab = parts.model.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.context,), generator=gen)
+    # Forced random tokens: a random model's greedy output repeats one token, and so one routing.
+    # The profiled steps follow the timed ones: the oracle needs their routing too.
+    forced = torch.randint(0, vocab, (args.decode + 8,), generator=gen).tolist()
+    _, recorded = record_exact(parts, base, prompt, args.decode + 8, forced=forced)
+    rows = []
+    # (prefetch, on_miss, budget, device table, oracle hit rate, compile)
+    modes = [("none", "fetch", "100%", True, 1.0, False), ("none", "fetch", "100%", True, 1.0, True),
+             ("none", "fetch", "100%", False, 1.0, True), ("oracle", "fetch", "100%", True, 1.0, True),
+             ("oracle", "fetch", "25%", False, 0.85, True), ("oracle", "fetch", "25%", True, 0.85, True),
+             ("oracle", "cpu", "25%", False, 0.85, True), ("oracle", "speculate", "0", False, 0.85, True)]
+    for prefetch, on_miss, budget, table, hit, compiled in modes:
+        config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
+                                     device_table=table, oracle_hit_rate=hit, compile=compiled)
+        t0 = time.perf_counter()
+        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded)
+        row["seconds"] = time.perf_counter() - t0
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": f"python benchmarks/profile_decode.py --layers {args.layers}", "layers": args.layers,
+              "context": args.context, "device": torch.cuda.get_device_name(), "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Where a decode step's time goes", "", f"    {result['command']}", "",
+             f"Model A's shape with {args.layers} layers, context {args.context}, {result['device']}.", "",
+             "| mode | budget | device table | compiled | wall ms | graphs alone ms | host us/layer (decide, after) "
+             "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r["host_us_per_moe_layer"]
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+                     f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
+                     f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
+                     f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

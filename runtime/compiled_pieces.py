@@ -1,0 +1,104 @@
+"""The decode step's pieces as functions of their modules and buffers, compiled once for all layers.
+
+A decode layer run by the model's own modules launches about eighty small kernels
+(each RMSNorm alone is half a dozen elementwise ones); inside a CUDA graph each still
+costs a few microseconds, which at batch 1 is most of a layer's time. Compiled with
+torch.compile they fuse into a handful. Each function below takes the layer's modules
+and tensors as arguments rather than reading them from the engine, so one compiled
+graph serves every layer of a kind (the modules' parameters are graph inputs) and
+nothing recompiles per layer. They write into the caller's static buffers, as the
+captured graphs need.
+
+`Pieces(compile=False)` runs the same functions eagerly: CUDA graphs capture either.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from specmoe.moe_block import routed_output
+
+
+def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_out) -> None:
+    """r = x + attn(LN(x)), s = LN_post(r), into r_out and s_out."""
+    h = layer.input_layernorm(x)
+    a = layer.self_attn(hidden_states=h, position_embeddings=rope, attention_mask=mask,
+                        position_ids=pos.reshape(1, 1), **{cache_kw: cache})[0]
+    r_out.copy_(x + a)
+    s_out.copy_(layer.post_attention_layernorm(r_out))
+
+
+def dense_mlp(mlp, r, s, x_out) -> None:
+    x_out.copy_(r + mlp(s))
+
+
+def route(family, router, s, ids_out, w_out, wsel_out, wsel_from=None) -> None:
+    """The true routing of s into ids_out / w_out; wsel_out gets the weights the experts will
+    use (the true ones, or `wsel_from`: a prediction's, in speculation)."""
+    logits = family.router_logits(router, s)
+    ids, w = family.route(router, logits)
+    ids_out.copy_(ids)
+    w_out.copy_(w)
+    wsel_out.copy_(w if wsel_from is None else wsel_from)
+
+
+def experts_from_slots(family, experts, shared, s, stack, slots, weights, r, x_out) -> None:
+    """x = r + sum_j w_j Expert_{slot_j}(s) (+ shared(s))."""
+    out = routed_output(family, experts, s, stack, slots, weights)
+    if shared is not None:
+        out = out + shared(s).to(out.dtype)
+    x_out.copy_(r + out.reshape(x_out.shape))
+
+
+def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: int, ids, weights, r, x_out) -> None:
+    """The same with slots looked up in the device table; experts not on the GPU (the zero
+    slot) weigh 0 here and are added afterwards."""
+    slots = table_row[ids]
+    w = weights * (slots != zero_slot).to(weights.dtype)
+    experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out)
+
+
+def head(norm, lm_head, x, logits_out) -> None:
+    logits_out.copy_(lm_head(norm(x)[0, -1:]).float())
+
+
+_FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "head")
+_compiled: dict[tuple[str, str], object] = {}
+
+
+class Pieces:
+    """The functions above, compiled (shared by every engine of the process, so benchmark
+    modes compile once) or eager. A piece whose compilation fails runs eagerly from then
+    on, with one warning."""
+
+    def __init__(self, compile: bool, backend: str = "inductor"):
+        self.compile, self.backend = compile, backend
+
+    def __getattr__(self, name: str):
+        fn = globals()[name] if name in _FUNCTIONS else None
+        if fn is None:
+            raise AttributeError(name)
+        if not self.compile:
+            return fn
+        key = (name, self.backend)
+        if key not in _compiled:
+            _compiled[key] = _Guarded(name, torch.compile(fn, dynamic=False, backend=self.backend), fn)
+        return _compiled[key]
+
+
+class _Guarded:
+    def __init__(self, name, compiled, eager):
+        self.name, self.compiled, self.eager, self.failed = name, compiled, eager, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function is exact
+                self.failed = True
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                warnings.warn(f"specmoe: compiling the decode piece {self.name} failed ({first}); "
+                              "it runs uncompiled", stacklevel=2)
+        return self.eager(*args, **kwargs)
