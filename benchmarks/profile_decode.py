@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.runtime_decode import qwen3_30b_shape  # noqa: E402
+from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape  # noqa: E402
 from runtime.bench import record_exact  # noqa: E402
 from runtime.build import configure, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "profile_decode"))
     args = p.parse_args()
     base = RuntimeConfig(device="cuda", dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
-    parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False)
+    parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False, embedding_std=EMBEDDING_STD)
     gen = torch.Generator().manual_seed(0)
     vocab = parts.model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen)

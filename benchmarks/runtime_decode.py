@@ -5,9 +5,11 @@
 
 Model A has Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8, hidden 2048, expert
 hidden 768, bf16: 58 GB of experts) with random weights built on the machine, through
-the runtime's own host store and slots. Random routers route nearly uniformly, so
-model A's cache hit rates are pessimistic, and its real predictors have nothing to
-predict: model A also runs the `oracle` predictor thinned to a set hit rate (each
+the runtime's own host store and slots. It decodes forced random tokens, and its token
+embeddings are wide enough that each token keeps its own routing through all layers:
+random routers then route nearly uniformly, so model A's cache hit rates are
+pessimistic (real models reuse experts far more), and its real predictors have nothing
+to predict: model A also runs the `oracle` predictor thinned to a set hit rate (each
 predicted expert replaced by a wrong one with probability 1 - p), labelled as such.
 Model B is the demo model with its trained estimators: real routing, real hit rates.
 
@@ -36,6 +38,10 @@ from runtime.predict import router_predictor  # noqa: E402
 from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+# Model A's token embeddings are drawn with std 1 (its other weights with 0.02) and its
+# decoded tokens are forced random ones: otherwise every token routes alike and any cache
+# looks perfect (runtime.build.parts_random says why).
+EMBEDDING_STD = 1.0
 
 
 def qwen3_30b_shape(layers: int, hidden: int = 2048):
@@ -53,9 +59,12 @@ def model_a(args, out: dict) -> None:
     base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
                          device_table=args.device_table)
     t0 = time.perf_counter()
-    parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False)
+    parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False,
+                         embedding_std=EMBEDDING_STD)
     print(f"model A built in {time.perf_counter() - t0:.1f}s: {parts.store.nbytes / 1e9:.1f} GB of experts", flush=True)
-    prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
+    forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
     def add(prefetch, on_miss, budget, p=1.0):
@@ -81,7 +90,8 @@ def model_a(args, out: dict) -> None:
         for b in args.budgets[:1]:
             add("oracle", "fetch", b, args.hit_rates[0])
             add("oracle", "cpu", b, args.hit_rates[0])
-        out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels)
+        out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
+                               forced=forced)
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
         return
     add("none", "fetch", "0")
@@ -99,7 +109,7 @@ def model_a(args, out: dict) -> None:
         for b in args.budgets:
             add("oracle", "fetch", b, p)
             add("oracle", "cpu", b, p)
-    merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels)
+    merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
     if args.long_context:
         # The same model at a long context: attention reads more; copies do not change.
         long_base = dataclasses.replace(base, max_context=args.long_context + args.decode + 8)
@@ -112,7 +122,7 @@ def model_a(args, out: dict) -> None:
         runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
                 else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
         out["model_a_long_context"] = bench(parts, long_base, runs, long_prompt, args.decode, args.warmup,
-                                            progress=False, labels=labels)
+                                            progress=False, labels=labels, forced=forced)
         print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
     out["model_a"] = merged
     print(markdown(merged, "model A"), flush=True)

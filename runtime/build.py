@@ -176,10 +176,16 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
 
 
 def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_experts: int = 64,
-                 progress: bool = True) -> ModelParts:
+                 progress: bool = True, embedding_std: float | None = None) -> ModelParts:
     """A model of `hf_config`'s shape with random weights, built without ever holding its experts
     twice: non-expert weights are drawn on the device, the host store is filled from a pool of
-    `distinct_experts` random experts. For benchmarks of shapes whose checkpoints cannot be had."""
+    `distinct_experts` random experts. For benchmarks of shapes whose checkpoints cannot be had.
+
+    `embedding_std` draws the token embeddings wider than the other weights. With every weight
+    at the config's initializer_range, the residual stream of deep layers is dominated by
+    attention averages that barely change from token to token, so every token routes alike
+    and any expert cache looks perfect; with embeddings of std 1 each token keeps its own
+    routing through all layers, close to uniform over the experts."""
     from transformers import AutoModelForCausalLM
 
     from specmoe.families import detect_family
@@ -195,6 +201,7 @@ def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_ex
     gen = torch.Generator(device=device).manual_seed(seed)
     expert_ids = {id(p) for l in spec.moe_layers for p in family.experts(model, l).parameters()}
     std = getattr(hf_config, "initializer_range", 0.02)
+    embeddings = model.get_input_embeddings()
     for name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if id(p) in expert_ids:
@@ -202,7 +209,8 @@ def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_ex
             if "norm" in name.rsplit(".", 1)[-1] or "norm" in pname:
                 data = torch.ones(p.shape, dtype=dtype, device=device)
             else:
-                data = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+                scale = embedding_std if module is embeddings and embedding_std else std
+                data = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(scale).to(dtype)
             setattr(module, pname, torch.nn.Parameter(data, requires_grad=False))
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from specmoe.errors import SpecmoeError
@@ -68,7 +69,11 @@ class RecordedRouting:
 
 class OraclePredictor(RuntimePredictor):
     """The true routing of the target layer at the same position; with hit_rate p < 1 each
-    predicted expert is replaced, with probability 1 - p, by an expert the token does not use."""
+    predicted expert is replaced, with probability 1 - p, by an expert the token does not use.
+
+    Every prediction is drawn once, up front, and kept on the device: a decode step's
+    prediction is then a view (no kernel, no copy), so the oracle costs the step nothing
+    that a real predictor would not, and every mode of a benchmark sees the same draws."""
 
     def __init__(self, recorded: RecordedRouting, moe_layers, num_experts: int, lookahead: int = 1,
                  hit_rate: float = 1.0, seed: int = 0):
@@ -78,36 +83,42 @@ class OraclePredictor(RuntimePredictor):
         self.num_experts = int(num_experts)
         moe = sorted(moe_layers)
         self._target = {moe[i]: moe[i + lookahead] for i in range(len(moe) - lookahead)}
-        self._gen = torch.Generator().manual_seed(seed)
+        keys = sorted(recorded.ids)
+        self._row = {key: i for i, key in enumerate(keys)}
+        ids = torch.stack([recorded.ids[k] for k in keys]).long() if keys else torch.zeros((0, 1), dtype=torch.long)
+        self._ids = self._thin(ids, np.random.default_rng(seed)) if hit_rate < 1.0 else ids
+        self._weights = torch.stack([recorded.weights[k] for k in keys]) if keys else torch.zeros((0, 1))
+        self._on: dict = {}   # device -> (ids, weights) there
 
     def target_of(self, layer):
         return self._target.get(layer)
 
     def predict(self, target, residual, normed, ids, weights, position):
         T = residual.shape[0]
-        rows_i, rows_w = [], []
+        rows = []
         for p in range(position, position + T):
-            key = (p, target)
-            if key not in self.recorded.ids:
+            row = self._row.get((p, target))
+            if row is None:
                 raise SpecmoeError(f"the oracle has no recorded routing for position {p}, layer {target}; "
                                    "record it with an exact pass over the same tokens first")
-            rows_i.append(self.recorded.ids[key])
-            rows_w.append(self.recorded.weights[key])
-        true_ids = torch.stack(rows_i).long()
-        w = torch.stack(rows_w)
-        if self.hit_rate < 1.0:
-            true_ids = self._thin(true_ids)
-        return true_ids.to(residual.device), w.to(residual.device)
+            rows.append(row)
+        device = residual.device
+        if device not in self._on:
+            self._on[device] = (self._ids.to(device), self._weights.to(device))
+        all_ids, all_w = self._on[device]
+        if T == 1:
+            return all_ids[rows[0]:rows[0] + 1], all_w[rows[0]:rows[0] + 1]
+        index = torch.tensor(rows, device=device)
+        return all_ids.index_select(0, index), all_w.index_select(0, index)
 
-    def _thin(self, ids: torch.Tensor) -> torch.Tensor:
+    def _thin(self, ids: torch.Tensor, rng) -> torch.Tensor:
         out = ids.clone()
         for t in range(ids.shape[0]):
             used = set(ids[t].tolist())
             spare = [e for e in range(self.num_experts) if e not in used]
-            for j in range(ids.shape[1]):
-                if spare and torch.rand((), generator=self._gen).item() >= self.hit_rate:
-                    k = int(torch.randint(len(spare), (), generator=self._gen))
-                    out[t, j] = spare.pop(k)
+            for j in np.flatnonzero(rng.random(ids.shape[1]) >= self.hit_rate):
+                if spare:
+                    out[t, j] = spare.pop(int(rng.integers(len(spare))))
         return out
 
 

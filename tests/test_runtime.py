@@ -319,3 +319,20 @@ def test_no_table_bookkeeping_grows_without_the_device_table(demo_model_pair):
     engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", gpu_expert_budget="0"))
     list(engine.generate(PROMPT, 24))
     assert engine.moe._table_ops == [] and not any(engine.moe._to_install.values())
+
+
+def test_thinned_oracle_keeps_the_asked_recall_and_distinct_experts():
+    from runtime.predict import OraclePredictor, RecordedRouting
+
+    gen = torch.Generator().manual_seed(3)
+    ids = {(p, l): torch.randperm(16, generator=gen)[:4] for p in range(500) for l in (1, 2)}
+    weights = {k: torch.full((4,), 0.25) for k in ids}
+    oracle = OraclePredictor(RecordedRouting(ids, weights), (1, 2), 16, hit_rate=0.85)
+    found = 0
+    for p in range(500):
+        pred, w = oracle.predict(2, torch.zeros(1, 8), None, None, None, p)
+        assert pred.shape == (1, 4) and len(set(pred[0].tolist())) == 4
+        found += len(set(pred[0].tolist()) & set(ids[(p, 2)].tolist()))
+    assert 0.82 < found / 2000 < 0.88
+    with pytest.raises(SpecmoeError, match="no recorded routing"):
+        oracle.predict(2, torch.zeros(1, 8), None, None, None, 900)

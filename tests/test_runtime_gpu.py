@@ -113,9 +113,13 @@ def test_copies_overlap_compute():
 
 @pytest.mark.parametrize("table", [False, True])
 @pytest.mark.parametrize("prefetch,on_miss", [("hybrid", "speculate"), ("hybrid", "fetch"), ("quasi", "cpu")])
-def test_graphed_decode_equals_eager_decode(prefetch, on_miss, table):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_decode_equals_eager_decode(prefetch, on_miss, table, compiled):
     """Decode steps replayed from CUDA graphs compute what the eager steps compute, with the
-    demo estimators predicting inside the graphs."""
+    demo estimators predicting inside the graphs. Compiled pieces fuse float32 arithmetic in
+    another order: exact modes stay within float32 noise; in speculation a last-bit change can
+    flip a predicted expert, and with it the token's output, so there the predictions and
+    the greedy tokens are compared."""
     from specmoe.paths import REPO_ROOT
 
     est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
@@ -123,10 +127,17 @@ def test_graphed_decode_equals_eager_decode(prefetch, on_miss, table):
     rows = {}
     for graphs in (False, True):
         engine = runtime.from_model(_demo(torch.float32), cfg(prefetch=prefetch, on_miss=on_miss, estimators=est,
-                                                                cuda_graphs=graphs, device_table=table))
+                                                                cuda_graphs=graphs, device_table=table,
+                                                                compile=compiled))
         rows[graphs] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         assert (engine._graphs is not None) == graphs
         rows[(graphs, "hits")] = engine.telemetry.summary()["prefetch_hit_rate"]
         engine.close()
-    torch.testing.assert_close(rows[True], rows[False], rtol=1e-4, atol=1e-4)
+    if compiled and on_miss == "speculate":
+        agree = (rows[True].argmax(-1) == rows[False].argmax(-1)).float().mean().item()
+        assert agree >= 0.9, agree
+        assert rows[(True, "hits")] == pytest.approx(rows[(False, "hits")], abs=0.05)
+        return
+    tol = 1e-3 if compiled else 1e-4
+    torch.testing.assert_close(rows[True], rows[False], rtol=tol, atol=tol)
     assert rows[(True, "hits")] == pytest.approx(rows[(False, "hits")], abs=0.02)
