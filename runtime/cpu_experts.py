@@ -2,18 +2,22 @@
 
 At batch 1 an expert is a matrix-vector product over weights that already sit in
 host memory: reading them there is cheaper than copying them over PCIe and reading
-them again on the GPU. The work runs on one worker thread (torch releases the GIL
-inside its kernels, so the main thread keeps launching GPU work meanwhile) with the
-experts read in place from the store's blocks: no gather, no copy.
+them again on the GPU. The work runs on one worker thread (the kernels release the GIL,
+so the main thread keeps launching GPU work meanwhile) with the experts read in place
+from the store's blocks: no gather, no copy. Experts that one call gives a single token
+go to the batched matrix-vector kernels of cpu_kernels (all of them in one parallel
+region); an expert with several tokens is one torch matrix product, which reads it once.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from . import cpu_kernels
 from .host_store import HostExpertStore
 
 
@@ -23,6 +27,7 @@ class CpuExperts:
         self.store = store
         if threads:
             torch.set_num_threads(int(threads))
+        cpu_kernels.available()  # build the kernels now, not at the first miss
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specmoe-cpu-experts")
         self.seconds = 0.0
 
@@ -34,14 +39,16 @@ class CpuExperts:
     def _run(self, experts_module, layer, x, work):
         start = time.perf_counter()
         out = torch.zeros(x.shape, dtype=torch.float32)
-        by_expert: dict[int, list[tuple[int, float]]] = {}
-        for tok, e, w in work:
-            by_expert.setdefault(e, []).append((tok, w))
+        tokens = Counter(e for _, e, _ in work)
+        single = [item for item in work if tokens[item[1]] == 1]
+        shared = [item for item in work if tokens[item[1]] > 1]
         with torch.inference_mode():
-            for e, rows in by_expert.items():
-                toks = [t for t, _ in rows]
-                y = self.family.apply_expert(experts_module, self.store.expert(layer, e), x[toks])
-                out[toks] += y.float() * torch.tensor([w for _, w in rows], dtype=torch.float32).unsqueeze(1)
+            for items, outputs in ((single, cpu_kernels.expert_outputs), (shared, cpu_kernels.torch_expert_outputs)):
+                if not items:
+                    continue
+                toks = torch.tensor([t for t, _, _ in items], dtype=torch.int64)
+                y = outputs(self.family, experts_module, self.store, layer, [e for _, e, _ in items], x[toks])
+                out.index_add_(0, toks, y * torch.tensor([w for _, _, w in items], dtype=torch.float32)[:, None])
         self.seconds += time.perf_counter() - start
         return out
 

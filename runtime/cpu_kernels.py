@@ -1,0 +1,217 @@
+"""Expert matrix-vector products on the host CPU, with weights read in place from the host store.
+
+At batch 1 an expert is two matrix-vector products, bound by how fast the cores read
+its weights from DRAM. Stock torch runs one product at a time, each over a handful of
+cores; the C++ kernels in csrc/expert_gemv.cpp run every product of a call in one
+parallel region (torch's thread pool, so `torch.set_num_threads` holds) and widen the
+bf16 / fp16 weights to fp32 exactly, accumulating in fp32: results match a float64
+reference up to the order of the fp32 sums.
+
+The extension is compiled on first use (g++ and ninja; under a minute, once: cached under
+${SPECMOE_CACHE:-~/.cache/specmoe}/torch_extensions). Without a compiler, or if the build
+fails, everything here falls back to torch and says so once. SPECMOE_CPU_KERNELS picks
+the path: auto (default), torch, or an instruction set (avx512, avx2, scalar).
+
+The glu and the biases stay in torch: they are a few thousand elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["available", "backend", "covers", "expert_outputs", "gemv_batch", "load", "torch_expert_outputs"]
+
+ENV = "SPECMOE_CPU_KERNELS"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("expert_gemv.cpp", "expert_gemv_kernels.h")
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_EXPERT_TENSORS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}  # "module" (and its "isas") once built, or the "reason" it could not be
+
+
+def _build(verbose: bool):
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed")
+    flags = ["-O3"]
+    # at::parallel_for is an OpenMP region in the headers: without -fopenmp it would run serially.
+    if "OpenMP" in torch.__config__.parallel_info():
+        flags.append("-fopenmp")
+    digest = hashlib.sha256(f"{torch.__version__} {flags}".encode())
+    for name in _SOURCES:
+        digest.update((_CSRC / name).read_bytes())
+    cache = Path(os.environ.get("SPECMOE_CACHE") or Path.home() / ".cache" / "specmoe")
+    build = cache / "torch_extensions" / f"expert_gemv-{digest.hexdigest()[:16]}"
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name="specmoe_expert_gemv", sources=[str(_CSRC / "expert_gemv.cpp")],
+                              extra_cflags=flags, extra_ldflags=flags[1:], build_directory=str(build),
+                              verbose=verbose)
+
+
+def load(verbose: bool = False):
+    """The compiled extension, built on the first call in this process; None (after one
+    warning) when it cannot be built."""
+    if "module" not in _loaded and "reason" not in _loaded:
+        with _lock:
+            if "module" not in _loaded and "reason" not in _loaded:
+                try:
+                    _loaded["module"] = _build(verbose)
+                except Exception as err:  # noqa: BLE001 - any build failure means: use torch
+                    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+                    _loaded["reason"] = f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+                    warnings.warn(f"specmoe: CPU expert kernels unavailable ({_loaded['reason']}); "
+                                  "computing CPU experts with torch", RuntimeWarning, stacklevel=2)
+    return _loaded.get("module")
+
+
+def _choice() -> str:
+    choice = os.environ.get(ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "avx512", "avx2", "scalar"):
+        raise ValueError(f"{ENV}={choice!r}: expected auto, torch, avx512, avx2 or scalar")
+    return choice
+
+
+def backend() -> str:
+    """What computes CPU experts: an instruction set of the native kernels
+    ("avx512", "avx2", "scalar") or "torch"."""
+    choice = _choice()
+    if choice == "torch" or load() is None:
+        return "torch"
+    if "isas" not in _loaded:
+        _loaded["isas"] = tuple(load().isas())
+    isas = _loaded["isas"]
+    if choice == "auto":
+        return isas[0]
+    if choice not in isas:
+        raise ValueError(f"{ENV}={choice}: this CPU runs only {', '.join(isas)}")
+    return choice
+
+
+def available() -> bool:
+    """Whether the native kernels compute (built, and not switched off with SPECMOE_CPU_KERNELS=torch)."""
+    return backend() != "torch"
+
+
+def _native(ptrs: torch.Tensor, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, in_out: bool,
+            isa: str) -> torch.Tensor:
+    # Raw addresses: every tensor here was checked by the caller and stays alive until return.
+    load().gemv_batch(ptrs.data_ptr(), x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], out.shape[1],
+                      _DTYPE_CODES[dtype], in_out, isa)
+    return out
+
+
+def _check_x(x: torch.Tensor, n: int, in_dim: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != torch.float32:
+        got = f"{x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float32 CPU tensor, got {got}")
+    if tuple(x.shape) != (n, in_dim):
+        raise ValueError(f"x must be [{n}, {in_dim}] (one row per matrix), got {list(x.shape)}")
+
+
+def gemv_batch(weights: Sequence[torch.Tensor], x: torch.Tensor, *, weights_in_out: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = W_i @ x[i] for W_i [out, in] (or x[i] @ W_i for W_i [in, out] when
+    `weights_in_out`): float32 [n, out]. Weights: n contiguous CPU tensors of one shape and
+    dtype (bf16, fp16 or fp32), read in place; x float32 [n, in]."""
+    weights = list(weights)
+    if not weights or not all(isinstance(w, torch.Tensor) for w in weights):
+        raise ValueError("weights must be a non-empty sequence of tensors")
+    first = weights[0]
+    if first.dtype not in _DTYPE_CODES or first.dim() != 2:
+        raise ValueError(f"weights must be 2-D bfloat16, float16 or float32, got {first.dtype} {list(first.shape)}")
+    for i, w in enumerate(weights):
+        if w.dtype != first.dtype or w.shape != first.shape or w.device.type != "cpu" or not w.is_contiguous():
+            raise ValueError(f"weights must be contiguous CPU tensors of one shape and dtype ({first.dtype} "
+                             f"{list(first.shape)}); weights[{i}] is {w.dtype} {list(w.shape)} on {w.device}"
+                             f"{'' if w.is_contiguous() else ', not contiguous'}")
+    in_dim, out_dim = first.shape if weights_in_out else first.shape[::-1]
+    _check_x(x, len(weights), in_dim)
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(len(weights), out_dim, dtype=torch.float32)
+    elif (out.dtype != torch.float32 or tuple(out.shape) != (len(weights), out_dim) or not out.is_contiguous()
+          or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor [{len(weights)}, {out_dim}]")
+    isa = backend()
+    if isa == "torch":
+        for i, w in enumerate(weights):
+            out[i] = x[i] @ w.float() if weights_in_out else w.float() @ x[i]
+        return out
+    ptrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)
+    return _native(ptrs, x, out, first.dtype, weights_in_out, isa)
+
+
+# ------------------------------------------------------------------- experts of a store
+
+
+def _layout_fits(store) -> bool:
+    layout = store.layout
+    shapes = dict(zip(layout.names, layout.shapes))
+    return (layout.dtype in _DTYPE_CODES and set(shapes) <= _EXPERT_TENSORS
+            and len(shapes.get("gate_up_proj", ())) == 2 and len(shapes.get("down_proj", ())) == 2)
+
+
+def covers(store) -> bool:
+    """Whether the native kernels compute this store's experts (else: torch)."""
+    return available() and _layout_fits(store)
+
+
+def torch_expert_outputs(family, experts, store, layer: int, expert_ids: Sequence[int],
+                         x_rows: torch.Tensor) -> torch.Tensor:
+    """Row i: Expert_{layer, expert_ids[i]}(x_rows[i]) as float32, by the family's own torch
+    code in the store's dtype, one product per distinct expert (so it is read once)."""
+    x_rows = x_rows.to(store.layout.dtype)
+    out = torch.empty(x_rows.shape[0], x_rows.shape[1], dtype=torch.float32)
+    rows: dict[int, list[int]] = {}
+    for i, e in enumerate(expert_ids):
+        rows.setdefault(int(e), []).append(i)
+    for e, idx in rows.items():
+        out[idx] = family.apply_expert(experts, store.expert(layer, e), x_rows[idx]).float()
+    return out
+
+
+def expert_outputs(family, experts, store, layer: int, expert_ids: Sequence[int],
+                   x_rows: torch.Tensor) -> torch.Tensor:
+    """Row i: Expert_{layer, expert_ids[i]}(x_rows[i]) as float32 [n, H], unweighted.
+
+    Native: two batched matrix-vector calls (gate_up for every row, the family's glu, down),
+    weights read in place from the store; every row re-reads its expert, so this is the
+    batch-1 path. Falls back to `torch_expert_outputs` where the kernels do not apply."""
+    isa = backend()
+    if isa == "torch" or not _layout_fits(store):
+        return torch_expert_outputs(family, experts, store, layer, expert_ids, x_rows)
+    ids = [int(e) for e in expert_ids]
+    n = len(ids)
+    if n and (min(ids) < 0 or max(ids) >= store.num_experts):
+        raise ValueError(f"expert ids must lie in [0, {store.num_experts}), got {ids}")
+    layout = store.layout
+    shapes = dict(zip(layout.names, layout.shapes))
+    first = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
+    in_out = bool(family.weights_in_out)
+
+    def project(name: str, inp: torch.Tensor) -> torch.Tensor:
+        in_dim, out_dim = shapes[name] if in_out else shapes[name][::-1]
+        _check_x(inp, n, in_dim)
+        at = first + layout.offsets[layout.names.index(name)]
+        ptrs = torch.tensor([at + e * layout.block_bytes for e in ids], dtype=torch.int64)
+        out = _native(ptrs, inp.contiguous(), torch.empty(n, out_dim), layout.dtype, in_out, isa)
+        if name + "_bias" in shapes:
+            out += store.stacked(layer)[name + "_bias"][ids]
+        return out
+
+    a = family.glu_fn(experts, project("gate_up_proj", x_rows.float()))
+    return project("down_proj", a.float())

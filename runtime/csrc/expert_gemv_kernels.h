@@ -1,0 +1,134 @@
+// The matrix-vector kernels, written once over a vector ISA. expert_gemv.cpp includes this
+// file inside one namespace per ISA (each under its own `#pragma GCC target`), after
+// defining there: V (a vector of W floats), W, R (64-byte streams read at once), zero,
+// fma, add, loadx, bcast, store, hsum and load_line<T>.
+//
+// Every loop step reads one 64-byte line per stream (kStep<T> weights): one line per row
+// of an [out, in] matrix, or R lines side by side of one row of an [in, out] matrix.
+// load_line returns a line as kVecs<T> float vectors; for bf16 each 32-bit lane holds a
+// pair, so the even elements come out shifted and the odd ones masked (both exact), and x
+// is put in the same order once per call instead of shuffling every weight.
+
+template <class T> constexpr int kStep = 64 / int(sizeof(T));
+template <class T> constexpr int kVecs = kStep<T> / W;
+template <class T> constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
+
+// x [in] in the order load_line yields weights; the tail past the last whole line stays as is.
+template <class T>
+void arrange_x(const float* x, float* xp, int64_t in) {
+  const int64_t main = in / kStep<T> * kStep<T>;
+  int64_t j = 0;
+  if constexpr (kPairs<T>) {
+    for (; j < main; j += 2 * W)
+      for (int k = 0; k < W; ++k) {
+        xp[j + k] = x[j + 2 * k];
+        xp[j + W + k] = x[j + 2 * k + 1];
+      }
+  }
+  for (; j < in; ++j) xp[j] = x[j];
+}
+
+// out[s] = w_s . x for S consecutive rows of an [out, in] matrix (rows in apart).
+template <int S, class T>
+inline void dot_rows(const T* w, int64_t in, const float* xp, float* out) {
+  constexpr int E = kStep<T>, K = kVecs<T>;
+  V acc[S][K];
+  for (int s = 0; s < S; ++s)
+    for (int k = 0; k < K; ++k) acc[s][k] = zero();
+  const int64_t main = in / E * E;
+  // The next S rows follow these in memory: fetch them while these are summed, so each
+  // thread keeps a whole row group of reads in flight (a prefetch never faults, even past the end).
+  const T* next = w + S * in;
+  for (int64_t j = 0; j < main; j += E) {
+    V xv[K];
+    for (int k = 0; k < K; ++k) xv[k] = loadx(xp + j + k * W);
+    for (int s = 0; s < S; ++s) {
+      __builtin_prefetch(next + s * in + j);
+      V wv[K];
+      load_line(w + s * in + j, wv);
+      for (int k = 0; k < K; ++k) acc[s][k] = fma(wv[k], xv[k], acc[s][k]);
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    V t = acc[s][0];
+    for (int k = 1; k < K; ++k) t = add(t, acc[s][k]);
+    float sum = hsum(t);
+    for (int64_t j = main; j < in; ++j) sum += to_float(w[s * in + j]) * xp[j];
+    out[s] = sum;
+  }
+}
+
+// out[c] = sum_j x[j] w[j, c] for S lines of columns (S * kStep<T>) of an [in, ld] matrix.
+template <int S, class T>
+inline void axpy_cols(const T* w, int64_t in, int64_t ld, const float* x, float* out) {
+  constexpr int E = kStep<T>, K = kVecs<T>, kAhead = 8;  // rows prefetched ahead
+  V acc[S][K];
+  for (int s = 0; s < S; ++s)
+    for (int k = 0; k < K; ++k) acc[s][k] = zero();
+  for (int64_t j = 0; j < in; ++j) {
+    const V xj = bcast(x[j]);
+    const T* row = w + j * ld;
+    for (int s = 0; s < S; ++s) {
+      __builtin_prefetch(row + kAhead * ld + s * E);
+      V wv[K];
+      load_line(row + s * E, wv);
+      for (int k = 0; k < K; ++k) acc[s][k] = fma(wv[k], xj, acc[s][k]);
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    float line[E];
+    for (int k = 0; k < K; ++k) store(line + k * W, acc[s][k]);
+    float* o = out + s * E;
+    if constexpr (kPairs<T>) {  // vectors 2q, 2q+1: even, odd elements of the same 2W
+      for (int q = 0; q < K / 2; ++q)
+        for (int l = 0; l < W; ++l) {
+          o[2 * q * W + 2 * l] = line[2 * q * W + l];
+          o[2 * q * W + 2 * l + 1] = line[(2 * q + 1) * W + l];
+        }
+    } else {
+      for (int e = 0; e < E; ++e) o[e] = line[e];
+    }
+  }
+}
+
+// Units of work: R rows of an [out, in] matrix, or R lines of columns of an [in, out] one.
+template <class T, bool InOut>
+constexpr int64_t unit_span() { return InOut ? int64_t(R) * kStep<T> : R; }
+
+template <class T, bool InOut>
+void run_units(const Job& job, int64_t u0, int64_t u1) {
+  constexpr int64_t span = unit_span<T, InOut>();
+  const int64_t in = job.in, outd = job.outd;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t i = u / job.units, first = (u % job.units) * span;
+    const T* w = reinterpret_cast<const T*>(job.ptrs[i]);
+    const float* x = job.x + i * in;
+    float* out = job.out + i * outd;
+    if constexpr (!InOut) {
+      if (first + span <= outd) {
+        dot_rows<R>(w + first * in, in, x, out + first);
+      } else {
+        for (int64_t r = first; r < outd; ++r) dot_rows<1>(w + r * in, in, x, out + r);
+      }
+    } else {
+      constexpr int64_t E = kStep<T>;
+      int64_t c = first;
+      if (c + span <= outd) {
+        axpy_cols<R>(w + c, in, outd, x, out + c);
+        continue;
+      }
+      for (; c + E <= outd; c += E) axpy_cols<1>(w + c, in, outd, x, out + c);
+      if (c == outd) continue;
+      float tail[E] = {};
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t t = c; t < outd; ++t) tail[t - c] += to_float(w[j * outd + t]) * x[j];
+      for (int64_t t = c; t < outd; ++t) out[t] = tail[t - c];
+    }
+  }
+}
+
+template <class T>
+Plan plan(bool in_out) {
+  if (in_out) return {&run_units<T, true>, nullptr, unit_span<T, true>()};
+  return {&run_units<T, false>, &arrange_x<T>, unit_span<T, false>()};
+}
