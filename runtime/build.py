@@ -158,6 +158,9 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
+    if cpu is not None:
+        moe.cpu_copy_share = config.cpu_copy_share if config.cpu_copy_share is not None else \
+            _copy_share(moe, device) if streams.cuda else 1.0
     if num_slots >= total:
         moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)
@@ -166,13 +169,38 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "prefetch": prefetch, "on_miss": config.on_miss, "eviction": config.eviction,
                  "lookahead": lookahead, "gpu_expert_budget": config.gpu_expert_budget, "gpu_slots": num_slots,
                  "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
-                 "host_expert_bytes": store.nbytes, "total_experts": total})
+                 "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
+                 "compile": config.compile and streams.cuda and config.cuda_graphs,
+                 "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
                     tokenizer=parts.tokenizer, info=info)
     engine.parts, engine.config = parts, config
     engine.use_graphs = streams.cuda and config.cuda_graphs
     engine.compile = engine.use_graphs and config.compile
     return engine
+
+
+def _copy_share(moe, device: torch.device) -> float:
+    """Copy bandwidth / (copy + CPU expert bandwidth), both measured now: the split of
+    predicted misses that keeps the copy engine and the CPU busy for about the same time."""
+    import statistics
+    import time
+
+    from .bench import copy_bandwidth
+
+    copy_bw = copy_bandwidth(device, 32 << 20, 4)
+    layer = moe.spec.moe_layers[0]
+    n = min(8, moe.spec.num_experts)
+    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
+    work = [(0, e, 1.0) for e in range(n)]
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        moe.cpu.submit(moe._experts[layer], layer, x, work).result()
+        times.append(time.perf_counter() - t0)
+    moe.cpu.seconds = 0.0
+    cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
+    return copy_bw / (copy_bw + cpu_bw)
 
 
 def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_experts: int = 64,

@@ -60,11 +60,18 @@ def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: 
     experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out)
 
 
+def add_experts(family, experts, s, stack, slots, weights, mask, x) -> None:
+    """x += sum_j w_j m_j Expert_{slot_j}(s): the experts a table lookup missed, once on the GPU."""
+    out = routed_output(family, experts, s, stack, slots, weights * mask.to(weights.dtype))
+    x.copy_(x + out.reshape(x.shape))
+
+
 def head(norm, lm_head, x, logits_out) -> None:
     logits_out.copy_(lm_head(norm(x)[0, -1:]).float())
 
 
-_FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "head")
+_FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "add_experts",
+              "head")
 _compiled: dict[tuple[str, str], object] = {}
 
 

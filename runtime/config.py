@@ -38,7 +38,8 @@ class RuntimeConfig:
     oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
     cuda_graphs: bool = True              # replay decode steps from CUDA graphs (CUDA only)
     compile: bool = True                  # fuse the graphs' pieces with torch.compile (with cuda_graphs)
-    device_table: bool = False            # exact decode looks experts up on the device, fixes misses after
+    device_table: bool = True             # exact decode looks experts up on the device, fixes misses after
+    cpu_copy_share: float | None = None   # `cpu`: share of predicted misses copied ahead (None: from bandwidths)
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:
@@ -51,6 +52,8 @@ class RuntimeConfig:
             raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
         if self.lookahead is not None and self.lookahead < 1:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
+        if self.cpu_copy_share is not None and not 0.0 <= self.cpu_copy_share <= 1.0:
+            raise SpecmoeError(f"cpu_copy_share must be in [0, 1] (got {self.cpu_copy_share})")
         if self.cpu_threads < 0:
             raise SpecmoeError("cpu_threads must be 0 (torch's default) or positive")
         return self

@@ -60,6 +60,14 @@ class DecodeGraphs:
         self._rope = None
         self._masks = None
         self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []
+        # Misses of a table lookup, added by one more graph: slots and 0/1 mask come in one
+        # copy from pinned memory, the routing weights from the layer's buffer.
+        self.fix_pack = torch.full((2, k), moe.slots.zero_slot, dtype=torch.long, device=dev)
+        self._fix_staging = torch.empty((2, k), dtype=torch.long, pin_memory=True)
+        self._fix_np = self._fix_staging.numpy()
+        self.fix_w = None
+        self._fix_graph = None
+        self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=True)
         self._capture()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
@@ -137,6 +145,29 @@ class DecodeGraphs:
             self.pieces.experts_from_table(moe.family, experts, shared, s, stack, moe.table_row(l),
                                            moe.slots.zero_slot, self.ids[l], self.w[l], self.r, self.x)
 
+    def _fix(self):
+        moe = self.moe
+        first = moe.spec.moe_layers[0]
+        self.pieces.add_experts(moe.family, moe._experts[first], self.s.reshape(1, -1), moe.slots.stack,
+                                self.fix_pack[0:1], self.fix_w, self.fix_pack[1:2], self.x)
+
+    def fix(self, layer: int, choices: list[tuple[int, int]]) -> None:
+        """Add the experts of `layer` at (choice j, slot) to x, after the table graph left them out."""
+        staging = self._fix_np
+        staging[0] = self.moe.slots.zero_slot
+        staging[1] = 0
+        for j, slot in choices:
+            staging[0, j] = slot
+            staging[1, j] = 1
+        self.fix_pack.copy_(self._fix_staging, non_blocking=True)
+        self.fix_w.copy_(self.w[layer])
+        self._fix_graph.replay()
+
+    def add_host(self, part: torch.Tensor) -> None:
+        """x += part (float32 [1, H] on the host: the CPU's experts)."""
+        self._host_part.copy_(part.reshape(self._host_part.shape))
+        self.x.add_(self._host_part.to(self.x.device, non_blocking=True).reshape(self.x.shape).to(self.x.dtype))
+
     def _epilogue(self):
         e = self.engine
         if self.logits is None:
@@ -173,7 +204,22 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool):
                 fn()
             self._graphs.append((kind, l, g))
+        if self._moe_table_layers():
+            # Replayed between the step's graphs, so in a pool of its own. The fix-up adds into x:
+            # keep x as it was.
+            x = self.x.clone()
+            self.fix_w = torch.zeros_like(self.w[self.moe.spec.moe_layers[0]])
+            with torch.cuda.stream(side):
+                self._fix()
+            torch.cuda.current_stream(self.engine.device).wait_stream(side)
+            self._fix_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._fix_graph):
+                self._fix()
+            self.x.copy_(x)
         self.moe.telemetry.zero_device_counters()
+
+    def _moe_table_layers(self) -> bool:
+        return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)
 
     # ---------------------------------------------------------------- one decode step
 

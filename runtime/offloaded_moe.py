@@ -81,6 +81,9 @@ class OffloadedMoE:
         # sequence predicted from its own states, as decoding it one token at a time would).
         self.speculate_many = False
         self.device_table = False   # RuntimeConfig.device_table
+        # `cpu`: the share of predicted experts not on the GPU that are copied ahead; the CPU
+        # computes the others when they are used (both channels busy at once).
+        self.cpu_copy_share = 1.0
         # Exact decode looks its experts up on the device: table[row(l), e] is expert e's slot,
         # or the zero slot while it is not on the GPU. The host keeps the same table in
         # `_installed` and changes the device copy only through `_table_ops`, flushed in
@@ -285,6 +288,72 @@ class OffloadedMoE:
             table[layer] = buf
         return buf
 
+    def _read_all(self, layer: int, tensors):
+        """Queue copies of `tensors` to pinned host memory; returns (host tensors, one event)."""
+        hosts = []
+        for i, t in enumerate(tensors):
+            host = self._pinned(self._staging, (layer, i), t)
+            host.copy_(t, non_blocking=True)
+            hosts.append(host)
+        ev = torch.cuda.Event()
+        ev.record()
+        return hosts, ev
+
+    def _graphed_misses(self, layer: int, g, ids: list[int], present: set[int], cpu_inputs, target, pred,
+                        pred_row: list[int]) -> None:
+        """After the table graph of a decode step: add the experts it could not compute. Missed
+        experts are computed by the CPU (`cpu`) or copied now and computed by the fix-up graph
+        (`fetch`); then the prediction for the target layer is copied ahead. The CPU's share
+        runs on its thread while the host queues the copies."""
+        current = {(layer, e) for e in ids}
+        gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
+        cpu_work: list[tuple[int, int, float]] = []
+        protected = None
+        for j, e in enumerate(ids):
+            key = (layer, e)
+            hit = e in present
+            self.telemetry.count_use(layer, hit=hit)
+            if hit:
+                self.slots.touch(key)
+                continue
+            slot = self.slots.lookup(key)
+            if slot is None and cpu_inputs is not None:
+                cpu_work.append((0, e, float(cpu_inputs[1][0, j])))
+                continue
+            if slot is None:
+                if protected is None:
+                    protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
+                slot = self.slots.reserve(key, protected)
+                if slot is None:  # the minimum budget holds two layers: a bug, not a user error
+                    raise RuntimeError("no GPU expert slot is free for a needed expert")
+                self._copy(key, slot)
+                self.telemetry.demand_copies += 1
+            gpu_fix.append((j, slot))
+        future = self.cpu.submit(self._experts[layer], layer, cpu_inputs[0], cpu_work) if cpu_work else None
+        if pred is not None:
+            limit = None
+            if cpu_inputs is not None:
+                limit = self.cpu_copy_share
+            self._prefetch(target, pred, [pred_row], current, share=limit)
+        if gpu_fix:
+            waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
+            waits = [w for w in waits if w is not None]
+            if waits:
+                before = self.streams.timed_event_on_compute()
+                for w in waits:
+                    self.streams.compute_waits(w)
+                self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
+            g.fix(layer, gpu_fix)
+            released = self.streams.record_on_compute()
+            self._layer_released[layer] = released
+            for _, slot in gpu_fix:
+                self.slots.set_released(slot, released)
+        if future is not None:
+            start = time.perf_counter()
+            part = future.result()
+            self.telemetry.cpu_wait_seconds += time.perf_counter() - start
+            g.add_host(part)
+
     def _read(self, layer: int, t: torch.Tensor):
         """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""
         host = self._pinned(self._staging, layer, t)
@@ -322,13 +391,21 @@ class OffloadedMoE:
                 host, ev = self._read(layer, pred[0])
                 self._pending[layer] = (target, pred, host, ev)
             return
-        host, ev = self._read(layer, _with_prediction(g.ids[layer], pred))
         if not g.host_fed(layer):
             # Exact: the experts graph looks its slots up on the device; the host reads the
             # ids while it runs and adds what was missing afterwards.
+            ids = _with_prediction(g.ids[layer], pred)
+            if self.on_miss == "cpu" and self.cpu is not None:
+                # The CPU computes misses from this layer's input and routing weights.
+                (host, s_host, w_host), ev = self._read_all(layer, (ids, g.s.reshape(1, -1), g.w[layer].float()))
+                cpu_inputs = (s_host, w_host)
+            else:
+                (host,), ev = self._read_all(layer, (ids,))
+                cpu_inputs = None
             present = self._prepare_layer(layer)
-            self._pending[layer] = ("table", present, host, ev, target, pred, k)
+            self._pending[layer] = ("table", present, host, ev, target, pred, k, cpu_inputs)
             return
+        host, ev = self._read(layer, _with_prediction(g.ids[layer], pred))
         ev.synchronize()
         row = host[0].tolist()
         host_ids = [row[:k]]
@@ -358,16 +435,11 @@ class OffloadedMoE:
         pending = self._pending.pop(layer, None)
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released
-            _, present, host, ev, target, pred, k = pending
+            _, present, host, ev, target, pred, k, cpu_inputs = pending
             ev.synchronize()
             row = host[0].tolist()
-            host_ids = [row[:k]]
-            fix = self._misses(layer, g.s.reshape(1, -1), g.w[layer], host_ids, present)
-            if pred is not None:
-                self._prefetch(target, pred, [row[k:]], {(layer, int(e)) for e in host_ids[0]})
+            self._graphed_misses(layer, g, [int(e) for e in row[:k]], present, cpu_inputs, target, pred, row[k:])
             self._inflight.pop(layer, None)
-            if fix is not None:
-                g.x.copy_(self._add_fix(g.x.reshape(1, -1), fix).reshape(g.x.shape))
             return
         zero = self.slots.zero_slot
         for row in self._last_plan.slot_idx:
@@ -399,7 +471,9 @@ class OffloadedMoE:
         return t.reshape(t.shape[0], -1).tolist()
 
     def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset(),
-                  copy: bool = True) -> None:
+                  copy: bool = True, share: float | None = None) -> None:
+        """Remember the prediction for `target` and copy its experts that are not on the GPU;
+        with `share`, only that share of them (the CPU computes the others if they are used)."""
         ids_dev, w_dev = pred
         self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
         if not copy:
@@ -412,10 +486,18 @@ class OffloadedMoE:
                     wanted.append(key)
         protected = set(wanted) | set(keep) | {k for keys in self._inflight.values() for k in keys}
         issued = self._inflight.setdefault(target, set())
+        budget = None
+        if share is not None:
+            absent = sum(1 for key in wanted if key not in self.slots)
+            budget = int(share * absent + 0.5)
         for key in wanted:
             if key in self.slots:
                 self.slots.touch(key)
                 continue
+            if budget is not None:
+                if budget <= 0:
+                    continue
+                budget -= 1
             slot = self.slots.reserve(key, protected)
             if slot is None:
                 self.telemetry.prefetch_dropped += 1
