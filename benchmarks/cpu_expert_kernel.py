@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime import cpu_kernels
-from runtime.expert_layout import ExpertLayout
-from runtime.host_store import HostExpertStore
-from specmoe.families import FAMILIES
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime import cpu_kernels  # noqa: E402
+from runtime.expert_layout import ExpertLayout  # noqa: E402
+from runtime.host_store import HostExpertStore  # noqa: E402
+from specmoe.families import FAMILIES  # noqa: E402
 
 HIDDEN, INTER = 2048, 768
 SHAPE = "Qwen3-30B-A3B (H2048 I768 bf16)"

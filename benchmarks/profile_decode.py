@@ -53,7 +53,7 @@ def _timed(obj, name: str, bucket: list) -> None:
     setattr(obj, name, wrapper)
 
 
-def profile_mode(parts, config, prompt, tokens, warmup, recorded) -> dict:
+def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     try:
         moe = engine.moe
@@ -61,15 +61,28 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded) -> dict:
         engine.step(prompt)
         torch.cuda.synchronize()
         walls = []
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
         for i, tok in enumerate(tokens):
             if i == warmup:
                 for name, bucket in host.items():
                     _timed(moe, name, bucket)
+                engine.telemetry.reset_counters()
             t0 = time.perf_counter()
+            if i >= len(tokens) - 8 and host_profile is not None:
+                profiler.enable()
             logits = engine.step(torch.tensor([tok]))
             int(torch.argmax(logits[-1]))
+            profiler.disable()
             walls.append(time.perf_counter() - t0)
-        walls = walls[warmup:]
+        walls = walls[warmup:-8] if host_profile is not None else walls[warmup:]
+        if host_profile is not None:
+            with open(host_profile, "a") as f:
+                f.write(f"\n===== {config.resolved_prefetch()}+{config.on_miss} budget {config.gpu_expert_budget} "
+                        f"table {config.device_table} compile {config.compile} (8 steps)\n")
+                pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(25)
         n_moe = len(parts.spec.moe_layers)
         steps = len(walls)
         host_us = {k: 1e6 * sum(v) / (steps * n_moe) for k, v in host.items()}
@@ -123,6 +136,8 @@ def main() -> int:
     p.add_argument("--decode", type=int, default=40)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--out", default=str(RESULTS / "profile_decode"))
+    p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
+    p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
     args = p.parse_args()
     base = RuntimeConfig(device="cuda", dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
     parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False, embedding_std=EMBEDDING_STD)
@@ -139,16 +154,19 @@ def main() -> int:
              ("none", "fetch", "100%", False, 1.0, True), ("oracle", "fetch", "100%", True, 1.0, True),
              ("oracle", "fetch", "25%", False, 0.85, True), ("oracle", "fetch", "25%", True, 0.85, True),
              ("oracle", "cpu", "25%", False, 0.85, True), ("oracle", "speculate", "0", False, 0.85, True)]
+    if args.modes:
+        modes = [modes[int(i)] for i in args.modes.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     for prefetch, on_miss, budget, table, hit, compiled in modes:
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      device_table=table, oracle_hit_rate=hit, compile=compiled)
         t0 = time.perf_counter()
-        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded)
+        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": f"python benchmarks/profile_decode.py --layers {args.layers}", "layers": args.layers,
               "context": args.context, "device": torch.cuda.get_device_name(), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
