@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bench import bench, markdown  # noqa: E402
-from runtime.build import parts_from_model, parts_random  # noqa: E402
+from runtime.build import configure, parts_from_model, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.predict import router_predictor  # noqa: E402
 from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT  # noqa: E402
@@ -55,13 +55,102 @@ def qwen3_30b_shape(layers: int, hidden: int = 2048):
                           rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)
 
 
+def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
+    """What the host can do, measured on model A's own store: the CPU expert throughput of
+    the runtime's kernels and of stock torch (bytes of expert weights per second, 8 experts
+    of one token per call, every call on experts not read before), and the memory read
+    bandwidth (a sum over 4 GB of the store)."""
+    import statistics
+
+    from runtime import cpu_kernels
+    from runtime.cpu_experts import CpuExperts
+
+    store, family, spec = parts.store, parts.family, parts.spec
+    experts = family.experts(parts.model, spec.moe_layers[0])
+    cpu = CpuExperts(family, store)
+    x = torch.randn(1, spec.hidden_size).to(store.layout.dtype)
+    cursor = [0]
+
+    def next_work():
+        layer = spec.moe_layers[(cursor[0] // spec.num_experts) % len(spec.moe_layers)]
+        ids = [(cursor[0] + i) % spec.num_experts for i in range(experts_per_call)]
+        cursor[0] += experts_per_call
+        return layer, ids
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats + 3):
+            layer, ids = next_work()
+            t0 = time.perf_counter()
+            fn(layer, ids)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:])
+
+    nbytes = experts_per_call * store.layout.tensor_bytes
+    kernel = timed(lambda l, ids: cpu.submit(experts, l, x, [(0, e, 1.0) for e in ids]).result())
+    with torch.inference_mode():
+        stock = timed(lambda l, ids: [family.apply_expert(experts, store.expert(l, e), x) for e in ids])
+    flat = store.blocks.view(-1)[: min(store.nbytes, 4 << 30) // 4 * 4].view(torch.float32)
+    mem = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        float(flat.sum())
+        mem.append(time.perf_counter() - t0)
+    cpu.close()
+    return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
+            "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
+            "memory_read_bytes_per_s": flat.numel() * 4 / statistics.median(mem[1:]),
+            "expert_bytes": store.layout.tensor_bytes}
+
+
+def gpu_time_alone(parts, base, prompt, forced, steps: int = 6) -> float:
+    """ms of device time for one decode step with every expert resident: the step's graphs
+    replayed back to back, with no host decision between them."""
+    import statistics
+
+    engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch", gpu_expert_budget="100%"))
+    try:
+        engine.step(prompt)
+        for token in forced[:steps]:
+            engine.step(torch.tensor([token]))
+        graphs = [g for _, _, g in engine._graphs._graphs]
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for g in graphs:
+                g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times[2:])
+    finally:
+        engine.close()
+
+
+def add_floors(result: dict, limits: dict) -> None:
+    """Beside each row: its CPU floor (expert bytes the CPU computed per token over the CPU
+    expert throughput, and over the memory read bandwidth) and the mode's limit: the larger
+    of its copy floor and its CPU floor."""
+    for row in result["modes"]:
+        per_token = (row.get("cpu_experts_per_token") or 0.0) * limits["expert_bytes"]
+        row["cpu_floor_ms"] = 1e3 * per_token / limits["cpu_expert_bytes_per_s"]
+        row["cpu_floor_memory_ms"] = 1e3 * per_token / limits["memory_read_bytes_per_s"]
+        row["limit_ms"] = max(row["copy_floor_ms"], row["cpu_floor_ms"])
+
+
 def model_a(args, out: dict) -> None:
     base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
-                         device_table=args.device_table)
+                         device_table=not args.planned)
     t0 = time.perf_counter()
     parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False,
                          embedding_std=EMBEDDING_STD)
     print(f"model A built in {time.perf_counter() - t0:.1f}s: {parts.store.nbytes / 1e9:.1f} GB of experts", flush=True)
+    limits = host_limits(parts)
+    out["host_limits"] = limits
+    print(f"host: CPU experts {limits['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s ({limits['cpu_kernels']}), stock torch "
+          f"{limits['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s, memory read "
+          f"{limits['memory_read_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
@@ -92,6 +181,7 @@ def model_a(args, out: dict) -> None:
             add("oracle", "cpu", b, args.hit_rates[0])
         out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
                                forced=forced)
+        add_floors(out["model_a"], limits)
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
         return
     add("none", "fetch", "0")
@@ -123,7 +213,13 @@ def model_a(args, out: dict) -> None:
                 else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
         out["model_a_long_context"] = bench(parts, long_base, runs, long_prompt, args.decode, args.warmup,
                                             progress=False, labels=labels, forced=forced)
+        add_floors(out["model_a_long_context"], limits)
         print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
+    add_floors(merged, limits)
+    if parts.device.type == "cuda":
+        merged["gpu_ms_per_token_all_resident"] = gpu_time_alone(parts, base, prompt, forced)
+        print(f"GPU time per token, every expert resident, graphs alone: "
+              f"{merged['gpu_ms_per_token_all_resident']:.2f} ms", flush=True)
     out["model_a"] = merged
     print(markdown(merged, "model A"), flush=True)
 
@@ -203,7 +299,7 @@ def main() -> int:
     p.add_argument("--hit-rates", default="0.85,0.95")
     p.add_argument("--only", choices=("a", "b", "baseline"), default=None)
     p.add_argument("--quick", action="store_true", help="model A: five modes only")
-    p.add_argument("--device-table", action="store_true", help="exact decode from the device-side slot table")
+    p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
     p.add_argument("--baseline-layers", type=int, default=4, help="layers of model A under accelerate offload")
     p.add_argument("--baseline-tokens", type=int, default=4)

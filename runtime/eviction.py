@@ -8,7 +8,7 @@ needs: the table filters those out before asking).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterable
+from typing import Container, Hashable, Iterable
 
 Key = Hashable
 
@@ -24,6 +24,10 @@ class EvictionPolicy:
 
     def victim(self, candidates: Iterable[Key]) -> Key | None:
         raise NotImplementedError
+
+    def victim_among(self, resident: Container[Key] | Iterable[Key], protected: Container[Key]) -> Key | None:
+        """The victim among resident keys that are not protected."""
+        return self.victim(k for k in resident if k not in protected)
 
 
 class LRU(EvictionPolicy):
@@ -47,6 +51,14 @@ class LRU(EvictionPolicy):
             if key in allowed:
                 return key
         return next(iter(allowed), None)
+
+    def victim_among(self, resident, protected):
+        # Oldest first, stopping at the first key free to go: a slot costs a few steps, not a
+        # pass over every resident expert (thousands at large budgets).
+        for key in self._order:
+            if key in resident and key not in protected:
+                return key
+        return super().victim_among(resident, protected)
 
 
 class LFU(EvictionPolicy):

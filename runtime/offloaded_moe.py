@@ -222,6 +222,7 @@ class OffloadedMoE:
             w_host = weights.float().cpu()
             x_host = s.to("cpu", self.store.layout.dtype)
             work = [(t, e, float(w_host[t, j])) for t, j, e in missing]
+            self.telemetry.cpu_experts += len(work)
             return ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
         current = {(layer, int(e)) for row in host_ids for e in row}
         protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
@@ -329,7 +330,10 @@ class OffloadedMoE:
                 self._copy(key, slot)
                 self.telemetry.demand_copies += 1
             gpu_fix.append((j, slot))
-        future = self.cpu.submit(self._experts[layer], layer, cpu_inputs[0], cpu_work) if cpu_work else None
+        future = None
+        if cpu_work:
+            self.telemetry.cpu_experts += len(cpu_work)
+            future = self.cpu.submit(self._experts[layer], layer, cpu_inputs[0], cpu_work)
         if pred is not None:
             limit = None
             if cpu_inputs is not None:
@@ -366,9 +370,12 @@ class OffloadedMoE:
         predicted = self._predicted.pop(layer, None)
         target = self.predictor.target_of(layer) if self.predictor is not None else None
         k = g.ids[layer].shape[1]
+        count_on_host = None   # the exact table path reads the true ids anyway: count hits there
         if predicted is not None:
             if layer in g.pred_ids:
                 self.telemetry.count_predicted(layer, k, 1)
+            elif not g.host_fed(layer) and self.on_miss != "speculate":
+                count_on_host = predicted.host_ids[0]
             else:
                 self.telemetry.prefetch_hits_device(layer, predicted.ids, g.ids[layer])
         pred = None
@@ -403,7 +410,7 @@ class OffloadedMoE:
                 (host,), ev = self._read_all(layer, (ids,))
                 cpu_inputs = None
             present = self._prepare_layer(layer)
-            self._pending[layer] = ("table", present, host, ev, target, pred, k, cpu_inputs)
+            self._pending[layer] = ("table", present, host, ev, target, pred, k, cpu_inputs, count_on_host)
             return
         host, ev = self._read(layer, _with_prediction(g.ids[layer], pred))
         ev.synchronize()
@@ -418,6 +425,7 @@ class OffloadedMoE:
             w_host = g.w[layer].float().cpu()
             x_host = g.s.reshape(1, -1).to("cpu", self.store.layout.dtype)
             work = [(t, e, float(w_host[t, j])) for t, e, j in plan.cpu_work]
+            self.telemetry.cpu_experts += len(work)
             self._pending[layer] = ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
             keep = torch.tensor(plan.keep, dtype=g.wsel[layer].dtype).to(self.device, non_blocking=True)
             g.wsel[layer].mul_(keep)
@@ -435,9 +443,11 @@ class OffloadedMoE:
         pending = self._pending.pop(layer, None)
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released
-            _, present, host, ev, target, pred, k, cpu_inputs = pending
+            _, present, host, ev, target, pred, k, cpu_inputs, count_on_host = pending
             ev.synchronize()
             row = host[0].tolist()
+            if count_on_host is not None:
+                self.telemetry.count_hits_host(layer, [int(e) for e in count_on_host], [int(e) for e in row[:k]])
             self._graphed_misses(layer, g, [int(e) for e in row[:k]], present, cpu_inputs, target, pred, row[k:])
             self._inflight.pop(layer, None)
             return
@@ -603,6 +613,7 @@ class OffloadedMoE:
                 w_host = weights.float().cpu()
                 x_host = s.to("cpu", self.store.layout.dtype)
                 work = [(t, e, float(w_host[t, j])) for t, e, j in plan.cpu_work]
+                self.telemetry.cpu_experts += len(work)
                 future = self.cpu.submit(self._experts[layer], layer, x_host, work)
             part = self._run(layer, s, weights, plan)
             out = part if out is None else out + part

@@ -85,7 +85,7 @@ class ExpertSlots:
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self.policy.victim(k for k in self._where if k not in protected)
+            victim = self.policy.victim_among(self._where, protected)
             if victim is None:
                 return None
             slot = self._where.pop(victim)

@@ -35,6 +35,7 @@ class Telemetry:
     demand_copies: int = 0
     cpu_wait_seconds: float = 0.0
     cpu_expert_seconds: float = 0.0
+    cpu_experts: int = 0                  # (token, expert) products computed by the CPU
     uses: dict[int, int] = field(default_factory=dict)
     cache_hits: dict[int, int] = field(default_factory=dict)
 
@@ -45,7 +46,10 @@ class Telemetry:
         self._pred_total = [0] * n
         self._pred_exact = torch.zeros(n, dtype=torch.long, device=self.device)
         self._pred_tokens = [0] * n
+        self._host_hits = [0] * n       # hits counted where the host holds both sides already
+        self._host_exact = [0] * n
         self._decode_bytes_start = 0
+        self._decode_cpu_start = 0
         self._waits: list = []
 
     def reset_counters(self) -> None:
@@ -91,17 +95,28 @@ class Telemetry:
             total += before.elapsed_time(after) / 1e3
         return total
 
+    def count_hits_host(self, layer: int, predicted, true) -> None:
+        """recall@k of one token's prediction when the host already holds both id lists."""
+        i = self._index[layer]
+        found = len(set(predicted) & set(true))
+        self._host_hits[i] += found
+        self._host_exact[i] += int(found == len(true))
+        self._pred_total[i] += len(true)
+        self._pred_tokens[i] += 1
+
     def count_predicted(self, layer: int, n: int, tokens: int = 1) -> None:
         self._pred_total[self._index[layer]] += n
         self._pred_tokens[self._index[layer]] += tokens
 
     def mark_decode_start(self) -> None:
         self._decode_bytes_start = self.bytes_copied
+        self._decode_cpu_start = self.cpu_experts
 
     # -------------------------------------------------------------- report
 
     def summary(self) -> dict:
-        hits, exact = self._pred_hits.tolist(), self._pred_exact.tolist()
+        hits = [a + b for a, b in zip(self._pred_hits.tolist(), self._host_hits)]
+        exact = [a + b for a, b in zip(self._pred_exact.tolist(), self._host_exact)]
         per_layer = {}
         for l, i in self._index.items():
             per_layer[str(l)] = {
@@ -127,6 +142,8 @@ class Telemetry:
             "bytes_copied": self.bytes_copied,
             "bytes_copied_per_token": ((self.bytes_copied - self._decode_bytes_start) / decode_tokens
                                        if decode_tokens else None),
+            "cpu_experts_per_token": ((self.cpu_experts - self._decode_cpu_start) / decode_tokens
+                                      if decode_tokens else None),
             "experts_prefetched": self.prefetched,
             "prefetches_dropped": self.prefetch_dropped,
             "demand_copies": self.demand_copies,
