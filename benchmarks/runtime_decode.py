@@ -176,6 +176,7 @@ def model_a(args, out: dict) -> None:
         add("none", "fetch", "0")
         add("none", "fetch", "100%")
         add("quasi", "speculate", "0")
+        add("quasi", "fetch", "0")
         for b in args.budgets[:1]:
             add("oracle", "fetch", b, args.hit_rates[0])
             add("oracle", "cpu", b, args.hit_rates[0])
@@ -298,7 +299,7 @@ def main() -> int:
     p.add_argument("--budgets", default="25%,50%")
     p.add_argument("--hit-rates", default="0.85,0.95")
     p.add_argument("--only", choices=("a", "b", "baseline"), default=None)
-    p.add_argument("--quick", action="store_true", help="model A: five modes only")
+    p.add_argument("--quick", action="store_true", help="model A: six modes only")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
     p.add_argument("--baseline-layers", type=int, default=4, help="layers of model A under accelerate offload")

@@ -72,6 +72,10 @@ def head(norm, lm_head, x, logits_out) -> None:
 
 _FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "add_experts",
               "head")
+# The pieces whose shapes do not depend on the GPU expert budget. The expert pieces take the
+# slot stack, whose length is the budget: compiled, every budget would be a new compilation
+# (and past torch's recompile limit, eager anyway); they are a few kernels in any case.
+_COMPILED = ("attention_block", "dense_mlp", "route", "head")
 _compiled: dict[tuple[str, str], object] = {}
 
 
@@ -87,7 +91,7 @@ class Pieces:
         fn = globals()[name] if name in _FUNCTIONS else None
         if fn is None:
             raise AttributeError(name)
-        if not self.compile:
+        if not self.compile or name not in _COMPILED:
             return fn
         key = (name, self.backend)
         if key not in _compiled:
