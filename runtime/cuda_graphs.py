@@ -188,7 +188,10 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         # Predicted buffers must exist before the layers that read them are captured:
-        # one eager pass allocates every static buffer.
+        # one eager pass allocates every static buffer. The warm-up and capture passes add to
+        # the device-side hit counters: keep what earlier steps (the prefill) counted.
+        tel = self.moe.telemetry
+        counted = tel.save_device_counters()
         side = torch.cuda.Stream(self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):
@@ -197,7 +200,6 @@ class DecodeGraphs:
                     fn()
         torch.cuda.current_stream(self.engine.device).wait_stream(side)
         torch.cuda.synchronize(self.engine.device)
-        self.moe.telemetry.zero_device_counters()
         pool = torch.cuda.graph_pool_handle()
         for kind, l, fn in self._pieces():
             g = torch.cuda.CUDAGraph()
@@ -216,7 +218,7 @@ class DecodeGraphs:
             with torch.cuda.graph(self._fix_graph):
                 self._fix()
             self.x.copy_(x)
-        self.moe.telemetry.zero_device_counters()
+        tel.restore_device_counters(*counted)
 
     def _moe_table_layers(self) -> bool:
         return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)

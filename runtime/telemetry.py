@@ -65,6 +65,14 @@ class Telemetry:
         self._pred_hits.zero_()
         self._pred_exact.zero_()
 
+    def save_device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pred_hits.clone(), self._pred_exact.clone()
+
+    def restore_device_counters(self, hits: torch.Tensor, exact: torch.Tensor) -> None:
+        """Put back counts saved earlier, in place (captured graphs keep adding into these tensors)."""
+        self._pred_hits.copy_(hits)
+        self._pred_exact.copy_(exact)
+
     def count_use(self, layer: int, hit: bool) -> None:
         self.uses[layer] = self.uses.get(layer, 0) + 1
         if hit:
