@@ -303,9 +303,10 @@ class OffloadedMoE:
     def _graphed_misses(self, layer: int, g, ids: list[int], present: set[int], cpu_inputs, target, pred,
                         pred_row: list[int]) -> None:
         """After the table graph of a decode step: add the experts it could not compute. Missed
-        experts are computed by the CPU (`cpu`) or copied now and computed by the fix-up graph
-        (`fetch`); then the prediction for the target layer is copied ahead. The CPU's share
-        runs on its thread while the host queues the copies."""
+        experts are computed by the CPU (`cpu`, on this thread, after everything else of the
+        layer is queued) or copied now and computed by the fix-up graph (`fetch`); the
+        prediction for the target layer is copied ahead before either, so its copies run
+        while the GPU and the CPU compute this layer."""
         current = {(layer, e) for e in ids}
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         cpu_work: list[tuple[int, int, float]] = []
@@ -330,15 +331,10 @@ class OffloadedMoE:
                 self._copy(key, slot)
                 self.telemetry.demand_copies += 1
             gpu_fix.append((j, slot))
-        future = None
-        if cpu_work:
-            self.telemetry.cpu_experts += len(cpu_work)
-            future = self.cpu.submit(self._experts[layer], layer, cpu_inputs[0], cpu_work)
         if pred is not None:
-            limit = None
-            if cpu_inputs is not None:
-                limit = self.cpu_copy_share
-            self._prefetch(target, pred, [pred_row], current, share=limit)
+            # Copies first: they run while the GPU and the CPU compute this layer.
+            share = self.cpu_copy_share if cpu_inputs is not None else None
+            self._prefetch(target, pred, [pred_row], current, share=share)
         if gpu_fix:
             waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
             waits = [w for w in waits if w is not None]
@@ -352,9 +348,10 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
-        if future is not None:
+        if cpu_work:
+            self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
-            part = future.result()
+            part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
 
