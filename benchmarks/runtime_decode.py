@@ -228,6 +228,79 @@ def model_a(args, out: dict) -> None:
     print(markdown(merged, "model A"), flush=True)
 
 
+def side_by_side(args, out: dict) -> None:
+    """Our rows for the llama.cpp comparison (benchmarks/llama_cpp_side_by_side.py): model A
+    with --layers layers at the GPU expert bytes of each `--n-cpu-moe` setting, the exact
+    modes side by side, merged into that script's results file and plotted with them."""
+    from benchmarks.llama_cpp_side_by_side import default_ncmoe, expert_bytes_on_gpu, merge_rows
+
+    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
+    parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False, embedding_std=EMBEDDING_STD)
+    gen = torch.Generator().manual_seed(0)
+    vocab = parts.model.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.context,), generator=gen)
+    forced = torch.randint(0, vocab, (args.decode + 1,), generator=gen).tolist()
+    runs, labels, settings = [], [], []
+    for ncmoe in default_ncmoe(args.layers):
+        spec = parts.spec
+        on_gpu = expert_bytes_on_gpu(ncmoe, args.layers, spec.num_experts, spec.hidden_size,
+                                     spec.expert_intermediate_size)
+        budget = str(on_gpu) if on_gpu else "0"
+        for prefetch, on_miss, p in (("none", "fetch", 1.0), ("quasi", "fetch", 1.0), ("quasi", "cpu", 1.0),
+                                     ("oracle", "cpu", args.hit_rates[0] if args.hit_rates else 0.85)):
+            config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
+                                         oracle_hit_rate=p)
+            label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "")
+            if prefetch == "quasi":
+                config = (dataclasses.replace(config, prefetch="current"),
+                          lambda parts: router_predictor(parts.model, parts.family, parts.spec, "quasi",
+                                                         device=parts.device))
+            runs.append(config)
+            labels.append(label)
+            settings.append(ncmoe)
+    result = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
+    out["side_by_side"] = result
+    rows = []
+    for ncmoe, row in zip(settings, result["modes"]):
+        ms = row["ms_per_token_median"]
+        rows.append({"system": "specmoe", "setting": f"{row['mode']}, budget of ncmoe={ncmoe}", "layers": args.layers,
+                     "gpu_expert_layers": None, "gpu_expert_bytes": row["engine"]["gpu_expert_bytes"],
+                     "context": args.context, "decode_tokens": row["decoded_tokens"], "tokens_per_s": 1e3 / ms,
+                     "ms_per_token": round(ms, 4), "ms_per_layer": round(ms / args.layers, 4),
+                     "copy_floor_ms": row["copy_floor_ms"], "status": "ok"})
+    path = Path(args.side_by_side)
+    doc = merge_rows(path, rows)
+    plot_side_by_side(doc, path.with_suffix(".png"))
+    print(markdown(result, "side by side (ours)"), flush=True)
+
+
+def plot_side_by_side(doc: dict, path: Path) -> None:
+    """ms per token against the expert bytes on the GPU: llama.cpp and each of our modes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in doc.get("rows", []):
+        if r.get("status", "ok") != "ok" or r.get("ms_per_token") is None:
+            continue
+        name = r["system"] if r["system"] != "specmoe" else "specmoe " + r["setting"].split(",")[0]
+        lines.setdefault(name, []).append((r["gpu_expert_bytes"] / 1e9, r["ms_per_token"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, pts) in enumerate(sorted(lines.items())):
+        pts.sort()
+        ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="osD^v<>"[i % 7],
+                linestyle=["-", "--", ":", "-."][i % 4], label=name, linewidth=2.5 if name == "llama.cpp" else 1.5)
+    ax.set_xlabel("expert bytes on the GPU (GB)")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title("decode, batch 1, experts partly in CPU memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def accelerate_baseline(args, out: dict) -> None:
     """What users run instead: transformers with accelerate's CPU offload of the experts
     (dispatch_model with the experts' modules on "cpu": hooks move their weights to the
@@ -301,7 +374,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--budgets", default="25%,50%")
     p.add_argument("--hit-rates", default="0.85,0.95")
-    p.add_argument("--only", choices=("a", "b", "baseline"), default=None)
+    p.add_argument("--only", choices=("a", "b", "baseline", "side"), default=None,
+                   help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run)")
+    p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
+                   help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true", help="model A: six modes only")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
@@ -320,6 +396,9 @@ def main() -> int:
         accelerate_baseline(args, out)
     if args.only in (None, "a"):
         model_a(args, out)
+    if args.only == "side":
+        side_by_side(args, out)   # its rows go to the llama.cpp results file
+        return 0
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
