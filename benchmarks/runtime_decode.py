@@ -390,16 +390,22 @@ def main() -> int:
     args.hit_rates = [float(x) for x in args.hit_rates.split(",") if x]
     out = {"command": "python benchmarks/runtime_decode.py " + " ".join(sys.argv[1:]),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    # Each part's results are written as soon as it ends: a run stopped later keeps them.
     if args.only in (None, "b"):
         model_b(args, out)
+        write_results(out, Path(args.out))
     if args.only in (None, "baseline"):
         accelerate_baseline(args, out)
+        write_results(out, Path(args.out))
     if args.only in (None, "a"):
         model_a(args, out)
+        write_results(out, Path(args.out))
     if args.only == "side":
         side_by_side(args, out)   # its rows go to the llama.cpp results file
-        return 0
-    path = Path(args.out)
+    return 0
+
+
+def write_results(out: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Runtime decode on {out['gpu']}\n", f"    {out['command']}\n"]
@@ -409,15 +415,33 @@ def main() -> int:
                f"{a['layers']} layers of model A's shape, experts offloaded with `dispatch_model`, context "
                f"{a['context']}: {a['ms_per_token']:.1f} ms per token, {a['ms_per_layer']:.1f} ms per layer, "
                f"{a['ms_per_token_scaled_to_48_layers']:.0f} ms per token scaled to 48 layers.\n"]
+    if "host_limits" in out:
+        h = out["host_limits"]
+        md += [f"Host limits, measured on model A's store with {h['threads']} threads: CPU experts "
+               f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}), "
+               f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch; memory read "
+               f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s.\n"]
     for key, title in (("model_b", "Model B: the demo model with its trained estimators"),
                        ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights"),
                        ("model_a_long_context", "Model A at a long context")):
-        if key in out:
-            md += [f"## {title}\n", markdown(out[key], out["command"])]
+        if key not in out:
+            continue
+        md += [f"## {title}\n", markdown(out[key], out["command"])]
+        if "gpu_ms_per_token_all_resident" in out[key]:
+            md.append(f"GPU time per token with every expert resident (the step's graphs replayed back to back): "
+                      f"{out[key]['gpu_ms_per_token_all_resident']:.2f} ms.\n")
+        if any("limit_ms" in r for r in out[key]["modes"]):
+            md += ["| mode | budget | copy floor ms | CPU floor ms | CPU floor (memory read) ms | limit ms | measured ms "
+                   "| measured / limit |", "|---|---|---|---|---|---|---|---|"]
+            for r in out[key]["modes"]:
+                ratio = r["ms_per_token_median"] / r["limit_ms"] if r["limit_ms"] else None
+                md.append(f"| {r['mode']} | {r['gpu_expert_budget']} | {r['copy_floor_ms']:.2f} | {r['cpu_floor_ms']:.2f} "
+                          f"| {r['cpu_floor_memory_ms']:.2f} | {r['limit_ms']:.2f} | {r['ms_per_token_median']:.2f} "
+                          f"| {'-' if ratio is None else format(ratio, '.2f')} |")
+            md.append("")
     path.with_suffix(".md").write_text("\n".join(md))
     if "model_a" in out:
         plot_budgets(out["model_a"], path.with_suffix(".png"))
-    return 0
 
 
 def plot_budgets(result: dict, path: Path) -> None:
