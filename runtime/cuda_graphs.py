@@ -39,6 +39,13 @@ def _copy_into(dst, src) -> None:
             _copy_into(d, s)
 
 
+class _Eager:
+    """A piece called at each replay (a CUDA graph's stand-in off CUDA)."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
 class DecodeGraphs:
     def __init__(self, engine):
         self.engine = e = engine
@@ -63,11 +70,12 @@ class DecodeGraphs:
         # Misses of a table lookup, added by one more graph: slots and 0/1 mask come in one
         # copy from pinned memory, the routing weights from the layer's buffer.
         self.fix_pack = torch.full((2, k), moe.slots.zero_slot, dtype=torch.long, device=dev)
-        self._fix_staging = torch.empty((2, k), dtype=torch.long, pin_memory=True)
+        pin = dev.type == "cuda"
+        self._fix_staging = torch.empty((2, k), dtype=torch.long, pin_memory=pin)
         self._fix_np = self._fix_staging.numpy()
         self.fix_w = None
         self._fix_graph = None
-        self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=True)
+        self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)
         self._capture()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
@@ -192,6 +200,10 @@ class DecodeGraphs:
         # the device-side hit counters: keep what earlier steps (the prefill) counted.
         tel = self.moe.telemetry
         counted = tel.save_device_counters()
+        if self.engine.device.type != "cuda":
+            self._capture_eager()
+            tel.restore_device_counters(*counted)
+            return
         side = torch.cuda.Stream(self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):
@@ -219,6 +231,16 @@ class DecodeGraphs:
                 self._fix()
             self.x.copy_(x)
         tel.restore_device_counters(*counted)
+
+    def _capture_eager(self) -> None:
+        """Off CUDA, each piece is 'replayed' by calling it: the same step, host decisions and
+        static buffers, which lets the CPU test suite run the graphed decode path."""
+        for _, _, fn in self._pieces():
+            fn()
+        self._graphs = [(kind, l, _Eager(fn)) for kind, l, fn in self._pieces()]
+        if self._moe_table_layers():
+            self.fix_w = torch.zeros_like(self.w[self.moe.spec.moe_layers[0]])
+            self._fix_graph = _Eager(self._fix)
 
     def _moe_table_layers(self) -> bool:
         return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)

@@ -285,7 +285,7 @@ class OffloadedMoE:
     def _pinned(self, table: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
         buf = table.get(layer)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.streams.cuda)
             table[layer] = buf
         return buf
 
@@ -296,9 +296,7 @@ class OffloadedMoE:
             host = self._pinned(self._staging, (layer, i), t)
             host.copy_(t, non_blocking=True)
             hosts.append(host)
-        ev = torch.cuda.Event()
-        ev.record()
-        return hosts, ev
+        return hosts, self.streams.host_event()
 
     def _graphed_misses(self, layer: int, g, ids: list[int], present: set[int], cpu_inputs, target, pred,
                         pred_row: list[int]) -> None:
@@ -357,10 +355,7 @@ class OffloadedMoE:
 
     def _read(self, layer: int, t: torch.Tensor):
         """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""
-        host = self._pinned(self._staging, layer, t)
-        host.copy_(t, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+        (host,), ev = self._read_all(layer, (t,))
         return host, ev
 
     def graphed_layer(self, layer: int, g) -> None:

@@ -35,6 +35,11 @@ class Streams:
     def timed_event_on_compute(self):
         return self._record(self.compute, timing=True)
 
+    def host_event(self):
+        """An event after the work queued so far on the compute stream, for the host to wait
+        on (`.synchronize()`); off CUDA, one that is already complete."""
+        return self.record_on_compute() if self.cuda else _DONE
+
     def copy_waits(self, event) -> None:
         if event is not None:
             self.copy.wait_event(event)
@@ -57,3 +62,11 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
+
+
+class _Done:
+    def synchronize(self) -> None:
+        pass
+
+
+_DONE = _Done()

@@ -55,9 +55,32 @@ def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget, tabl
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("prefetch,on_miss,budget", [("none", "fetch", "0"), ("current", "fetch", "50%"),
+                                                     ("current", "cpu", "0"), ("current", "cpu", "50%")])
+def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, budget):
+    """The decode path CUDA graphs take (pieces, device table, misses added after the table
+    computation by the fix-up piece or the CPU, copies of predictions) run on the CPU, where
+    each piece is called instead of replayed: equal to the stock forward."""
+    ref = tiny_model(family)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+    engine.use_graphs = True
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    assert engine._graphs is not None
+    tel = engine.telemetry
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if budget == "0":   # the decode steps missed experts, and the miss policy added them
+        assert tel.cpu_experts > 0 if on_miss == "cpu" else tel.demand_copies > 0
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_speculate_with_oracle_is_exact(family):
-    """Speculation with a perfect predictor runs exactly the true experts and weights."""
+@pytest.mark.parametrize("graphed", [False, True])
+def test_speculate_with_oracle_is_exact(family, graphed):
+    """Speculation with a perfect predictor runs exactly the true experts and weights (also on
+    the graphed decode path, whose hit counters must keep the prefill's counts)."""
     from runtime.bench import record_exact
 
     ref = tiny_model(family)
@@ -67,7 +90,9 @@ def test_speculate_with_oracle_is_exact(family):
     ids = torch.cat([PROMPT, torch.tensor(continuation[:7])])
     expected = stock_logits(ref, ids)
     engine = runtime.configure(parts, cfg(prefetch="oracle", on_miss="speculate"), recorded=recorded)
+    engine.use_graphs = graphed
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    assert (engine._graphs is not None) == graphed
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert engine.telemetry.summary()["prefetch_hit_rate"] == pytest.approx(1.0)
     assert continuation == expected[len(PROMPT) - 1:].argmax(-1).tolist()[:8]
@@ -336,3 +361,27 @@ def test_thinned_oracle_keeps_the_asked_recall_and_distinct_experts():
     assert 0.82 < found / 2000 < 0.88
     with pytest.raises(SpecmoeError, match="no recorded routing"):
         oracle.predict(2, torch.zeros(1, 8), None, None, None, 900)
+
+
+@pytest.mark.parametrize("prefetch,on_miss", [("hybrid", "speculate"), ("hybrid", "fetch"), ("quasi", "cpu")])
+def test_graphed_decode_path_equals_eager_with_estimators(prefetch, on_miss):
+    """The demo model with its estimators predicting inside the decode pieces: the graphed
+    path (pieces called in turn on the CPU) computes what the eager step computes, and counts
+    the same prediction hits (prefill included)."""
+    from transformers import AutoModelForCausalLM
+
+    from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT
+
+    est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3, 5, 9])])
+    rows, hits = {}, {}
+    for graphed in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+        engine = runtime.from_model(model, cfg(prefetch=prefetch, on_miss=on_miss, estimators=est))
+        engine.use_graphs = graphed
+        rows[graphed] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        assert (engine._graphs is not None) == graphed
+        hits[graphed] = engine.telemetry.summary()["prefetch_hit_rate"]
+        engine.close()
+    torch.testing.assert_close(rows[True], rows[False], rtol=1e-5, atol=1e-5)
+    assert hits[True] == pytest.approx(hits[False], abs=1e-9)
