@@ -2,9 +2,10 @@
 
 At batch 1 an expert is a matrix-vector product over weights that already sit in
 host memory: reading them there is cheaper than copying them over PCIe and reading
-them again on the GPU. The work runs on one worker thread (the kernels release the GIL,
-so the main thread keeps launching GPU work meanwhile) with the experts read in place
-from the store's blocks: no gather, no copy. Experts that one call gives a single token
+them again on the GPU. The experts are read in place from the store's blocks: no
+gather, no copy. `compute` runs on the caller's thread (a graphed decode step, whose GPU
+work is already queued); `submit` runs the same on one worker thread (the kernels release
+the GIL, so the caller keeps launching GPU work meanwhile). Experts that one call gives a single token
 go to the batched matrix-vector kernels of cpu_kernels (all of them in one parallel
 region); an expert with several tokens is one torch matrix product, which reads it once.
 """
