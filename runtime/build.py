@@ -189,14 +189,16 @@ def _copy_share(moe, device: torch.device) -> float:
     from .bench import copy_bandwidth
 
     copy_bw = copy_bandwidth(device, 32 << 20, 4)
-    layer = moe.spec.moe_layers[0]
+    layers = moe.spec.moe_layers
     n = min(8, moe.spec.num_experts)
     x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
     work = [(0, e, 1.0) for e in range(n)]
     times = []
-    for _ in range(4):
+    for i in range(4):
+        # Another layer's experts each time: weights come from memory, as misses' do.
+        layer = layers[i % len(layers)]
         t0 = time.perf_counter()
-        moe.cpu.submit(moe._experts[layer], layer, x, work).result()
+        moe.cpu.compute(moe._experts[layer], layer, x, work)
         times.append(time.perf_counter() - t0)
     moe.cpu.seconds = 0.0
     cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
