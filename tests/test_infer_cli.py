@@ -54,6 +54,7 @@ def test_bench_writes_json_and_markdown_with_the_copy_floor(tmp_path, capsys):
     (["generate", "hi", "--device", "cpu", "--max-context", "8", "--max-new-tokens", "16"], "context"),
     (["generate", "hi", "--device", "cpu", "--estimators", "/nonexistent/est"], "does not exist"),
     (["bench", "--device", "cpu", "--modes", "quasi"], "PREFETCH+ON_MISS"),
+    (["generate", "hi", "--device", "cpu", "--on-miss", "cpu", "--cpu-copy-share", "1.5"], "cpu_copy_share"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv + ["--quiet"]) == 2
