@@ -159,12 +159,14 @@ def model_a(args, out: dict) -> None:
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
-    def add(prefetch, on_miss, budget, p=1.0):
+    def add(prefetch, on_miss, budget, p=1.0, window=0):
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                     oracle_hit_rate=p)
+                                     oracle_hit_rate=p, prefetch_window=window)
         label = f"{prefetch}+{on_miss}"
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
+        if window:
+            label += f" (window {window})"
         if prefetch == "quasi":
             # A random model has no calibration text to average experts over: d_l = 0, so
             # q_l = LN_{l+1}(r_l). The same computation and cost as with real default vectors.
@@ -180,9 +182,11 @@ def model_a(args, out: dict) -> None:
         add("none", "fetch", "100%")
         add("quasi", "speculate", "0")
         add("quasi", "fetch", "0")
+        add("quasi", "fetch", "0", window=args.window)
         for b in args.budgets[:1]:
             add("oracle", "fetch", b, args.hit_rates[0])
             add("oracle", "cpu", b, args.hit_rates[0])
+            add("oracle", "cpu", b, args.hit_rates[0], window=args.window)
         out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
                                forced=forced)
         add_floors(out["model_a"], limits)
@@ -191,6 +195,7 @@ def model_a(args, out: dict) -> None:
     add("none", "fetch", "0")
     add("quasi", "speculate", "0")
     add("quasi", "fetch", "0")
+    add("quasi", "fetch", "0", window=args.window)   # wrong predictions dropped before their turn
     add("oracle", "speculate", "0")
     add("none", "fetch", "100%")        # every expert resident: the GPU's own time per token
     add("quasi", "fetch", "100%")       # ... plus the predictor: its cost per layer
@@ -200,9 +205,11 @@ def model_a(args, out: dict) -> None:
     for p in args.hit_rates:
         add("oracle", "speculate", "0", p)
         add("oracle", "fetch", "0", p)
+        add("oracle", "fetch", "0", p, window=args.window)
         for b in args.budgets:
             add("oracle", "fetch", b, p)
             add("oracle", "cpu", b, p)
+            add("oracle", "cpu", b, p, window=args.window)
     merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
     if args.long_context:
         # The same model at a long context: attention reads more; copies do not change.
@@ -378,7 +385,8 @@ def main() -> int:
                    help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run)")
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
-    p.add_argument("--quick", action="store_true", help="model A: six modes only")
+    p.add_argument("--quick", action="store_true", help="model A: eight modes only")
+    p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
     p.add_argument("--baseline-layers", type=int, default=4, help="layers of model A under accelerate offload")

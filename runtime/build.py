@@ -158,6 +158,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
+    moe.copy_window = config.prefetch_window
     if cpu is not None:
         moe.cpu_copy_share = config.cpu_copy_share if config.cpu_copy_share is not None else \
             _copy_share(moe, device) if streams.cuda else 1.0
@@ -171,6 +172,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
+                 "prefetch_window": config.prefetch_window,
                  "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
                     tokenizer=parts.tokenizer, info=info)

@@ -24,7 +24,7 @@ from .predict import MODES
 
 _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype", "gpu_expert_budget", "prefetch",
                     "on_miss", "eviction", "lookahead", "max_context", "cpu_threads",
-                    "cpu_copy_share")
+                    "cpu_copy_share", "prefetch_window")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=None, help="layers ahead (default: the estimator's, else 1)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default: 4096)")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: torch's)")
+    p.add_argument("--prefetch-window", type=int, default=None,
+                   help="exact modes: predicted copies in flight at once; the others wait, and are dropped when "
+                        "the true routing contradicts them before their turn (default: 0, all at once)")
     p.add_argument("--cpu-copy-share", type=float, default=None,
                    help="--on-miss cpu: share of the predicted experts not on the GPU that are copied ahead; the CPU "
                         "computes the rest (default: copy bandwidth / (copy + CPU expert bandwidth), measured)")

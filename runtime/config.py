@@ -40,6 +40,7 @@ class RuntimeConfig:
     compile: bool = True                  # fuse the graphs' pieces with torch.compile (with cuda_graphs)
     device_table: bool = True             # exact decode looks experts up on the device, fixes misses after
     cpu_copy_share: float | None = None   # `cpu`: share of predicted misses copied ahead (None: from bandwidths)
+    prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:
@@ -54,6 +55,8 @@ class RuntimeConfig:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
         if self.cpu_copy_share is not None and not 0.0 <= self.cpu_copy_share <= 1.0:
             raise SpecmoeError(f"cpu_copy_share must be in [0, 1] (got {self.cpu_copy_share})")
+        if self.prefetch_window < 0:
+            raise SpecmoeError(f"prefetch_window must be 0 (no window) or positive (got {self.prefetch_window})")
         if self.cpu_threads < 0:
             raise SpecmoeError("cpu_threads must be 0 (torch's default) or positive")
         return self

@@ -30,6 +30,7 @@ Decode steps on CUDA come here through cuda_graphs.DecodeGraphs (`graphed_layer`
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,14 @@ class OffloadedMoE:
         # `cpu`: the share of predicted experts not on the GPU that are copied ahead; the CPU
         # computes the others when they are used (both channels busy at once).
         self.cpu_copy_share = 1.0
+        # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
+        # The others wait in `_queued` and are issued as copies finish, while the host waits
+        # for the GPU anyway; once a layer's true ids are read, its queued predictions are
+        # dropped: a wrong prediction not yet issued costs no bandwidth.
+        self.copy_window = 0
+        self._queued: deque = deque()
+        self._copy_events: list = []
+        self._protect_now: set = set()
         # Exact decode looks its experts up on the device: table[row(l), e] is expert e's slot,
         # or the zero slot while it is not on the GPU. The host keeps the same table in
         # `_installed` and changes the device copy only through `_table_ops`, flushed in
@@ -115,6 +124,7 @@ class OffloadedMoE:
 
     def begin_step(self) -> None:
         self._predicted.clear()
+        self._queued.clear()
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -306,6 +316,8 @@ class OffloadedMoE:
         prediction for the target layer is copied ahead before either, so its copies run
         while the GPU and the CPU compute this layer."""
         current = {(layer, e) for e in ids}
+        self._drop_queued(layer)
+        self._protect_now = current
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         cpu_work: list[tuple[int, int, float]] = []
         protected = None
@@ -332,7 +344,7 @@ class OffloadedMoE:
         if pred is not None:
             # Copies first: they run while the GPU and the CPU compute this layer.
             share = self.cpu_copy_share if cpu_inputs is not None else None
-            self._prefetch(target, pred, [pred_row], current, share=share)
+            self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
         if gpu_fix:
             waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
             waits = [w for w in waits if w is not None]
@@ -436,7 +448,7 @@ class OffloadedMoE:
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released
             _, present, host, ev, target, pred, k, cpu_inputs, count_on_host = pending
-            ev.synchronize()
+            self._wait_pumping(ev)
             row = host[0].tolist()
             if count_on_host is not None:
                 self.telemetry.count_hits_host(layer, [int(e) for e in count_on_host], [int(e) for e in row[:k]])
@@ -473,9 +485,10 @@ class OffloadedMoE:
         return t.reshape(t.shape[0], -1).tolist()
 
     def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset(),
-                  copy: bool = True, share: float | None = None) -> None:
+                  copy: bool = True, share: float | None = None, windowed: bool = False) -> None:
         """Remember the prediction for `target` and copy its experts that are not on the GPU;
-        with `share`, only that share of them (the CPU computes the others if they are used)."""
+        with `share`, only that share of them (the CPU computes the others if they are used);
+        `windowed`, through the queue of `copy_window`."""
         ids_dev, w_dev = pred
         self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
         if not copy:
@@ -500,6 +513,9 @@ class OffloadedMoE:
                 if budget <= 0:
                     continue
                 budget -= 1
+            if windowed and self.copy_window:
+                self._queued.append(key)
+                continue
             slot = self.slots.reserve(key, protected)
             if slot is None:
                 self.telemetry.prefetch_dropped += 1
@@ -507,6 +523,8 @@ class OffloadedMoE:
             self._copy(key, slot)
             issued.add(key)
             self.telemetry.prefetched += 1
+        if windowed and self.copy_window:
+            self._pump()
 
     def _evicted(self, key, slot: int) -> None:
         if not self.device_table:
@@ -517,7 +535,7 @@ class OffloadedMoE:
         self._table_ops.append((self._rows[layer], e, self.slots.zero_slot))
         self._evicted_from[slot] = layer
 
-    def _copy(self, key, slot: int) -> None:
+    def _copy(self, key, slot: int):
         streams = self.streams
         streams.copy_waits(self.slots.released(slot))
         # Exact decode may have read the slot through the device table: wait for the last
@@ -527,8 +545,39 @@ class OffloadedMoE:
             self._to_install.setdefault(key[0], {})[key[1]] = slot
         with streams.copy_context():
             self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
-        self.slots.set_ready(slot, streams.record_on_copy())
+        ready = streams.record_on_copy()
+        self.slots.set_ready(slot, ready)
         self.telemetry.bytes_copied += self._block_bytes
+        return ready
+
+    def _pump(self) -> None:
+        """Issue queued predicted copies while fewer than `copy_window` are in flight."""
+        self._copy_events = [ev for ev in self._copy_events if ev is not None and not ev.query()]
+        while self._queued and len(self._copy_events) < self.copy_window:
+            key = self._queued.popleft()
+            if key in self.slots:
+                continue
+            protected = {key} | self._protect_now | {k for keys in self._inflight.values() for k in keys}
+            slot = self.slots.reserve(key, protected)
+            if slot is None:
+                self.telemetry.prefetch_dropped += 1
+                continue
+            ready = self._copy(key, slot)
+            if ready is not None:
+                self._copy_events.append(ready)
+            self._inflight.setdefault(key[0], set()).add(key)
+            self.telemetry.prefetched += 1
+
+    def _drop_queued(self, layer: int) -> None:
+        """Layer `layer`'s true ids are known: its predictions not copied yet are superseded."""
+        if self._queued:
+            self._queued = deque(key for key in self._queued if key[0] != layer)
+
+    def _wait_pumping(self, ev) -> None:
+        """Wait for `ev`, issuing queued copies as earlier ones finish."""
+        while self._queued and not ev.query():
+            self._pump()
+        ev.synchronize()
 
     def _chunks(self, layer: int, host_ids: list[list[int]]) -> list[set[int]]:
         """The experts of this layer in groups that fit the slots at once: one group unless a

@@ -68,5 +68,8 @@ class _Done:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
 
 _DONE = _Done()

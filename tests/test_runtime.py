@@ -56,16 +56,19 @@ def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget, tabl
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"])
-@pytest.mark.parametrize("prefetch,on_miss,budget", [("none", "fetch", "0"), ("current", "fetch", "50%"),
-                                                     ("current", "cpu", "0"), ("current", "cpu", "50%")])
-def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, budget):
+@pytest.mark.parametrize("prefetch,on_miss,budget,window", [("none", "fetch", "0", 0), ("current", "fetch", "50%", 0),
+                                                            ("current", "cpu", "0", 0), ("current", "cpu", "50%", 0),
+                                                            ("current", "fetch", "0", 2), ("current", "cpu", "50%", 1)])
+def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, budget, window):
     """The decode path CUDA graphs take (pieces, device table, misses added after the table
-    computation by the fix-up piece or the CPU, copies of predictions) run on the CPU, where
-    each piece is called instead of replayed: equal to the stock forward."""
+    computation by the fix-up piece or the CPU, copies of predictions, a window of copies in
+    flight) run on the CPU, where each piece is called instead of replayed: equal to the
+    stock forward."""
     ref = tiny_model(family)
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
     expected = stock_logits(ref, ids)
-    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
+                                                        prefetch_window=window))
     engine.use_graphs = True
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
     assert engine._graphs is not None
@@ -385,3 +388,36 @@ def test_graphed_decode_path_equals_eager_with_estimators(prefetch, on_miss):
         engine.close()
     torch.testing.assert_close(rows[True], rows[False], rtol=1e-5, atol=1e-5)
     assert hits[True] == pytest.approx(hits[False], abs=1e-9)
+
+
+def test_prefetch_window_holds_copies_back_and_drops_superseded_ones(demo_model_pair, monkeypatch):
+    """With a window of 1, predicted copies wait while one is in flight, go one at a time as
+    copies finish, and those of a layer whose true ids arrived are never issued."""
+    _, fresh = demo_model_pair
+    engine = runtime.from_model(fresh, cfg(prefetch="current", on_miss="fetch", prefetch_window=1))
+    moe = engine.moe
+    target = moe.spec.moe_layers[1]
+    k = moe.spec.top_k
+    experts = list(range(k))
+
+    class Copy:                     # a copy's event, as the copy stream would record it
+        done = False
+
+        def query(self):
+            return Copy.done
+
+    monkeypatch.setattr(moe.streams, "record_on_copy", lambda: Copy())
+    pred = (torch.tensor([experts]), torch.full((1, k), 1.0 / k))
+    moe._prefetch(target, pred, [experts], windowed=True)
+    assert (target, experts[0]) in moe.slots            # the first goes at once
+    assert list(moe._queued) == [(target, e) for e in experts[1:]]
+    moe._pump()                                          # still in flight: nothing more
+    assert len(moe._queued) == k - 1
+    Copy.done = True
+    moe._pump()                                          # it finished: the next one goes
+    assert (target, experts[1]) in moe.slots and len(moe._queued) == k - 2
+    Copy.done = False
+    moe._drop_queued(target)                             # the target layer's true ids arrived
+    assert not moe._queued
+    assert not any((target, e) in moe.slots for e in experts[2:])
+    engine.close()
