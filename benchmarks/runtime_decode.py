@@ -100,10 +100,34 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         float(flat.sum())
         mem.append(time.perf_counter() - t0)
     cpu.close()
+    expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
+            "expert_copy_bytes_per_s": expert_copy,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
             "memory_read_bytes_per_s": flat.numel() * 4 / statistics.median(mem[1:]),
             "expert_bytes": store.layout.tensor_bytes}
+
+
+def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
+    """Host-to-device bytes per second of copies as the runtime issues them: 8 experts, one
+    copy each, from the pinned store into a slot buffer, back to back on one stream (the
+    copy floor's bandwidth is measured with one 64 MB copy; per-expert copies may be slower)."""
+    import statistics
+
+    store = parts.store
+    dst = torch.empty((experts, store.layout.block_bytes), dtype=torch.uint8, device=parts.device)
+    stream = torch.cuda.Stream(parts.device)
+    times = []
+    with torch.cuda.stream(stream):
+        for i in range(repeats + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for j in range(experts):
+                dst[j].copy_(store.blocks[(i * experts + j) % store.blocks.shape[0]], non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return experts * store.layout.block_bytes / statistics.median(times[2:])
 
 
 def gpu_time_alone(parts, base, prompt, forced, steps: int = 6) -> float:
@@ -140,6 +164,9 @@ def add_floors(result: dict, limits: dict) -> None:
         row["cpu_floor_ms"] = 1e3 * per_token / limits["cpu_expert_bytes_per_s"]
         row["cpu_floor_memory_ms"] = 1e3 * per_token / limits["memory_read_bytes_per_s"]
         row["limit_ms"] = max(row["copy_floor_ms"], row["cpu_floor_ms"])
+        if limits.get("expert_copy_bytes_per_s"):
+            row["copy_floor_expert_copies_ms"] = 1e3 * (row["bytes_copied_per_token"] or 0.0) / \
+                limits["expert_copy_bytes_per_s"]
 
 
 def model_a(args, out: dict) -> None:
@@ -153,7 +180,9 @@ def model_a(args, out: dict) -> None:
     out["host_limits"] = limits
     print(f"host: CPU experts {limits['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s ({limits['cpu_kernels']}), stock torch "
           f"{limits['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s, memory read "
-          f"{limits['memory_read_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+          f"{limits['memory_read_bytes_per_s'] / 1e9:.1f} GB/s" + (
+              f"; expert copies {limits['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s"
+              if limits["expert_copy_bytes_per_s"] else ""), flush=True)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
@@ -425,10 +454,12 @@ def write_results(out: dict, path: Path) -> None:
                f"{a['ms_per_token_scaled_to_48_layers']:.0f} ms per token scaled to 48 layers.\n"]
     if "host_limits" in out:
         h = out["host_limits"]
+        copies = (f"; host-to-device copies of 8 experts, one copy each as the runtime issues them: "
+                  f"{h['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s" if h.get("expert_copy_bytes_per_s") else "")
         md += [f"Host limits, measured on model A's store with {h['threads']} threads: CPU experts "
                f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}), "
                f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch; memory read "
-               f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s.\n"]
+               f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s{copies}.\n"]
     for key, title in (("model_b", "Model B: the demo model with its trained estimators"),
                        ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights"),
                        ("model_a_long_context", "Model A at a long context")):
@@ -439,11 +470,14 @@ def write_results(out: dict, path: Path) -> None:
             md.append(f"GPU time per token with every expert resident (the step's graphs replayed back to back): "
                       f"{out[key]['gpu_ms_per_token_all_resident']:.2f} ms.\n")
         if any("limit_ms" in r for r in out[key]["modes"]):
-            md += ["| mode | budget | copy floor ms | CPU floor ms | CPU floor (memory read) ms | limit ms | measured ms "
-                   "| measured / limit |", "|---|---|---|---|---|---|---|---|"]
+            md += ["| mode | budget | copy floor ms | copy floor, expert-sized copies ms | CPU floor ms "
+                   "| CPU floor (memory read) ms | limit ms | measured ms | measured / limit |",
+                   "|---|---|---|---|---|---|---|---|---|"]
             for r in out[key]["modes"]:
                 ratio = r["ms_per_token_median"] / r["limit_ms"] if r["limit_ms"] else None
-                md.append(f"| {r['mode']} | {r['gpu_expert_budget']} | {r['copy_floor_ms']:.2f} | {r['cpu_floor_ms']:.2f} "
+                per_expert = r.get("copy_floor_expert_copies_ms")
+                md.append(f"| {r['mode']} | {r['gpu_expert_budget']} | {r['copy_floor_ms']:.2f} "
+                          f"| {'-' if per_expert is None else format(per_expert, '.2f')} | {r['cpu_floor_ms']:.2f} "
                           f"| {r['cpu_floor_memory_ms']:.2f} | {r['limit_ms']:.2f} | {r['ms_per_token_median']:.2f} "
                           f"| {'-' if ratio is None else format(ratio, '.2f')} |")
             md.append("")
