@@ -310,11 +310,11 @@ class OffloadedMoE:
 
     def _graphed_misses(self, layer: int, g, ids: list[int], present: set[int], cpu_inputs, target, pred,
                         pred_row: list[int]) -> None:
-        """After the table graph of a decode step: add the experts it could not compute. Missed
-        experts are computed by the CPU (`cpu`, on this thread, after everything else of the
-        layer is queued) or copied now and computed by the fix-up graph (`fetch`); the
-        prediction for the target layer is copied ahead before either, so its copies run
-        while the GPU and the CPU compute this layer."""
+        """After the table graph of a decode step: add the experts it could not compute.
+        `fetch`: the missed experts are copied first (they are needed first), then the
+        prediction for the target layer is queued, then the fix-up graph computes the misses.
+        `cpu`: the prediction's copies are queued, then the CPU computes the misses on this
+        thread while those copies run."""
         current = {(layer, e) for e in ids}
         self._drop_queued(layer)
         self._protect_now = current
