@@ -103,6 +103,7 @@ class OffloadedMoE:
         self._installed: dict[int, set[int]] = {l: set() for l in spec.moe_layers}
         self._to_install: dict[int, dict[int, int]] = {}   # layer -> {expert: slot} copied, not yet in the table
         self._table_ops: list[tuple[int, int, int]] = []
+        self._ops_staging = self._ops_device = self._ops_done = None
         self._layer_released: dict[int, object] = {}       # layer -> event after its last expert computation
         self._evicted_from: dict[int, int] = {}            # slot -> layer of the key it held
         slots.on_evict = self._evicted
@@ -195,12 +196,29 @@ class OffloadedMoE:
                 self.streams.compute_waits(ev)
             self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
         if self._table_ops:
-            # The last change to an entry wins (an index_put with repeated indices picks any).
-            last = {(r, e): v for r, e, v in self._table_ops}
-            ops = self._to_device([[r, e, v] for (r, e), v in last.items()])
-            self.table[ops[:, 0], ops[:, 1]] = ops[:, 2]
-            self._table_ops = []
+            self._flush_table_ops()
         return set(self._installed[layer])
+
+    def _flush_table_ops(self) -> None:
+        """Apply the queued table changes on the compute stream: one copy from a pinned
+        staging buffer and one index_copy_, whatever their number."""
+        # The last change to an entry wins (an index_copy_ with repeated indices picks any).
+        last = {r * self.spec.num_experts + e: v for r, e, v in self._table_ops}
+        self._table_ops = []
+        n = len(last)
+        if self._ops_staging is None:
+            entries = self.table.numel()
+            self._ops_staging = torch.empty((2, entries), dtype=torch.long, pin_memory=self.streams.cuda)
+            self._ops_device = torch.empty((2, entries), dtype=torch.long, device=self.device)
+        if self._ops_done is not None:
+            self._ops_done.synchronize()  # the previous flush's copy has read the staging buffer
+        staging = self._ops_staging.numpy()
+        staging[0, :n] = list(last)
+        staging[1, :n] = list(last.values())
+        dev = self._ops_device[:, :n]
+        dev.copy_(self._ops_staging[:, :n], non_blocking=True)
+        self._ops_done = self.streams.record_on_compute()
+        self.table.view(-1).index_copy_(0, dev[0], dev[1])
 
     def table_row(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s row of the device table [num_experts]: expert -> slot."""
