@@ -15,16 +15,18 @@ For each MoE layer of a step, given the router input s_l and the residual r_l:
 The host learns routing only through one small device-to-host read per layer (the
 ids of layer l in exact modes, the predicted ids of layer t). In `speculate` that
 read waits on work the GPU finished while it computes layer l's experts, so the
-host never idles the GPU. Exact modes place experts in one of two ways:
+host never idles the GPU. Exact decode places experts in one of two ways:
 
-- planned (default): the host reads layer l's true ids, places the missing experts,
-  then launches the experts over the slots it chose (`_plan`, `_run`);
-- device table (`device_table`): the experts run at once from a device-side slot table,
-  the host reads the ids meanwhile and adds what was missing afterwards
-  (`_prepare_layer`, `table_output`, `_misses`).
+- device table (`device_table`, the default): the experts run at once from a device-side
+  slot table, the host reads the ids meanwhile and adds what was missing afterwards
+  (`_prepare_layer`, `table_output`; graphed: `_graphed_misses`, eager: `_misses`), with
+  predicted copies optionally held back in a window (`_prefetch`, `_pump`);
+- planned: the host reads layer l's true ids, places the missing experts, then launches
+  the experts over the slots it chose (`_plan`, `_run`; prefills always run this way).
 
-Decode steps on CUDA come here through cuda_graphs.DecodeGraphs (`graphed_layer`,
-`after_graphed_compute`); prefills and CPU runs through `__call__`.
+Decode steps come here through cuda_graphs.DecodeGraphs (`graphed_layer`,
+`after_graphed_compute`) on CUDA, and on the CPU when a test asks for that path;
+prefills and other CPU runs through `__call__`.
 """
 
 from __future__ import annotations
