@@ -7,13 +7,19 @@ decide something, and every piece in between is captured once and replayed:
     prologue        token -> x, rotary tables, attention masks (position from a device buffer)
     pre[l]          attention, residual, router input s_l, the true routing of l, the
                     prediction for l+h (estimator predictors), prediction hits
-    ----            host: read ids, plan slots, queue copies (offloaded_moe.OffloadedMoE)
-    post[l]         the experts of l over the GPU slots, the shared expert, residual
+    ----            host: table changes, or (speculate) the predicted slots (offloaded_moe)
+    post[l]         the experts of l over the GPU slots (device table, or fed slots), the
+                    shared expert, residual
+    ----            host: reads l's ids, adds misses (the fix-up graph, or the CPU's part),
+                    queues copies of predicted experts
     epilogue        final norm, LM head
 
-Dense layers are one graph each. All graphs share one memory pool and are replayed in
-the order they were captured; every value that outlives a graph lives in a static
-buffer allocated here.
+Dense layers are one graph each. The step's graphs share one memory pool and are
+replayed in the order they were captured; the fix-up graph, replayed between them, has
+its own. Every value that outlives a graph lives in a static buffer allocated here. The
+pieces are runtime.compiled_pieces' functions, compiled once for all layers. Off CUDA
+the same pieces are called in turn instead of replayed, so the CPU test suite covers
+this path's host decisions.
 """
 
 from __future__ import annotations
