@@ -45,6 +45,15 @@ def _build(verbose: bool):
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
+    if shutil.which("ninja") is None:
+        # The `ninja` wheel (a dependency) puts its binary beside the interpreter's scripts,
+        # which is not on PATH unless the environment is activated.
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
     flags = ["-O3"]
