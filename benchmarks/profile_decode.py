@@ -86,14 +86,13 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         n_moe = len(parts.spec.moe_layers)
         steps = len(walls)
         host_us = {k: 1e6 * sum(v) / (steps * n_moe) for k, v in host.items()}
-        graphs = engine._graphs
+        graphs = engine.decode_graphs
         # The graphs alone, back to back: the device's own time for one step.
         gpu = []
         for _ in range(10):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _, _, g in graphs._graphs:
-                g.replay()
+            graphs.replay_all()
             end.record()
             end.synchronize()
             gpu.append(start.elapsed_time(end))
@@ -117,7 +116,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "oracle_hit_rate": config.oracle_hit_rate,
             "wall_ms_median": 1e3 * statistics.median(walls),
             "graphs_only_ms_median": statistics.median(gpu[2:]),
-            "graphs_per_step": len(graphs._graphs),
+            "graphs_per_step": graphs.graph_count,
             "host_us_per_moe_layer": host_us,
             "kernels_per_step": count, "kernels_per_moe_layer": count / n_moe,
             "kernel_busy_ms_per_step": busy_ms,

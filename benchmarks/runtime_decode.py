@@ -140,13 +140,12 @@ def gpu_time_alone(parts, base, prompt, forced, steps: int = 6) -> float:
         engine.step(prompt)
         for token in forced[:steps]:
             engine.step(torch.tensor([token]))
-        graphs = [g for _, _, g in engine._graphs._graphs]
+        graphs = engine.decode_graphs
         times = []
         for _ in range(10):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for g in graphs:
-                g.replay()
+            graphs.replay_all()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))

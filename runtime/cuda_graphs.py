@@ -251,6 +251,16 @@ class DecodeGraphs:
     def _moe_table_layers(self) -> bool:
         return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)
 
+    def replay_all(self) -> None:
+        """Replay the step's graphs back to back with no host decision between them: the
+        device's own time for a step (meaningful when every expert is resident)."""
+        for _, _, g in self._graphs:
+            g.replay()
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
     # ---------------------------------------------------------------- one decode step
 
     @torch.inference_mode()

@@ -99,6 +99,12 @@ class Engine:
         x = x[0] if all_logits else x[0, -1:]
         return self.model.lm_head(x).float()
 
+    @property
+    def decode_graphs(self):
+        """The captured decode step (runtime.cuda_graphs.DecodeGraphs), None before the first
+        graphed decode step."""
+        return self._graphs
+
     def reset(self) -> None:
         """Forget the context (the expert cache on the GPU stays warm)."""
         self.cache.reset()

@@ -71,7 +71,7 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
                                                         prefetch_window=window))
     engine.use_graphs = True
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
-    assert engine._graphs is not None
+    assert engine.decode_graphs is not None
     tel = engine.telemetry
     engine.close()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -95,7 +95,7 @@ def test_speculate_with_oracle_is_exact(family, graphed):
     engine = runtime.configure(parts, cfg(prefetch="oracle", on_miss="speculate"), recorded=recorded)
     engine.use_graphs = graphed
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
-    assert (engine._graphs is not None) == graphed
+    assert (engine.decode_graphs is not None) == graphed
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert engine.telemetry.summary()["prefetch_hit_rate"] == pytest.approx(1.0)
     assert continuation == expected[len(PROMPT) - 1:].argmax(-1).tolist()[:8]
@@ -383,7 +383,7 @@ def test_graphed_decode_path_equals_eager_with_estimators(prefetch, on_miss):
         engine = runtime.from_model(model, cfg(prefetch=prefetch, on_miss=on_miss, estimators=est))
         engine.use_graphs = graphed
         rows[graphed] = engine_logits(engine, ids, prompt_len=len(PROMPT))
-        assert (engine._graphs is not None) == graphed
+        assert (engine.decode_graphs is not None) == graphed
         hits[graphed] = engine.telemetry.summary()["prefetch_hit_rate"]
         engine.close()
     torch.testing.assert_close(rows[True], rows[False], rtol=1e-5, atol=1e-5)

@@ -130,7 +130,7 @@ def test_graphed_decode_equals_eager_decode(prefetch, on_miss, table, compiled):
                                                                 cuda_graphs=graphs, device_table=table,
                                                                 compile=compiled))
         rows[graphs] = engine_logits(engine, ids, prompt_len=len(PROMPT))
-        assert (engine._graphs is not None) == graphs
+        assert (engine.decode_graphs is not None) == graphs
         rows[(graphs, "hits")] = engine.telemetry.summary()["prefetch_hit_rate"]
         engine.close()
     if compiled and on_miss == "speculate":
@@ -167,8 +167,8 @@ def test_graphed_and_compiled_bf16_decode_equal_eager_on_qwen3_30b_shape():
         rows, ids = [], []
         for token in forced:
             rows.append(engine.step(torch.tensor([token]))[-1].float().cpu())
-            if engine._graphs is not None:
-                ids.append({l: engine._graphs.ids[l][0].tolist() for l in engine._graphs.ids})
+            if engine.decode_graphs is not None:
+                ids.append({l: engine.decode_graphs.ids[l][0].tolist() for l in engine.decode_graphs.ids})
         logits[name], routes[name] = torch.stack(rows), ids
         engine.close()
     assert torch.equal(logits["graphs"], logits["eager"])
