@@ -112,7 +112,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             top[e.name[:80]] += e.device_time / 3
         return {
             "mode": f"{config.resolved_prefetch()}+{config.on_miss}",
-            "budget": config.gpu_expert_budget, "device_table": config.device_table, "compile": config.compile,
+            "budget": config.gpu_expert_budget, "device_table": config.device_table,
+            "compile": config.compile_mode if config.compile else False,
             "oracle_hit_rate": config.oracle_hit_rate,
             "wall_ms_median": 1e3 * statistics.median(walls),
             "graphs_only_ms_median": statistics.median(gpu[2:]),
@@ -150,6 +151,7 @@ def main() -> int:
     rows = []
     # (prefetch, on_miss, budget, device table, oracle hit rate, compile)
     modes = [("none", "fetch", "100%", True, 1.0, False), ("none", "fetch", "100%", True, 1.0, True),
+             ("none", "fetch", "100%", True, 1.0, "max-autotune-no-cudagraphs"),
              ("none", "fetch", "100%", False, 1.0, True), ("oracle", "fetch", "100%", True, 1.0, True),
              ("oracle", "fetch", "25%", False, 0.85, True), ("oracle", "fetch", "25%", True, 0.85, True),
              ("oracle", "cpu", "25%", False, 0.85, True), ("oracle", "speculate", "0", False, 0.85, True)]
@@ -159,8 +161,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     for prefetch, on_miss, budget, table, hit, compiled in modes:
+        # compiled: False, True, or a torch.compile mode
+        mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                     device_table=table, oracle_hit_rate=hit, compile=compiled)
+                                     device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
         row["seconds"] = time.perf_counter() - t0

@@ -179,6 +179,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     engine.parts, engine.config = parts, config
     engine.use_graphs = streams.cuda and config.cuda_graphs
     engine.compile = engine.use_graphs and config.compile
+    engine.compile_mode = config.compile_mode
     return engine
 
 

@@ -76,7 +76,7 @@ _FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "ex
 # slot stack, whose length is the budget: compiled, every budget would be a new compilation
 # (and past torch's recompile limit, eager anyway); they are a few kernels in any case.
 _COMPILED = ("attention_block", "dense_mlp", "route", "head")
-_compiled: dict[tuple[str, str], object] = {}
+_compiled: dict[tuple[str, str, str | None], object] = {}
 
 
 class Pieces:
@@ -84,8 +84,11 @@ class Pieces:
     modes compile once) or eager. A piece whose compilation fails runs eagerly from then
     on, with one warning."""
 
-    def __init__(self, compile: bool, backend: str = "inductor"):
-        self.compile, self.backend = compile, backend
+    def __init__(self, compile: bool, backend: str = "inductor", mode: str | None = None):
+        # mode: torch.compile's (inductor); "max-autotune-no-cudagraphs" tunes the matrix
+        # products too. Modes that capture CUDA graphs themselves are not for pieces that
+        # are captured here.
+        self.compile, self.backend, self.mode = compile, backend, mode
 
     def __getattr__(self, name: str):
         fn = globals()[name] if name in _FUNCTIONS else None
@@ -93,9 +96,10 @@ class Pieces:
             raise AttributeError(name)
         if not self.compile or name not in _COMPILED:
             return fn
-        key = (name, self.backend)
+        key = (name, self.backend, self.mode)
         if key not in _compiled:
-            _compiled[key] = _Guarded(name, torch.compile(fn, dynamic=False, backend=self.backend), fn)
+            extra = {"mode": self.mode} if self.mode else {}
+            _compiled[key] = _Guarded(name, torch.compile(fn, dynamic=False, backend=self.backend, **extra), fn)
         return _compiled[key]
 
 

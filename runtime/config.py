@@ -18,6 +18,7 @@ from .predict import MODES
 
 DEFAULT_CONFIG_PATH = CONFIGS_DIR / "infer.yaml"
 ON_MISS = ("speculate", "fetch", "cpu")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class RuntimeConfig:
     oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
     cuda_graphs: bool = True              # replay decode steps from CUDA graphs (CUDA only)
     compile: bool = True                  # fuse the graphs' pieces with torch.compile (with cuda_graphs)
+    compile_mode: str = "default"         # torch.compile mode: default | max-autotune-no-cudagraphs
     device_table: bool = True             # exact decode looks experts up on the device, fixes misses after
     cpu_copy_share: float | None = None   # `cpu`: share of predicted misses copied ahead (None: from bandwidths)
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
@@ -55,6 +57,9 @@ class RuntimeConfig:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
         if self.cpu_copy_share is not None and not 0.0 <= self.cpu_copy_share <= 1.0:
             raise SpecmoeError(f"cpu_copy_share must be in [0, 1] (got {self.cpu_copy_share})")
+        if self.compile_mode not in COMPILE_MODES:
+            raise SpecmoeError(f"unknown compile_mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)} "
+                               "(the runtime captures CUDA graphs itself)")
         if self.prefetch_window < 0:
             raise SpecmoeError(f"prefetch_window must be 0 (no window) or positive (got {self.prefetch_window})")
         if self.cpu_threads < 0:

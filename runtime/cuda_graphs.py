@@ -69,7 +69,8 @@ class DecodeGraphs:
         self.pred_ids, self.pred_w = {}, {}
         self.graphable_prediction = isinstance(moe.predictor, EstimatorPredictor)
         self.speculate = moe.on_miss == "speculate"
-        self.pieces = Pieces(compile=bool(getattr(e, "compile", False)))
+        mode = getattr(e, "compile_mode", "default")
+        self.pieces = Pieces(compile=bool(getattr(e, "compile", False)), mode=None if mode == "default" else mode)
         self._rope = None
         self._masks = None
         self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []

@@ -53,6 +53,7 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.use_graphs = False     # decode steps from CUDA graphs (captured on the first decode step)
         self.compile = False        # their pieces compiled (runtime.compiled_pieces)
+        self.compile_mode = "default"
         self._graphs = None
         self._kinds, self._window = [], None
         for layer in self.layers:

@@ -421,3 +421,9 @@ def test_prefetch_window_holds_copies_back_and_drops_superseded_ones(demo_model_
     assert not moe._queued
     assert not any((target, e) in moe.slots for e in experts[2:])
     engine.close()
+
+
+def test_compile_modes_that_capture_graphs_themselves_are_refused():
+    RuntimeConfig(compile_mode="max-autotune-no-cudagraphs").validate()
+    with pytest.raises(SpecmoeError, match="compile_mode"):
+        RuntimeConfig(compile_mode="reduce-overhead").validate()
