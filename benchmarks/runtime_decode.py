@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,8 +64,7 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
     the runtime's kernels and of stock torch (bytes of expert weights per second, 8 experts
     of one token per call, every call on experts not read before), and the memory read
     bandwidth (a sum over 4 GB of the store)."""
-    import statistics
-
+    from benchmarks.cpu_expert_kernel import median_seconds
     from runtime import cpu_kernels
     from runtime.cpu_experts import CpuExperts
 
@@ -81,30 +81,21 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         return layer, ids
 
     def timed(fn):
-        times = []
-        for _ in range(repeats + 3):
-            layer, ids = next_work()
-            t0 = time.perf_counter()
-            fn(layer, ids)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[3:])
+        # the next experts are picked inside the timed call: a few microseconds of Python
+        return median_seconds(lambda: fn(*next_work()), repeats)
 
     nbytes = experts_per_call * store.layout.tensor_bytes
     kernel = timed(lambda l, ids: cpu.compute(experts, l, x, [(0, e, 1.0) for e in ids]))
     with torch.inference_mode():
         stock = timed(lambda l, ids: [family.apply_expert(experts, store.expert(l, e), x) for e in ids])
     flat = store.blocks.view(-1)[: min(store.nbytes, 4 << 30) // 4 * 4].view(torch.float32)
-    mem = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        float(flat.sum())
-        mem.append(time.perf_counter() - t0)
+    memory = median_seconds(lambda: float(flat.sum()), 4, warmup=1)
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
             "expert_copy_bytes_per_s": expert_copy,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
-            "memory_read_bytes_per_s": flat.numel() * 4 / statistics.median(mem[1:]),
+            "memory_read_bytes_per_s": flat.numel() * 4 / memory,
             "expert_bytes": store.layout.tensor_bytes}
 
 
@@ -112,8 +103,6 @@ def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
     """Host-to-device bytes per second of copies as the runtime issues them: 8 experts, one
     copy each, from the pinned store into a slot buffer, back to back on one stream (the
     copy floor's bandwidth is measured with one 64 MB copy; per-expert copies may be slower)."""
-    import statistics
-
     store = parts.store
     dst = torch.empty((experts, store.layout.block_bytes), dtype=torch.uint8, device=parts.device)
     stream = torch.cuda.Stream(parts.device)
@@ -133,23 +122,12 @@ def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
 def gpu_time_alone(parts, base, prompt, forced, steps: int = 6) -> float:
     """ms of device time for one decode step with every expert resident: the step's graphs
     replayed back to back, with no host decision between them."""
-    import statistics
-
     engine = configure(parts, dataclasses.replace(base, prefetch="none", on_miss="fetch", gpu_expert_budget="100%"))
     try:
         engine.step(prompt)
         for token in forced[:steps]:
             engine.step(torch.tensor([token]))
-        graphs = engine.decode_graphs
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs.replay_all()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times[2:])
+        return engine.decode_graphs.device_ms()
     finally:
         engine.close()
 
@@ -340,8 +318,6 @@ def accelerate_baseline(args, out: dict) -> None:
     """What users run instead: transformers with accelerate's CPU offload of the experts
     (dispatch_model with the experts' modules on "cpu": hooks move their weights to the
     GPU at every call). Few layers and tokens: it is slow; the per-layer time scales."""
-    import statistics
-
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 

@@ -1,17 +1,18 @@
 """Predict which experts a later MoE layer will use (estimators stage).
 
 Public API (see each module's docstring):
-    Estimator, SourceState, Predictor      estimators.predictors
+    Estimator, SourceState, Predictor,
+    layer_pairs, collect_parts             estimators.predictors
     load_estimator, save_estimator,
-    router_fingerprint                     estimators.checkpoint (checkpoint format v1)
+    router_fingerprint, read_config        estimators.checkpoint (checkpoint format v1)
     compute_metrics, MetricAccumulator     estimators.metrics
 The `train` command: estimators.cli (python -m estimators); from Python,
 run_train(TrainRun(...)) and run_evaluate(EvaluateRun(...)) with an
 estimators.config.EstimatorConfig inside.
 """
 
-from .checkpoint import load_estimator, router_fingerprint, save_estimator
-from .predictors import KINDS, PREDICTORS, Estimator, Predictor, SourceState
+from .checkpoint import load_estimator, read_config, router_fingerprint, save_estimator
+from .predictors import KINDS, PREDICTORS, Estimator, Predictor, SourceState, collect_parts, layer_pairs
 
-__all__ = ["Estimator", "Predictor", "SourceState", "KINDS", "PREDICTORS", "load_estimator", "save_estimator",
-           "router_fingerprint"]
+__all__ = ["Estimator", "Predictor", "SourceState", "KINDS", "PREDICTORS", "collect_parts", "layer_pairs",
+           "load_estimator", "read_config", "save_estimator", "router_fingerprint"]

@@ -24,6 +24,8 @@ this path's host decisions.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .compiled_pieces import Pieces
@@ -252,11 +254,20 @@ class DecodeGraphs:
     def _moe_table_layers(self) -> bool:
         return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)
 
-    def replay_all(self) -> None:
-        """Replay the step's graphs back to back with no host decision between them: the
-        device's own time for a step (meaningful when every expert is resident)."""
-        for _, _, g in self._graphs:
-            g.replay()
+    def device_ms(self, repeats: int = 10, warmup: int = 2) -> float:
+        """Median milliseconds of the step's graphs replayed back to back, with no host
+        decision between them: the device's own time for a step (meaningful when every
+        expert is resident)."""
+        times = []
+        for _ in range(warmup + repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _, _, g in self._graphs:
+                g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times[warmup:])
 
     @property
     def graph_count(self) -> int:

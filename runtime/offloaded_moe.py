@@ -233,19 +233,33 @@ class OffloadedMoE:
         w = weights * (slots != self.slots.zero_slot).to(weights.dtype)
         return routed_output(self.family, self._experts[layer], s, self.slots.stack, slots, w)
 
+    def _table_misses(self, layer: int, row, present: set[int]) -> list[tuple[int, int]]:
+        """(choice j, expert) of one token's routing `row` that the table did not hold; every
+        use is counted, and the cached ones touched."""
+        missing = []
+        for j, e in enumerate(row):
+            e = int(e)
+            hit = e in present
+            self.telemetry.count_use(layer, hit=hit)
+            if hit:
+                self.slots.touch((layer, e))
+            else:
+                missing.append((j, e))
+        return missing
+
+    def _demand_copy(self, key, protected: set) -> int:
+        """Copy a needed expert now, into a slot no protected key holds."""
+        slot = self.slots.reserve(key, protected)
+        if slot is None:  # the minimum budget holds two layers, and prefills fit their groups: a bug
+            raise RuntimeError("no GPU expert slot is free for a needed expert")
+        self._copy(key, slot)
+        self.telemetry.demand_copies += 1
+        return slot
+
     def _misses(self, layer: int, s: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
                 present: set[int]):
         """What the table computation left out: None, a tensor to add, or ("cpu", future)."""
-        missing = []
-        for t, row in enumerate(host_ids):
-            for j, e in enumerate(row):
-                e = int(e)
-                hit = e in present
-                self.telemetry.count_use(layer, hit=hit)
-                if hit:
-                    self.slots.touch((layer, e))
-                else:
-                    missing.append((t, j, e))
+        missing = [(t, j, e) for t, row in enumerate(host_ids) for j, e in self._table_misses(layer, row, present)]
         if not missing:
             return None
         if self.on_miss == "cpu" and self.cpu is not None:
@@ -262,12 +276,7 @@ class OffloadedMoE:
         placed: dict[int, int] = {}
         for t, j, e in missing:
             if e not in placed:
-                slot = self.slots.reserve((layer, e), protected)
-                if slot is None:  # the minimum budget holds two layers: a bug, not a user error
-                    raise RuntimeError("no GPU expert slot is free for a needed expert")
-                self._copy((layer, e), slot)
-                self.telemetry.demand_copies += 1
-                placed[e] = slot
+                placed[e] = self._demand_copy((layer, e), protected)
             fix_slots[t][j] = placed[e]
             keep[t][j] = 1.0
         self._prepare_layer(layer)
@@ -341,25 +350,16 @@ class OffloadedMoE:
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         cpu_work: list[tuple[int, int, float]] = []
         protected = None
-        for j, e in enumerate(ids):
+        for j, e in self._table_misses(layer, ids, present):
             key = (layer, e)
-            hit = e in present
-            self.telemetry.count_use(layer, hit=hit)
-            if hit:
-                self.slots.touch(key)
-                continue
-            slot = self.slots.lookup(key)
+            slot = self.slots.lookup(key)   # not None: copied after the table was set
             if slot is None and cpu_inputs is not None:
                 cpu_work.append((0, e, float(cpu_inputs[1][0, j])))
                 continue
             if slot is None:
                 if protected is None:
                     protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
-                slot = self.slots.reserve(key, protected)
-                if slot is None:  # the minimum budget holds two layers: a bug, not a user error
-                    raise RuntimeError("no GPU expert slot is free for a needed expert")
-                self._copy(key, slot)
-                self.telemetry.demand_copies += 1
+                slot = self._demand_copy(key, protected)
             gpu_fix.append((j, slot))
         if pred is not None:
             # Copies first: they run while the GPU and the CPU compute this layer.
@@ -635,11 +635,7 @@ class OffloadedMoE:
                         plan.cpu_work.append((t, e, j))
                     else:
                         self.telemetry.count_use(layer, hit=False)
-                        slot = self.slots.reserve(key, protected)
-                        if slot is None:  # _chunks sized the group to fit: a bug, not a user error
-                            raise RuntimeError("no GPU expert slot is free for a needed expert")
-                        self._copy(key, slot)
-                        self.telemetry.demand_copies += 1
+                        slot = self._demand_copy(key, protected)
                     if slot is not None:
                         ready = self.slots.pending_ready(slot)
                         if ready is not None:

@@ -127,7 +127,7 @@ def lookahead_of(config) -> int:
     if config.lookahead is not None:
         return int(config.lookahead)
     if config.estimators:
-        from estimators.checkpoint import read_config
+        from estimators import read_config
 
         return int(read_config(config.estimators)["lookahead"])
     return 1
@@ -175,8 +175,7 @@ def router_predictor(model, family, spec, kind: str, default_vectors: dict | Non
 def _router_only_estimator(model, family, spec, lookahead, default_vectors, mode, device):
     """An estimator with no correction nets: the model's own norms and routers (plus default
     vectors for `quasi`, from a trace)."""
-    from estimators import Estimator
-    from estimators.predictors import collect_parts, layer_pairs
+    from estimators import Estimator, collect_parts, layer_pairs
 
     pairs = layer_pairs(spec.moe_layers, spec.moe_layers, lookahead)
     if not pairs:

@@ -17,7 +17,7 @@ already queued for a coming layer) is never chosen for eviction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
