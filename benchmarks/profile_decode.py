@@ -55,11 +55,15 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
+    engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     try:
         moe = engine.moe
         host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
+        cpu_calls: list = []
         engine.step(prompt)
-        torch.cuda.synchronize()
+        cuda = engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
         walls = []
         import cProfile
         import pstats
@@ -69,6 +73,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             if i == warmup:
                 for name, bucket in host.items():
                     _timed(moe, name, bucket)
+                if moe.cpu is not None:
+                    _timed(moe.cpu, "compute", cpu_calls)
                 engine.telemetry.reset_counters()
             t0 = time.perf_counter()
             if i >= len(tokens) - 8 and host_profile is not None:
@@ -87,7 +93,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         steps = len(walls)
         host_us = {k: 1e6 * sum(v) / (steps * n_moe) for k, v in host.items()}
         graphs = engine.decode_graphs
-        gpu_ms = graphs.device_ms()   # the graphs alone, back to back: the device's own time for a step
+        # the graphs alone, back to back: the device's own time for a step
+        gpu_ms = graphs.device_ms() if cuda else float("nan")
         # Kernels of a few steps, from the profiler.
         from torch.profiler import ProfilerActivity, profile
 
@@ -95,9 +102,10 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             for tok in tokens[:3]:
                 logits = engine.step(torch.tensor([tok]))
                 int(torch.argmax(logits[-1]))
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        count = len(kernels) / 3
+        count = max(1, len(kernels)) / 3
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / 3
         top = Counter()
         for e in kernels:
@@ -115,15 +123,21 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "kernel_busy_ms_per_step": busy_ms,
             "top_kernels_us_per_step": {k: round(v, 1) for k, v in top.most_common(15)},
             "cache_hit_rate": engine.telemetry.summary().get("cache_hit_rate"),
+            "cpu_compute_calls_per_step": len(cpu_calls) / steps if cpu_calls else 0,
+            "cpu_compute_us_per_call": 1e6 * statistics.median(cpu_calls) if cpu_calls else None,
+            "telemetry": {k: v for k, v in engine.telemetry.summary().items() if k != "per_layer"},
         }
     finally:
         engine.close()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size (smaller for a dry run on the CPU)")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--decode", type=int, default=40)
     p.add_argument("--warmup", type=int, default=8)
@@ -131,8 +145,8 @@ def main() -> int:
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
     args = p.parse_args()
-    base = RuntimeConfig(device="cuda", dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
-    parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False, embedding_std=EMBEDDING_STD)
+    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
+    parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False, embedding_std=EMBEDDING_STD)
     gen = torch.Generator().manual_seed(0)
     vocab = parts.model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen)
@@ -146,24 +160,28 @@ def main() -> int:
              ("none", "fetch", "100%", True, 1.0, "max-autotune-no-cudagraphs"),
              ("none", "fetch", "100%", False, 1.0, True), ("oracle", "fetch", "100%", True, 1.0, True),
              ("oracle", "fetch", "25%", False, 0.85, True), ("oracle", "fetch", "25%", True, 0.85, True),
-             ("oracle", "cpu", "25%", False, 0.85, True), ("oracle", "speculate", "0", False, 0.85, True)]
+             ("oracle", "cpu", "25%", False, 0.85, True), ("oracle", "speculate", "0", False, 0.85, True),
+             ("oracle", "cpu", "0", True, 0.85, True), ("oracle", "cpu", "25%", True, 0.85, True),
+             ("oracle", "cpu", "50%", True, 0.85, True), ("oracle", "fetch", "0", True, 0.85, True, 2),
+             ("none", "fetch", "0", True, 1.0, True), ("none", "cpu", "0", True, 1.0, True)]
     if args.modes:
         modes = [modes[int(i)] for i in args.modes.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    for prefetch, on_miss, budget, table, hit, compiled in modes:
-        # compiled: False, True, or a torch.compile mode
+    for prefetch, on_miss, budget, table, hit, compiled, *window in modes:
+        # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                     device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode)
+                                     device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
+                                     prefetch_window=window[0] if window else 0)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"command": f"python benchmarks/profile_decode.py --layers {args.layers}", "layers": args.layers,
-              "context": args.context, "device": torch.cuda.get_device_name(), "rows": rows}
+              "context": args.context, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Where a decode step's time goes", "", f"    {result['command']}", "",
              f"Model A's shape with {args.layers} layers, context {args.context}, {result['device']}.", "",

@@ -244,6 +244,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             raise SpecmoeError("this model has no tokenizer; infer eval needs one")
         rows = pack_rows(dataset, tokenizer, args.text_field, args.seq_len, args.max_tokens)
         result = evaluate_resident(model, config, modes, rows, args.exact_prefix, progress=not args.quiet)
+        result["devices"] = sorted({str(p.device) for p in model.parameters()})
     else:
         parts = load_parts(config, progress=not args.quiet)
         if parts.tokenizer is None:
