@@ -118,6 +118,12 @@ def _frozen_fp32(module: nn.Module) -> nn.Module:
     """An fp32 copy of `module` with frozen parameters: the estimator owns it, so moving or
     casting the estimator never moves or casts the model's own modules."""
     dup = copy.deepcopy(module).float()
+    if any(hasattr(m, "_hf_hook") for m in dup.modules()):
+        # A model spread over devices (device_map) carries accelerate's hooks, which would move
+        # the copy's inputs to the original's device while its weights sit on the estimator's.
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(dup, recurse=True)
     for p in dup.parameters():
         p.requires_grad_(False)
     return dup.eval()

@@ -841,3 +841,33 @@ def test_plot_tells_equal_predictors_apart_and_names_the_traces():
         assert "runs/demo/trace-train" in titles[0] and "runs/demo/trace-test" in titles[1]
     finally:
         plt.close(fig)
+
+
+def test_estimator_copies_compute_where_the_estimator_is(tmp_path):
+    """A model spread over GPUs (device_map) carries accelerate hooks that move each
+    module's inputs to its device; the estimator's own copies of norms and routers must not
+    keep them (they would send the estimator's inputs to the model's other GPU). Here the
+    hooks send inputs to the meta device, which no computation survives."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from transformers import AutoModelForCausalLM
+
+    from estimators import load_estimator
+    from specmoe.paths import REPO_ROOT
+
+    class ToMeta(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return tuple(a.to("meta") if torch.is_tensor(a) else a for a in args), kwargs
+
+    demo = REPO_ROOT / "checkpoints" / "demo-moe"
+    est_dir = REPO_ROOT / "checkpoints" / "demo-estimator-h1"
+    plain = load_estimator(est_dir, AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32))
+    hooked_model = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32)
+    for module in hooked_model.modules():
+        if module is not hooked_model and any(True for _ in module.parameters(recurse=False)):
+            add_hook_to_module(module, ToMeta())
+    with pytest.raises(Exception):
+        hooked_model.model.norm(torch.ones(1, plain.hidden_size)).tolist()  # the hooks do move inputs
+    hooked = load_estimator(est_dir, hooked_model)
+    target = plain.targets[0]
+    state = torch.randn(3, plain.hidden_size)
+    torch.testing.assert_close(hooked.norms[str(target)](state), plain.norms[str(target)](state))
