@@ -83,6 +83,17 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             int(torch.argmax(logits[-1]))
             profiler.disable()
             walls.append(time.perf_counter() - t0)
+        # The host timings cover every step after the warm-up (the cProfiled ones too), taken
+        # before the kernel profiler's steps add to them.
+        timed_steps = len(walls) - warmup
+        host_sums = {k: sum(v) for k, v in host.items()}
+        cpu_calls = list(cpu_calls)
+        summary = {k: v for k, v in engine.telemetry.summary().items() if k != "per_layer"}
+        tel = engine.telemetry
+        summary.update({"cpu_experts_per_step": tel.cpu_experts / timed_steps,
+                        "mib_copied_per_step": tel.bytes_copied / timed_steps / 2**20,
+                        "cpu_wait_ms_per_step": 1e3 * tel.cpu_wait_seconds / timed_steps,
+                        "copy_wait_ms_per_step": 1e3 * summary["gpu_copy_wait_seconds"] / timed_steps})
         walls = walls[warmup:-8] if host_profile is not None else walls[warmup:]
         if host_profile is not None:
             with open(host_profile, "a") as f:
@@ -90,8 +101,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                         f"table {config.device_table} compile {config.compile} (8 steps)\n")
                 pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(25)
         n_moe = len(parts.spec.moe_layers)
-        steps = len(walls)
-        host_us = {k: 1e6 * sum(v) / (steps * n_moe) for k, v in host.items()}
+        host_us = {k: 1e6 * v / (timed_steps * n_moe) for k, v in host_sums.items()}
         graphs = engine.decode_graphs
         # the graphs alone, back to back: the device's own time for a step
         gpu_ms = graphs.device_ms() if cuda else float("nan")
@@ -122,10 +132,10 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "kernels_per_step": count, "kernels_per_moe_layer": count / n_moe,
             "kernel_busy_ms_per_step": busy_ms,
             "top_kernels_us_per_step": {k: round(v, 1) for k, v in top.most_common(15)},
-            "cache_hit_rate": engine.telemetry.summary().get("cache_hit_rate"),
-            "cpu_compute_calls_per_step": len(cpu_calls) / steps if cpu_calls else 0,
+            "cache_hit_rate": summary.get("cache_hit_rate"),
+            "cpu_compute_calls_per_step": len(cpu_calls) / timed_steps if cpu_calls else 0,
             "cpu_compute_us_per_call": 1e6 * statistics.median(cpu_calls) if cpu_calls else None,
-            "telemetry": {k: v for k, v in engine.telemetry.summary().items() if k != "per_layer"},
+            "telemetry": summary,
         }
     finally:
         engine.close()

@@ -162,6 +162,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     if cpu is not None:
         moe.cpu_copy_share = config.cpu_copy_share if config.cpu_copy_share is not None else \
             _copy_share(moe, device) if streams.cuda else 1.0
+        moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
     if num_slots >= total:
         moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)

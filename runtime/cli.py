@@ -50,7 +50,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "the true routing contradicts them before their turn (default: 0, all at once)")
     p.add_argument("--cpu-copy-share", type=float, default=None,
                    help="--on-miss cpu: share of the predicted experts not on the GPU that are copied ahead; the CPU "
-                        "computes the rest (default: copy bandwidth / (copy + CPU expert bandwidth), measured)")
+                        "computes the rest (default: starts at copy bandwidth / (copy + CPU expert bandwidth), measured, then "
+                        "follows the host while decoding)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

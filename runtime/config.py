@@ -41,7 +41,9 @@ class RuntimeConfig:
     compile: bool = True                  # fuse the graphs' pieces with torch.compile (with cuda_graphs)
     compile_mode: str = "default"         # torch.compile mode: default | max-autotune-no-cudagraphs
     device_table: bool = True             # exact decode looks experts up on the device, fixes misses after
-    cpu_copy_share: float | None = None   # `cpu`: share of predicted misses copied ahead (None: from bandwidths)
+    # `cpu`: share of predicted misses copied ahead; None: starts from the measured bandwidths and
+    # follows the host during decode (copies of a layer just done when the CPU finishes its misses)
+    cpu_copy_share: float | None = None
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
 
     def validate(self) -> "RuntimeConfig":

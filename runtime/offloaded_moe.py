@@ -87,6 +87,13 @@ class OffloadedMoE:
         # `cpu`: the share of predicted experts not on the GPU that are copied ahead; the CPU
         # computes the others when they are used (both channels busy at once).
         self.cpu_copy_share = 1.0
+        # ... and, when the share is not set by hand, it follows what this host does: after the
+        # CPU computed a layer's misses, the copies issued for that layer should just have
+        # finished. Still running: copies are the bottleneck, copy less; done: copy more.
+        self.adapt_copy_share = False
+        self.share_step = 0.02
+        self._share_carry = 0.0
+        self._copies_for: dict[int, object] = {}   # layer -> event after the copies predicted for it
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
         # for the GPU anyway; once a layer's true ids are read, its queued predictions are
@@ -128,6 +135,7 @@ class OffloadedMoE:
     def begin_step(self) -> None:
         self._predicted.clear()
         self._queued.clear()
+        self._copies_for.clear()
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -378,12 +386,16 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
+        copies = self._copies_for.pop(layer, None)
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
             part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
+        if copies is not None and cpu_inputs is not None and self.adapt_copy_share:
+            step = self.share_step if copies.query() else -self.share_step
+            self.cpu_copy_share = min(1.0, max(0.0, self.cpu_copy_share + step))
 
     def _read(self, layer: int, t: torch.Tensor):
         """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""
@@ -523,8 +535,13 @@ class OffloadedMoE:
         issued = self._inflight.setdefault(target, set())
         budget = None
         if share is not None:
+            # The share's fraction of an expert carries over to the next layer: over many layers
+            # exactly `share` of the absent predicted experts are copied.
             absent = sum(1 for key in wanted if key not in self.slots)
-            budget = int(share * absent + 0.5)
+            want = share * absent + self._share_carry
+            budget = int(want)
+            self._share_carry = want - budget
+        batch = []
         for key in wanted:
             if key in self.slots:
                 self.slots.touch(key)
@@ -540,9 +557,12 @@ class OffloadedMoE:
             if slot is None:
                 self.telemetry.prefetch_dropped += 1
                 continue
-            self._copy(key, slot)
+            batch.append((key, slot))
             issued.add(key)
-            self.telemetry.prefetched += 1
+        self.telemetry.prefetched += len(batch)
+        ready = self._copy_many(batch)
+        if ready is not None:
+            self._copies_for[target] = ready
         if windowed and self.copy_window:
             self._pump()
 
@@ -556,18 +576,34 @@ class OffloadedMoE:
         self._evicted_from[slot] = layer
 
     def _copy(self, key, slot: int):
+        return self._copy_many([(key, slot)])
+
+    def _copy_many(self, pairs: list[tuple[tuple[int, int], int]]):
+        """Copy experts into their reserved slots on the copy stream: the waits they need once
+        each, one event after them all (a layer's copies are needed together). Returns it."""
+        if not pairs:
+            return None
         streams = self.streams
-        streams.copy_waits(self.slots.released(slot))
-        # Exact decode may have read the slot through the device table: wait for the last
-        # expert computation of the layer that owned it.
-        if self.device_table:
-            streams.copy_waits(self._layer_released.get(self._evicted_from.pop(slot, None)))
-            self._to_install.setdefault(key[0], {})[key[1]] = slot
+        waits: dict[int, object] = {}
+        for key, slot in pairs:
+            before = [self.slots.released(slot)]
+            # Exact decode may have read the slot through the device table: wait for the last
+            # expert computation of the layer that owned it.
+            if self.device_table:
+                before.append(self._layer_released.get(self._evicted_from.pop(slot, None)))
+                self._to_install.setdefault(key[0], {})[key[1]] = slot
+            for ev in before:
+                if ev is not None:
+                    waits[id(ev)] = ev
+        for ev in waits.values():
+            streams.copy_waits(ev)
         with streams.copy_context():
-            self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
+            for key, slot in pairs:
+                self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
         ready = streams.record_on_copy()
-        self.slots.set_ready(slot, ready)
-        self.telemetry.bytes_copied += self._block_bytes
+        for _, slot in pairs:
+            self.slots.set_ready(slot, ready)
+        self.telemetry.bytes_copied += self._block_bytes * len(pairs)
         return ready
 
     def _pump(self) -> None:

@@ -41,11 +41,11 @@ class Streams:
         return self.record_on_compute() if self.cuda else _DONE
 
     def copy_waits(self, event) -> None:
-        if event is not None:
+        if event is not None and self.cuda:
             self.copy.wait_event(event)
 
     def compute_waits(self, event) -> None:
-        if event is not None:
+        if event is not None and self.cuda:
             self.compute.wait_event(event)
 
     def copy_context(self):
