@@ -90,13 +90,53 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         stock = timed(lambda l, ids: [family.apply_expert(experts, store.expert(l, e), x) for e in ids])
     flat = store.blocks.view(-1)[: min(store.nbytes, 4 << 30) // 4 * 4].view(torch.float32)
     memory = median_seconds(lambda: float(flat.sum()), 4, warmup=1)
+    together = None
+    if parts.device.type == "cuda":
+        together = copies_and_cpu_together(
+            parts, lambda: (lambda l, ids: cpu.compute(experts, l, x, [(0, e, 1.0) for e in ids]))(*next_work()),
+            nbytes)
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
-            "expert_copy_bytes_per_s": expert_copy,
+            "expert_copy_bytes_per_s": expert_copy, "together": together,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
             "memory_read_bytes_per_s": flat.numel() * 4 / memory,
             "expert_bytes": store.layout.tensor_bytes}
+
+
+def copies_and_cpu_together(parts, cpu_call, call_bytes: int, experts: int = 48, rounds: int = 7) -> dict:
+    """Both host channels at once, as `cpu` decode runs them: expert copies to the GPU (one
+    per expert from the pinned store, as the runtime issues them) while the CPU computes
+    other experts with the runtime's kernels. Both read host memory, so each may slow the
+    other; medians of `rounds` rounds of `experts` copies."""
+    store = parts.store
+    block = store.layout.block_bytes
+    n_blocks = store.blocks.shape[0]
+    dst = torch.empty((8, block), dtype=torch.uint8, device=parts.device)
+    stream = torch.cuda.Stream(parts.device)
+    copy_rates, cpu_rates = [], []
+    for r in range(rounds + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        first = (n_blocks // 2 + r * experts) % n_blocks   # far from the experts the CPU reads
+        with torch.cuda.stream(stream):
+            start.record()
+            for j in range(experts):
+                dst[j % 8].copy_(store.blocks[(first + j) % n_blocks], non_blocking=True)
+            end.record()
+        t0, calls = time.perf_counter(), 0
+        while not end.query():
+            cpu_call()
+            calls += 1
+        cpu_s = time.perf_counter() - t0
+        end.synchronize()
+        if r == 0 or calls == 0:
+            continue
+        copy_rates.append(experts * block / (start.elapsed_time(end) / 1e3))
+        cpu_rates.append(calls * call_bytes / cpu_s)
+    if not copy_rates:
+        return {}
+    copy, cpu = statistics.median(copy_rates), statistics.median(cpu_rates)
+    return {"copy_bytes_per_s": copy, "cpu_expert_bytes_per_s": cpu, "sum_bytes_per_s": copy + cpu}
 
 
 def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
@@ -141,6 +181,12 @@ def add_floors(result: dict, limits: dict) -> None:
         row["cpu_floor_ms"] = 1e3 * per_token / limits["cpu_expert_bytes_per_s"]
         row["cpu_floor_memory_ms"] = 1e3 * per_token / limits["memory_read_bytes_per_s"]
         row["limit_ms"] = max(row["copy_floor_ms"], row["cpu_floor_ms"])
+        together = limits.get("together") or {}
+        if together.get("sum_bytes_per_s") and per_token:
+            # Copies and CPU experts read the same host memory: the bytes of both over what
+            # the two channels moved together when measured at once.
+            row["shared_memory_floor_ms"] = 1e3 * (per_token + (row["bytes_copied_per_token"] or 0.0)) / \
+                together["sum_bytes_per_s"]
         if limits.get("expert_copy_bytes_per_s"):
             row["copy_floor_expert_copies_ms"] = 1e3 * (row["bytes_copied_per_token"] or 0.0) / \
                 limits["expert_copy_bytes_per_s"]
@@ -159,7 +205,10 @@ def model_a(args, out: dict) -> None:
           f"{limits['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s, memory read "
           f"{limits['memory_read_bytes_per_s'] / 1e9:.1f} GB/s" + (
               f"; expert copies {limits['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s"
-              if limits["expert_copy_bytes_per_s"] else ""), flush=True)
+              if limits["expert_copy_bytes_per_s"] else "") + (
+              f"; at once: copies {limits['together']['copy_bytes_per_s'] / 1e9:.1f} GB/s + CPU experts "
+              f"{limits['together']['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s"
+              if limits.get("together") else ""), flush=True)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
@@ -435,6 +484,12 @@ def write_results(out: dict, path: Path) -> None:
                f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}), "
                f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch; memory read "
                f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s{copies}.\n"]
+        if h.get("together"):
+            t = h["together"]
+            md += [f"Both channels at once (expert copies to the GPU while the CPU computes other experts; "
+                   f"both read host memory): copies {t['copy_bytes_per_s'] / 1e9:.1f} GB/s, CPU experts "
+                   f"{t['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s, {t['sum_bytes_per_s'] / 1e9:.1f} GB/s together. "
+                   "The shared-memory floor of a row is its copied and CPU-computed bytes over that sum.\n"]
     for key, title in (("model_b", "Model B: the demo model with its trained estimators"),
                        ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights"),
                        ("model_a_long_context", "Model A at a long context")):
@@ -446,15 +501,19 @@ def write_results(out: dict, path: Path) -> None:
                       f"{out[key]['gpu_ms_per_token_all_resident']:.2f} ms.\n")
         if any("limit_ms" in r for r in out[key]["modes"]):
             md += ["| mode | budget | copy floor ms | copy floor, expert-sized copies ms | CPU floor ms "
-                   "| CPU floor (memory read) ms | limit ms | measured ms | measured / limit |",
-                   "|---|---|---|---|---|---|---|---|---|"]
+                   "| CPU floor (memory read) ms | shared-memory floor ms | limit ms | measured ms "
+                   "| measured / limit |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]
+
+            def ms(v):
+                return "-" if v is None else format(v, ".2f")
+
             for r in out[key]["modes"]:
                 ratio = r["ms_per_token_median"] / r["limit_ms"] if r["limit_ms"] else None
-                per_expert = r.get("copy_floor_expert_copies_ms")
                 md.append(f"| {r['mode']} | {r['gpu_expert_budget']} | {r['copy_floor_ms']:.2f} "
-                          f"| {'-' if per_expert is None else format(per_expert, '.2f')} | {r['cpu_floor_ms']:.2f} "
-                          f"| {r['cpu_floor_memory_ms']:.2f} | {r['limit_ms']:.2f} | {r['ms_per_token_median']:.2f} "
-                          f"| {'-' if ratio is None else format(ratio, '.2f')} |")
+                          f"| {ms(r.get('copy_floor_expert_copies_ms'))} | {r['cpu_floor_ms']:.2f} "
+                          f"| {r['cpu_floor_memory_ms']:.2f} | {ms(r.get('shared_memory_floor_ms'))} "
+                          f"| {r['limit_ms']:.2f} | {r['ms_per_token_median']:.2f} | {ms(ratio)} |")
             md.append("")
     path.with_suffix(".md").write_text("\n".join(md))
     if "model_a" in out:
