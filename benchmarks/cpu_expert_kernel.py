@@ -10,6 +10,8 @@ Qwen3-30B-A3B experts (H 2048, I 768, bf16: 9.4 MB each) in a runtime host store
 every call takes the next experts of the store, so every weight comes from DRAM. Rates
 are bytes of expert weights per second, from the median of --repeats calls:
   kernel   cpu_kernels.expert_outputs: two batched matrix-vector calls, glu in torch
+  fused    cpu_kernels.expert_sum: the token's weighted sum over its experts in one native
+           call (products, glu and sum; what a decode step runs)
   torch    family.apply_expert per expert, in bf16 (what the cpu miss policy ran before)
   memory   torch sum over the whole store, viewed as float32 (the read bandwidth to aim at)
 Writes results/cpu_expert_kernel.{json,md}.
@@ -96,6 +98,11 @@ def main() -> None:
     def kernel(k: int) -> None:
         cpu_kernels.expert_outputs(family, experts, store, 0, next_ids(k), x[:k])
 
+    weights = [1 / 8] * 8
+
+    def fused(k: int) -> None:
+        cpu_kernels.expert_sum(family, experts, store, 0, next_ids(k), weights[:k], x[:1])
+
     xb = x.to(torch.bfloat16)
 
     def stock(k: int) -> None:
@@ -108,8 +115,11 @@ def main() -> None:
         rows = []
         for k in (1, 8):
             row = {"experts": k, "weight_bytes": k * weight_bytes}
-            for name, fn in (("kernel", kernel), ("torch", stock)):
-                seconds = median_seconds(lambda: fn(k), args.repeats if name == "kernel" else max(10, args.repeats // 4))
+            for name, fn in (("kernel", kernel), ("fused", fused), ("torch", stock)):
+                if name == "fused" and backend == "torch":
+                    row["fused_ms"] = row["fused_gbps"] = None
+                    continue
+                seconds = median_seconds(lambda: fn(k), args.repeats if name != "torch" else max(10, args.repeats // 4))
                 row[f"{name}_ms"] = seconds * 1e3
                 row[f"{name}_gbps"] = k * weight_bytes / seconds / 1e9
             rows.append(row)
@@ -129,11 +139,13 @@ def main() -> None:
              f"{cpu}, {threads} threads; torch {torch.__version__}; kernels: {backend}. {SHAPE}, "
              f"{weight_bytes / 1e6:.1f} MB of weights per expert, cycling through {store.nbytes / 2**30:.1f} GiB "
              f"of experts. Memory read bandwidth (torch sum over the store): **{memory / 1e9:.1f} GB/s**.", "",
-             "| experts per call | kernel ms | kernel GB/s | torch ms | torch GB/s | kernel / memory |",
-             "|---|---|---|---|---|---|"]
+             "| experts per call | kernel ms | kernel GB/s | fused ms | fused GB/s | torch ms | torch GB/s "
+             "| kernel / memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['experts']} | {r['kernel_ms']:.3f} | {r['kernel_gbps']:.1f} | {r['torch_ms']:.3f} | "
-                     f"{r['torch_gbps']:.1f} | {r['kernel_gbps'] / (memory / 1e9):.0%} |")
+        fused_cols = ("- | -" if r["fused_ms"] is None else f"{r['fused_ms']:.3f} | {r['fused_gbps']:.1f}")
+        lines.append(f"| {r['experts']} | {r['kernel_ms']:.3f} | {r['kernel_gbps']:.1f} | {fused_cols} | "
+                     f"{r['torch_ms']:.3f} | {r['torch_gbps']:.1f} | {r['kernel_gbps'] / (memory / 1e9):.0%} |")
     (args.out / "cpu_expert_kernel.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,7 +7,8 @@ gather, no copy. `compute` runs on the caller's thread (a graphed decode step, w
 work is already queued); `submit` runs the same on one worker thread (the kernels release
 the GIL, so the caller keeps launching GPU work meanwhile). Experts that one call gives a single token
 go to the batched matrix-vector kernels of cpu_kernels (all of them in one parallel
-region); an expert with several tokens is one torch matrix product, which reads it once.
+region; a decode token's experts, glu and weighted sum in one native call); an expert
+with several tokens is one torch matrix product, which reads it once.
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ class CpuExperts:
         start = time.perf_counter()
         experts = [e for _, e, _ in work]
         if x.shape[0] == 1 and len(set(experts)) == len(experts):
-            # Decode: one token, distinct experts. Its output is w @ Y, one product, where the
-            # general path below spends more time scattering rows than computing them.
-            with torch.inference_mode():
-                y = cpu_kernels.expert_outputs(self.family, experts_module, self.store, layer, experts,
-                                               x.expand(len(experts), -1))
-                out = (torch.tensor([w for _, _, w in work], dtype=torch.float32) @ y).reshape(1, -1)
+            # Decode: one token, distinct experts. One native call where the family's expert
+            # fits it; else its output is w @ Y, one product, where the general path below
+            # spends more time scattering rows than computing them.
+            weights = [w for _, _, w in work]
+            out = cpu_kernels.expert_sum(self.family, experts_module, self.store, layer, experts, weights, x)
+            if out is None:
+                with torch.inference_mode():
+                    y = cpu_kernels.expert_outputs(self.family, experts_module, self.store, layer, experts,
+                                                   x.expand(len(experts), -1))
+                    out = (torch.tensor(weights, dtype=torch.float32) @ y).reshape(1, -1)
             self.seconds += time.perf_counter() - start
             return out
         out = torch.zeros(x.shape, dtype=torch.float32)

@@ -6,15 +6,21 @@ instruction set this CPU runs is checked, and so is the torch fallback."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
 import runtime
 from runtime import cpu_kernels
 from runtime.config import RuntimeConfig
 from runtime.cpu_experts import CpuExperts
+from runtime.expert_layout import ExpertLayout
+from runtime.host_store import HostExpertStore
+from specmoe.families import FAMILIES
 from tests.tiny_models import tiny_model
 
 TOL = 1e-5
@@ -151,6 +157,171 @@ def test_expert_outputs_read_the_store_in_place(backends, monkeypatch, family):
     with pytest.raises(ValueError, match="expert ids"):
         monkeypatch.setenv(cpu_kernels.ENV, backends[0])
         cpu_kernels.expert_outputs(fam, experts, store, layer, [spec.num_experts], x[:1])
+
+
+# ---------------------------------------------------------------- one token, fused (expert_sum)
+#
+# The fused call adds a float32 silu (exp to about 2 ulp) and a float32 weighted sum of n
+# outputs to the products: a few more roundings of the same size, so TOL holds.
+
+FUSED_SIZES = ((2048, 768), (100, 33))  # (H, I): Qwen3-30B-A3B, then tails everywhere
+
+
+class SiluExperts(torch.nn.Module):
+    """A stock experts module as far as the glu reads it: hidden_act "silu"."""
+
+    def __init__(self, act: str = "silu"):
+        super().__init__()
+        self.act_fn = ACT2FN[act]
+
+
+@functools.lru_cache(maxsize=None)
+def swiglu_store(dtype: torch.dtype, in_out: bool, hidden: int, inter: int) -> HostExpertStore:
+    """Ten random SwiGLU experts in layers 1 and 4, stored [out, in] or [in, out]."""
+    shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+    if in_out:
+        shapes = {k: v[::-1] for k, v in shapes.items()}
+    store = HostExpertStore(ExpertLayout.from_shapes(shapes, dtype), [1, 4], 10, pin=False)
+    gen = torch.Generator().manual_seed(hidden + inter + 2 * in_out)
+    for layer in store.layers:
+        for e in range(store.num_experts):
+            for name, view in store.expert(layer, e).items():
+                fan_in = hidden if name == "gate_up_proj" else inter
+                view.copy_(torch.randn(view.shape, generator=gen) * 2 / fan_in ** 0.5)
+    return store
+
+
+def swiglu_reference(store, layer: int, ids, weights, x: torch.Tensor, in_out: bool) -> torch.Tensor:
+    """sum_i w_i down_i(silu(gate_i x) * up_i x) in float64, from the store's tensors."""
+    x = x.double().reshape(-1)
+    out = torch.zeros_like(x)
+    for e, w in zip(ids, weights):
+        t = store.expert(layer, e)
+        gate_up, down = t["gate_up_proj"].double(), t["down_proj"].double()
+        if in_out:
+            gate_up, down = gate_up.T, down.T
+        gate, up = (gate_up @ x).chunk(2)
+        out += w * (down @ (gate * torch.sigmoid(gate) * up))
+    return out[None]
+
+
+def swiglu_family(in_out: bool):
+    return dataclasses.replace(FAMILIES["qwen3_moe"], weights_in_out=True) if in_out else FAMILIES["qwen3_moe"]
+
+
+@pytest.mark.parametrize("hidden,inter", FUSED_SIZES)
+@pytest.mark.parametrize("in_out", [False, True], ids=["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_expert_sum_matches_float64(backends, monkeypatch, dtype, in_out, hidden, inter):
+    store = swiglu_store(dtype, in_out, hidden, inter)
+    family, experts = swiglu_family(in_out), SiluExperts()
+    gen = torch.Generator().manual_seed(5)
+    for n, x_dtype in ((1, dtype), (3, torch.float32), (8, dtype)):
+        ids = torch.randperm(store.num_experts, generator=gen)[:n].tolist()
+        weights = (torch.rand(n, generator=gen) + 0.1).tolist()
+        x = torch.randn(1, hidden, generator=gen).to(x_dtype)
+        ref = swiglu_reference(store, 4, ids, weights, x, in_out)
+        for backend in backends:
+            monkeypatch.setenv(cpu_kernels.ENV, backend)
+            out = cpu_kernels.expert_sum(family, experts, store, 4, ids, weights, x)
+            if backend == "torch":
+                assert out is None
+                continue
+            assert out.dtype == torch.float32 and out.shape == (1, hidden)
+            assert rel_err(out, ref) < TOL, (backend, n)
+    # a layer other than the store's first: blocks are addressed from the layer's own row
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    x = torch.randn(1, hidden, generator=gen)
+    if backends[0] != "torch":
+        out = cpu_kernels.expert_sum(family, experts, store, 1, [9, 0], [0.5, 1.5], x)
+        assert rel_err(out, swiglu_reference(store, 1, [9, 0], [0.5, 1.5], x, in_out)) < TOL
+
+
+def test_expert_sum_does_not_depend_on_threads(backends):
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    store = swiglu_store(torch.bfloat16, False, *FUSED_SIZES[0])
+    family, experts = swiglu_family(False), SiluExperts()
+    x = torch.randn(1, FUSED_SIZES[0][0], generator=torch.Generator().manual_seed(6))
+    ids, weights = [3, 9, 0, 7, 1, 4, 8, 2], [0.3, 0.05, 0.2, 0.1, 0.15, 0.07, 0.08, 0.05]
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu_kernels.expert_sum(family, experts, store, 4, ids, weights, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_expert_sum_applies_only_to_the_plain_swiglu(backends, monkeypatch):
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    store = swiglu_store(torch.float32, False, *FUSED_SIZES[1])
+    x = torch.randn(1, FUSED_SIZES[1][0])
+    family = swiglu_family(False)
+    assert cpu_kernels.expert_sum(family, torch.nn.SiLU(), store, 1, [0], [1.0], x) is None  # no act_fn
+    assert cpu_kernels.expert_sum(family, SiluExperts("swish"), store, 1, [0], [1.0], x) is not None
+    assert cpu_kernels.expert_sum(family, SiluExperts("gelu"), store, 1, [0], [1.0], x) is None
+    # a store in [out, in] read by a family that stores [in, out]: the shapes do not fit
+    assert cpu_kernels.expert_sum(swiglu_family(True), SiluExperts(), store, 1, [0], [1.0], x) is None
+    # GPT-OSS: its own glu, biases and [in, out] weights
+    parts = store_parts("gpt_oss", torch.float32)
+    layer = parts.spec.moe_layers[0]
+    experts = parts.family.experts(parts.model, layer)
+    x = torch.randn(1, parts.spec.hidden_size)
+    assert cpu_kernels.expert_sum(parts.family, experts, parts.store, layer, [1, 2], [0.5, 0.5], x) is None
+
+
+def test_expert_sum_bad_input_is_a_clear_value_error(backends, monkeypatch):
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    hidden, inter = FUSED_SIZES[1]
+    store = swiglu_store(torch.bfloat16, False, hidden, inter)
+    family, experts = swiglu_family(False), SiluExperts()
+    x = torch.randn(1, hidden)
+    with pytest.raises(ValueError, match=r"expert id 10 is not in \[0, 10\)"):
+        cpu_kernels.expert_sum(family, experts, store, 1, [2, 10], [0.5, 0.5], x)
+    with pytest.raises(ValueError, match="expert id -1"):
+        cpu_kernels.expert_sum(family, experts, store, 1, [-1], [1.0], x)
+    with pytest.raises(ValueError, match="2 expert ids but 1 weights"):
+        cpu_kernels.expert_sum(family, experts, store, 1, [2, 3], [1.0], x)
+    with pytest.raises(ValueError, match=rf"\[1, {hidden}\]"):
+        cpu_kernels.expert_sum(family, experts, store, 1, [2], [1.0], torch.randn(2, hidden))
+    # no experts: a zero output, not garbage
+    assert torch.equal(cpu_kernels.expert_sum(family, experts, store, 1, [], [], x), torch.zeros(1, hidden))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_cpu_experts_decode_matches_float64(backends, monkeypatch, family, dtype):
+    """One token, distinct experts: the fused call where the family fits it (qwen3_moe),
+    the batched products and the glu in torch where it does not (gpt_oss)."""
+    parts = store_parts(family, dtype)
+    spec = parts.spec
+    layer = spec.moe_layers[-1]
+    experts = parts.family.experts(parts.model, layer)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, spec.hidden_size, generator=gen).to(dtype)
+    fused = family == "qwen3_moe"
+    if fused and backends[0] != "torch":
+        def unfused(*args):
+            raise AssertionError("the decode path left the fused call")
+
+        monkeypatch.setattr(cpu_kernels, "expert_outputs", unfused)
+    for k in (1, spec.top_k, spec.num_experts):
+        work = random_work(1, spec.num_experts, k, gen, distinct=True)
+        ref = reference(parts, layer, x, work)
+        for backend in backends[:-1]:
+            monkeypatch.setenv(cpu_kernels.ENV, backend)
+            cpu = CpuExperts(parts.family, parts.store)
+            out = cpu.compute(experts, layer, x, work)
+            cpu.close()
+            assert out.dtype == torch.float32 and out.shape == x.shape and cpu.seconds > 0
+            assert rel_err(out, ref) < TOL, (backend, k)
 
 
 # ---------------------------------------------------------------- fallback and bad input

@@ -20,6 +20,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -36,9 +38,10 @@ namespace {
 
 struct Job {
   const int64_t* ptrs;  // one matrix address per item
-  const float* x;       // [n, in] (rearranged for the [out, in] kernels)
+  const float* x;       // [n, in] rows x_stride apart (rearranged for the [out, in] kernels)
   float* out;           // [n, outd]
   int64_t in, outd, units;  // units of work per matrix
+  int64_t x_stride;         // in, or 0 when every matrix takes the same x
 };
 
 using UnitFn = void (*)(const Job&, int64_t, int64_t);
@@ -59,10 +62,21 @@ constexpr int W = 1, R = 1;
 inline V zero() { return 0.f; }
 inline V fma(V a, V b, V c) { return c + a * b; }
 inline V add(V a, V b) { return a + b; }
+inline V mul(V a, V b) { return a * b; }
+inline V div(V a, V b) { return a / b; }
+inline V vmin(V a, V b) { return a < b ? a : b; }
+inline V vmax(V a, V b) { return a > b ? a : b; }
 inline V loadx(const float* p) { return *p; }
 inline V bcast(float v) { return v; }
 inline void store(float* p, V v) { *p = v; }
 inline float hsum(V v) { return v; }
+inline V round_near(V v) { return std::nearbyint(v); }
+inline V pow2(V n) {
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 template <class T>
 inline void load_line(const T* p, V* w) {
   for (int k = 0; k < int(64 / sizeof(T)); ++k) w[k] = to_float(p[k]);
@@ -79,9 +93,17 @@ constexpr int W = 8, R = 2;  // 2 rows x 4 vectors of bf16 fill 8 of the 16 regi
 inline V zero() { return _mm256_setzero_ps(); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 inline V loadx(const float* p) { return _mm256_loadu_ps(p); }
 inline V bcast(float v) { return _mm256_set1_ps(v); }
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V round_near(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V pow2(V n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -114,9 +136,17 @@ constexpr int W = 16, R = 4;
 inline V zero() { return _mm512_setzero_ps(); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline V loadx(const float* p) { return _mm512_loadu_ps(p); }
 inline V bcast(float v) { return _mm512_set1_ps(v); }
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V round_near(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V pow2(V n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
 inline void load_line(const float* p, V* w) { w[0] = _mm512_loadu_ps(p); }
 inline void load_line(const c10::Half* p, V* w) {
@@ -159,17 +189,27 @@ Plan plan_for(int isa, bool in_out) {
   return scalar::plan<T>(in_out);
 }
 
+// Scratch that lives as long as the calling thread: a decode step calls this every layer,
+// and fresh buffers of this size can cost page faults each time.
+std::vector<float>& scratch(int which) {
+  thread_local std::vector<float> buffers[5];
+  return buffers[which];
+}
+
+// x: n rows x_stride apart (0: one row for every matrix).
 template <class T>
-void run_batch(const int64_t* ptrs, const float* x, float* out, int64_t n, int64_t in, int64_t outd, bool in_out,
-               int isa, int64_t task_bytes) {
+void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out, int64_t n, int64_t in,
+               int64_t outd, bool in_out, int isa, int64_t task_bytes) {
   const Plan plan = plan_for<T>(isa, in_out);
-  std::vector<float> arranged;
   if (plan.arrange) {
-    arranged.resize(size_t(n * in));
-    for (int64_t i = 0; i < n; ++i) plan.arrange(x + i * in, arranged.data() + i * in, in);
+    const int64_t rows = x_stride ? n : 1;
+    std::vector<float>& arranged = scratch(0);
+    arranged.resize(size_t(rows * in));
+    for (int64_t i = 0; i < rows; ++i) plan.arrange(x + i * x_stride, arranged.data() + i * in, in);
     x = arranged.data();
+    if (x_stride) x_stride = in;
   }
-  const Job job{ptrs, x, out, in, outd, (outd + plan.span - 1) / plan.span};
+  const Job job{ptrs, x, out, in, outd, (outd + plan.span - 1) / plan.span, x_stride};
   const int64_t total = n * job.units;
   const int64_t unit_bytes = plan.span * in * int64_t(sizeof(T));
   const int64_t threads = at::get_num_threads();
@@ -208,9 +248,99 @@ void gemv_batch(uintptr_t ptrs, uintptr_t x, uintptr_t out, int64_t n, int64_t i
   auto* o = reinterpret_cast<float*>(out);
   if (in == 0) std::fill(o, o + n * outd, 0.f);
   if (n == 0 || in == 0 || outd == 0) return;
-  if (dtype == 0) run_batch<float>(p, xs, o, n, in, outd, weights_in_out, code, task_bytes);
-  if (dtype == 1) run_batch<c10::Half>(p, xs, o, n, in, outd, weights_in_out, code, task_bytes);
-  if (dtype == 2) run_batch<c10::BFloat16>(p, xs, o, n, in, outd, weights_in_out, code, task_bytes);
+  if (dtype == 0) run_batch<float>(p, xs, in, o, n, in, outd, weights_in_out, code, task_bytes);
+  if (dtype == 1) run_batch<c10::Half>(p, xs, in, o, n, in, outd, weights_in_out, code, task_bytes);
+  if (dtype == 2) run_batch<c10::BFloat16>(p, xs, in, o, n, in, outd, weights_in_out, code, task_bytes);
+}
+
+void swiglu_rows(int isa, const float* gate_up, float* a, int64_t n, int64_t inter) {
+#ifdef SPECMOE_X86
+  if (isa == 2) return avx512::swiglu_rows(gate_up, a, n, inter);
+  if (isa == 1) return avx2::swiglu_rows(gate_up, a, n, inter);
+#endif
+  scalar::swiglu_rows(gate_up, a, n, inter);
+}
+
+void weighted_rows(int isa, const float* y, const float* w, int64_t n, int64_t h, float* out) {
+#ifdef SPECMOE_X86
+  if (isa == 2) return avx512::weighted_rows(y, w, n, h, out);
+  if (isa == 1) return avx2::weighted_rows(y, w, n, h, out);
+#endif
+  scalar::weighted_rows(y, w, n, h, out);
+}
+
+template <class T>
+void widen(const T* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(x[i]);
+}
+
+template <class T>
+void swiglu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const std::vector<float>& weights,
+                uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
+                bool in_out, int isa, int64_t task_bytes) {
+  const int64_t n = int64_t(ids.size());
+  std::vector<int64_t> ptrs(static_cast<size_t>(n));
+  std::vector<float>& g = scratch(1);
+  std::vector<float>& a = scratch(2);
+  std::vector<float>& y = scratch(3);
+  g.resize(size_t(n * 2 * inter));
+  a.resize(size_t(n * inter));
+  y.resize(size_t(n * hidden));
+  for (int64_t i = 0; i < n; ++i) ptrs[size_t(i)] = int64_t(base) + ids[size_t(i)] * stride + gate_up;
+  run_batch<T>(ptrs.data(), x, 0, g.data(), n, hidden, 2 * inter, in_out, isa, task_bytes);
+  swiglu_rows(isa, g.data(), a.data(), n, inter);
+  for (int64_t i = 0; i < n; ++i) ptrs[size_t(i)] += down - gate_up;
+  run_batch<T>(ptrs.data(), a.data(), inter, y.data(), n, inter, hidden, in_out, isa, task_bytes);
+  weighted_rows(isa, y.data(), weights.data(), n, hidden, out);
+}
+
+// out[H] = sum_i weights[i] Down_i(silu(G_i x) * (U_i x)) for one token x [H] and the
+// experts ids[i] of one layer. A decode step calls this once per layer, so the glu, the
+// weighted sum and widening x (x_dtype, coded as dtype) are done here rather than by torch
+// ops between the products. Expert e's block starts at base + e * stride; in it
+// gate_up_proj [2I, H] (gate rows first, then up) sits at byte offset gate_up and
+// down_proj [H, I] at down, or [H, 2I] and [I, H] with weights_in_out. Each product is one
+// parallel region as in gemv_batch; the glu and the sum over i (in order i = 0, 1, ...)
+// run on the calling thread, so the result does not depend on the thread count.
+void expert_swiglu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<int64_t>& ids,
+                       const std::vector<float>& weights, uintptr_t base, int64_t stride, int64_t gate_up,
+                       int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
+                       int64_t num_experts, const std::string& isa, int64_t task_bytes) {
+  const int code = isa_code(isa);
+  if (ids.size() != weights.size())
+    throw std::invalid_argument("expert_swiglu_sum: " + std::to_string(ids.size()) + " expert ids but " +
+                                std::to_string(weights.size()) + " weights");
+  if (hidden < 1 || inter < 1 || dtype < 0 || dtype > 2 || x_dtype < 0 || x_dtype > 2 || task_bytes < 1)
+    throw std::invalid_argument("expert_swiglu_sum: bad sizes or dtype code");
+  const int64_t item = dtype == 0 ? 4 : 2;
+  if (gate_up < 0 || down < 0 || gate_up + 2 * inter * hidden * item > stride ||
+      down + hidden * inter * item > stride)
+    throw std::invalid_argument("expert_swiglu_sum: gate_up_proj and down_proj do not fit in a block of " +
+                                std::to_string(stride) + " bytes");
+  for (int64_t e : ids)
+    if (e < 0 || e >= num_experts)
+      throw std::invalid_argument("expert_swiglu_sum: expert id " + std::to_string(e) + " is not in [0, " +
+                                  std::to_string(num_experts) + ")");
+  auto* o = reinterpret_cast<float*>(out);
+  if (ids.empty()) {
+    std::fill(o, o + hidden, 0.f);
+    return;
+  }
+  const auto* xs = reinterpret_cast<const float*>(x);
+  if (x_dtype != 0) {
+    std::vector<float>& wide = scratch(4);
+    wide.resize(size_t(hidden));
+    if (x_dtype == 1) widen(reinterpret_cast<const c10::Half*>(x), wide.data(), hidden);
+    if (x_dtype == 2) widen(reinterpret_cast<const c10::BFloat16*>(x), wide.data(), hidden);
+    xs = wide.data();
+  }
+  const auto run = [&](auto weight) {
+    using T = decltype(weight);
+    swiglu_sum<T>(xs, o, ids, weights, base, stride, gate_up, down, hidden, inter, weights_in_out, code, task_bytes);
+  };
+  if (dtype == 0) run(float());
+  if (dtype == 1) run(c10::Half());
+  if (dtype == 2) run(c10::BFloat16());
 }
 
 }  // namespace
@@ -221,5 +351,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ptrs"), py::arg("x"), py::arg("out"), py::arg("n"), py::arg("in_dim"), py::arg("out_dim"),
         py::arg("dtype"), py::arg("weights_in_out"), py::arg("isa") = "auto", py::arg("task_bytes") = 256 << 10,
         py::call_guard<py::gil_scoped_release>());
+  m.def("expert_swiglu_sum", &expert_swiglu_sum,
+        "out = sum_i w_i Down_i(silu(G_i x) * (U_i x)) over experts given by block address and id",
+        py::arg("x"), py::arg("x_dtype"), py::arg("out"), py::arg("ids"), py::arg("weights"), py::arg("base"),
+        py::arg("stride"), py::arg("gate_up_offset"), py::arg("down_offset"), py::arg("hidden"), py::arg("inter"),
+        py::arg("dtype"), py::arg("weights_in_out"), py::arg("num_experts"), py::arg("isa") = "auto",
+        py::arg("task_bytes") = 256 << 10, py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }

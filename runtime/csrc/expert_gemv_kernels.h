@@ -1,7 +1,8 @@
 // The matrix-vector kernels, written once over a vector ISA. expert_gemv.cpp includes this
 // file inside one namespace per ISA (each under its own `#pragma GCC target`), after
 // defining there: V (a vector of W floats), W, R (64-byte streams read at once), zero,
-// fma, add, loadx, bcast, store, hsum and load_line<T>.
+// fma, add, mul, div, vmin, vmax, loadx, bcast, store, hsum, load_line<T>, round_near
+// (to nearest, ties to even) and pow2 (2^n for a whole n in [-126, 127]).
 //
 // Every loop step reads one 64-byte line per stream (kStep<T> weights): one line per row
 // of an [out, in] matrix, or R lines side by side of one row of an [in, out] matrix.
@@ -102,7 +103,7 @@ void run_units(const Job& job, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t i = u / job.units, first = (u % job.units) * span;
     const T* w = reinterpret_cast<const T*>(job.ptrs[i]);
-    const float* x = job.x + i * in;
+    const float* x = job.x + i * job.x_stride;
     float* out = job.out + i * outd;
     if constexpr (!InOut) {
       if (first + span <= outd) {
@@ -131,4 +132,57 @@ template <class T>
 Plan plan(bool in_out) {
   if (in_out) return {&run_units<T, true>, nullptr, unit_span<T, true>()};
   return {&run_units<T, false>, &arrange_x<T>, unit_span<T, false>()};
+}
+
+// e^x within a few ulp for x in [-87.3, 88.3] (clamped there, so no infinities or
+// denormals): Cody-Waite reduction by ln 2 and the Cephes expf polynomial. A libm call per
+// element would cost more than the rest of the glu; every ISA runs the same steps.
+inline V exp_approx(V x) {
+  x = vmin(vmax(x, bcast(-87.3f)), bcast(88.3f));
+  const V n = round_near(mul(x, bcast(1.44269504088896341f)));
+  V r = fma(n, bcast(-0.693359375f), x);  // ln 2 in two parts: n * 0.693359375 is exact
+  r = fma(n, bcast(2.12194440e-4f), r);
+  V p = bcast(1.9875691500e-4f);
+  p = fma(p, r, bcast(1.3981999507e-3f));
+  p = fma(p, r, bcast(8.3334519073e-3f));
+  p = fma(p, r, bcast(4.1665795894e-2f));
+  p = fma(p, r, bcast(1.6666665459e-1f));
+  p = fma(p, r, bcast(5.0000001201e-1f));
+  p = fma(p, mul(r, r), add(r, bcast(1.f)));
+  return mul(p, pow2(n));
+}
+
+inline V silu_times(V g, V u) { return mul(div(g, add(bcast(1.f), exp_approx(mul(g, bcast(-1.f))))), u); }
+
+// a[i] = silu(gate_up[i, :I]) * gate_up[i, I:] for n rows of gate_up [n, 2I].
+void swiglu_rows(const float* gate_up, float* a, int64_t n, int64_t inter) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* g = gate_up + i * 2 * inter;
+    const float* u = g + inter;
+    float* o = a + i * inter;
+    int64_t j = 0;
+    for (; j + W <= inter; j += W) store(o + j, silu_times(loadx(g + j), loadx(u + j)));
+    if (j < inter) {  // through a full vector, so the tail rounds as the body does
+      float gt[W] = {}, ut[W] = {}, ot[W];
+      std::copy(g + j, g + inter, gt);
+      std::copy(u + j, u + inter, ut);
+      store(ot, silu_times(loadx(gt), loadx(ut)));
+      std::copy(ot, ot + (inter - j), o + j);
+    }
+  }
+}
+
+// out[h] = sum_i w[i] y[i, h], summed over i = 0, 1, ... in that order for every h.
+void weighted_rows(const float* y, const float* w, int64_t n, int64_t h, float* out) {
+  int64_t j = 0;
+  for (; j + W <= h; j += W) {
+    V acc = zero();
+    for (int64_t i = 0; i < n; ++i) acc = fma(bcast(w[i]), loadx(y + i * h + j), acc);
+    store(out + j, acc);
+  }
+  for (; j < h; ++j) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) acc = std::fma(w[i], y[i * h + j], acc);
+    out[j] = acc;
+  }
 }
