@@ -214,14 +214,16 @@ def model_a(args, out: dict) -> None:
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
-    def add(prefetch, on_miss, budget, p=1.0, window=0):
+    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None):
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                     oracle_hit_rate=p, prefetch_window=window)
+                                     oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share)
         label = f"{prefetch}+{on_miss}"
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
         if window:
             label += f" (window {window})"
+        if share is not None:
+            label += f" (copy share fixed at {share})"
         if prefetch == "quasi":
             # A random model has no calibration text to average experts over: d_l = 0, so
             # q_l = LN_{l+1}(r_l). The same computation and cost as with real default vectors.
@@ -238,10 +240,14 @@ def model_a(args, out: dict) -> None:
         add("quasi", "speculate", "0")
         add("quasi", "fetch", "0")
         add("quasi", "fetch", "0", window=args.window)
-        for b in args.budgets[:1]:
-            add("oracle", "fetch", b, args.hit_rates[0])
-            add("oracle", "cpu", b, args.hit_rates[0])
-            add("oracle", "cpu", b, args.hit_rates[0], window=args.window)
+        p = args.hit_rates[0]
+        add("none", "cpu", "0")
+        add("oracle", "cpu", "0", p)
+        add("oracle", "cpu", "0", p, share=0.25)
+        for b in args.budgets:
+            add("oracle", "fetch", b, p)
+            add("oracle", "cpu", b, p)
+            add("none", "cpu", b)
         out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
                                forced=forced)
         add_floors(out["model_a"], limits)
@@ -308,7 +314,8 @@ def side_by_side(args, out: dict) -> None:
         on_gpu = expert_bytes_on_gpu(ncmoe, args.layers, spec.num_experts, spec.hidden_size,
                                      spec.expert_intermediate_size)
         budget = str(on_gpu) if on_gpu else "0"
-        for prefetch, on_miss, p in (("none", "fetch", 1.0), ("quasi", "fetch", 1.0), ("quasi", "cpu", 1.0),
+        for prefetch, on_miss, p in (("none", "fetch", 1.0), ("quasi", "fetch", 1.0), ("none", "cpu", 1.0),
+                                     ("quasi", "cpu", 1.0),
                                      ("oracle", "cpu", args.hit_rates[0] if args.hit_rates else 0.85)):
             config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                          oracle_hit_rate=p)
@@ -438,7 +445,7 @@ def main() -> int:
                    help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run)")
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
-    p.add_argument("--quick", action="store_true", help="model A: eight modes only")
+    p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")

@@ -87,9 +87,10 @@ class OffloadedMoE:
         # `cpu`: the share of predicted experts not on the GPU that are copied ahead; the CPU
         # computes the others when they are used (both channels busy at once).
         self.cpu_copy_share = 1.0
-        # ... and, when the share is not set by hand, it follows what this host does: after the
-        # CPU computed a layer's misses, the copies issued for that layer should just have
-        # finished. Still running: copies are the bottleneck, copy less; done: copy more.
+        # ... and, when the share is not set by hand, it follows what this host does: the copies
+        # for the next layer, issued just before the CPU computes this layer's misses, should
+        # just have finished when it is done (the next layer needs them a moment later). Still
+        # running: copies are the bottleneck, copy less; done: the link idles, copy more.
         self.adapt_copy_share = False
         self.share_step = 0.02
         self._share_carry = 0.0
@@ -386,15 +387,16 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
-        copies = self._copies_for.pop(layer, None)
+        self._copies_for.pop(layer, None)
+        ahead = self._copies_for.get(target) if target is not None else None
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
             part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
-        if copies is not None and cpu_inputs is not None and self.adapt_copy_share:
-            step = self.share_step if copies.query() else -self.share_step
+        if ahead is not None and cpu_inputs is not None and self.adapt_copy_share:
+            step = self.share_step if ahead.query() else -self.share_step
             self.cpu_copy_share = min(1.0, max(0.0, self.cpu_copy_share + step))
 
     def _read(self, layer: int, t: torch.Tensor):
