@@ -59,6 +59,10 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
     try:
         moe = engine.moe
         host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
+        # finer: where the host's time per layer goes inside those two
+        parts_timed = ("_prepare_layer", "_flush_table_ops", "_wait_pumping", "_graphed_misses", "_prefetch",
+                       "_copy_many", "_read_all")
+        host.update({name: [] for name in parts_timed if hasattr(moe, name)})
         cpu_calls: list = []
         engine.step(prompt)
         cuda = engine.device.type == "cuda"
@@ -75,6 +79,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                     _timed(moe, name, bucket)
                 if moe.cpu is not None:
                     _timed(moe.cpu, "compute", cpu_calls)
+                host["add_host"] = []
+                _timed(engine.decode_graphs, "add_host", host["add_host"])
                 engine.telemetry.reset_counters()
             t0 = time.perf_counter()
             if i >= len(tokens) - 8 and host_profile is not None:
@@ -136,6 +142,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_compute_calls_per_step": len(cpu_calls) / timed_steps if cpu_calls else 0,
             "cpu_compute_us_per_call": 1e6 * statistics.median(cpu_calls) if cpu_calls else None,
             "telemetry": summary,
+            "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
         }
     finally:
         engine.close()
