@@ -143,11 +143,10 @@ class Engine:
             yield token
 
     def close(self) -> None:
-        """Stop the CPU expert and copier threads and drop the captured graphs (they and the engine refer
+        """Stop the CPU expert thread and drop the captured graphs (they and the engine refer
         to each other, so without this their memory waits for the garbage collector)."""
         if self.moe.cpu is not None:
             self.moe.cpu.close()
-        self.moe.close()
         self._graphs = None
         self.moe.slots.on_evict = None
 

@@ -20,8 +20,7 @@ host never idles the GPU. Exact decode places experts in one of two ways:
 - device table (`device_table`, the default): the experts run at once from a device-side
   slot table, the host reads the ids meanwhile and adds what was missing afterwards
   (`_prepare_layer`, `table_output`; graphed: `_graphed_misses`, eager: `_misses`), with
-  predicted copies optionally held back in a window (`_prefetch`, `_pump`); in `cpu` a
-  copier thread issues them while this thread is inside the CPU kernel;
+  predicted copies optionally held back in a window (`_prefetch`, `_pump`);
 - planned: the host reads layer l's true ids, places the missing experts, then launches
   the experts over the slots it chose (`_plan`, `_run`; prefills always run this way).
 
@@ -34,8 +33,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext as _nothing
 from dataclasses import dataclass, field
 
 import torch
@@ -98,10 +95,6 @@ class OffloadedMoE:
         self.share_step = 0.02
         self._share_carry = 0.0
         self._copies_for: dict[int, object] = {}   # layer -> event after the copies predicted for it
-        # `cpu` graphed decode: a layer's predicted copies are issued by another thread while
-        # this one computes the layer's misses on the CPU.
-        self.copies_beside_cpu = True
-        self._copier = None
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
         # for the GPU anyway; once a layer's true ids are read, its queued predictions are
@@ -377,8 +370,7 @@ class OffloadedMoE:
                     protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
                 slot = self._demand_copy(key, protected)
             gpu_fix.append((j, slot))
-        beside_cpu = pred is not None and bool(cpu_work) and self.copies_beside_cpu
-        if pred is not None and not beside_cpu:
+        if pred is not None:
             # Copies first: they run while the GPU and the CPU compute this layer.
             share = self.cpu_copy_share if cpu_inputs is not None else None
             self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
@@ -396,46 +388,16 @@ class OffloadedMoE:
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
         self._copies_for.pop(layer, None)
-        copying = None
-        if beside_cpu:
-            # The copies' bookkeeping (slots, evictions, the copy calls) runs on another thread
-            # while this one is inside the CPU kernel, which releases the GIL: off the critical path.
-            copying = self._copier_pool().submit(self._prefetch_elsewhere, target, pred, [pred_row], current,
-                                                 self.cpu_copy_share)
-        cpu_seconds = joined = 0.0
+        ahead = self._copies_for.get(target) if target is not None else None
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
             part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
-            cpu_seconds = time.perf_counter() - start
-            self.telemetry.cpu_wait_seconds += cpu_seconds
-            if copying is not None:
-                copying.result()
-                joined = time.perf_counter() - start - cpu_seconds
+            self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
-        ahead = self._copies_for.get(target) if target is not None else None
         if ahead is not None and cpu_inputs is not None and self.adapt_copy_share:
-            # Copy less when the next layer's copies are still running, or when issuing them kept
-            # this thread waiting after the CPU was done.
-            slack = ahead.query() and joined <= 0.1 * cpu_seconds
-            step = self.share_step if slack else -self.share_step
+            step = self.share_step if ahead.query() else -self.share_step
             self.cpu_copy_share = min(1.0, max(0.0, self.cpu_copy_share + step))
-
-    def _copier_pool(self):
-        if self._copier is None:
-            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specmoe-copies")
-        return self._copier
-
-    def _prefetch_elsewhere(self, target, pred, pred_host, keep, share) -> None:
-        """_prefetch on the copier thread: streams are explicit, but grad mode and the current
-        device are per thread."""
-        with torch.inference_mode(), (torch.cuda.device(self.device) if self.streams.cuda else _nothing()):
-            self._prefetch(target, pred, pred_host, keep, share=share, windowed=True)
-
-    def close(self) -> None:
-        if self._copier is not None:
-            self._copier.shutdown(wait=True)
-            self._copier = None
 
     def _read(self, layer: int, t: torch.Tensor):
         """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""

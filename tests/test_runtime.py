@@ -106,7 +106,6 @@ def test_cpu_copy_share_follows_whether_copies_kept_up(copies_done):
     engine.use_graphs = True
     moe = engine.moe
     moe.adapt_copy_share, moe.cpu_copy_share = True, 0.5
-    moe.copies_beside_cpu = False   # here the copies' own thread would time tiny copies against tiny experts
     moe.streams.record_on_copy = lambda: _CopyEvent(copies_done)
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
     share = moe.cpu_copy_share
