@@ -85,6 +85,7 @@ class DecodeGraphs:
         self.fix_w = None
         self._fix_graph = None
         self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)
+        self._host_part_dev = torch.empty((1, H), dtype=torch.float32, device=dev)
         self._capture()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
@@ -183,7 +184,9 @@ class DecodeGraphs:
     def add_host(self, part: torch.Tensor) -> None:
         """x += part (float32 [1, H] on the host: the CPU's experts)."""
         self._host_part.copy_(part.reshape(self._host_part.shape))
-        self.x.add_(self._host_part.to(self.x.device, non_blocking=True).reshape(self.x.shape).to(self.x.dtype))
+        self._host_part_dev.copy_(self._host_part, non_blocking=True)
+        # summed in fp32 and rounded once, as the eager path adds the CPU's part
+        self.x.add_(self._host_part_dev.view(self.x.shape))
 
     def _epilogue(self):
         e = self.engine
