@@ -13,25 +13,28 @@ fails, everything here falls back to torch and says so once. SPECMOE_CPU_KERNELS
 the path: auto (default), torch, or an instruction set (avx512, avx2, scalar).
 
 For one token (decode), `expert_sum` does all of an MoE layer's CPU experts in one native
-call: both products, the SwiGLU and the weighted sum, so no torch op runs between them (at
-batch 1 on a 16-core host that glue cost a fifth of the products' time). Other glus and
-biases stay in torch (`expert_outputs`): they are a few thousand elements.
+call: both products, the biases, the glu and the weighted sum, so no torch op runs between
+them (at batch 1 on a 16-core host that glue cost a fifth of the products' time). It knows
+two glus, the plain SwiGLU with SiLU and GPT-OSS's clamped one over interleaved columns;
+for any other the glu stays in torch between two batched native products (`expert_outputs`):
+it is a few thousand elements.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-from specmoe.families import _swiglu
+from specmoe.families import _gpt_oss_glu, _swiglu
 
 __all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load",
            "torch_expert_outputs"]
@@ -249,12 +252,22 @@ def _silu_types() -> tuple[type, ...]:
 _SILU_TYPES = _silu_types()
 
 
+class _Fused(NamedTuple):
+    hidden: int
+    inter: int
+    gate_up: int        # byte offsets in a block; -1: no such bias
+    down: int
+    gate_up_bias: int
+    down_bias: int
+    dtype_code: int
+
+
 @functools.lru_cache(maxsize=64)
-def _fused_layout(layout, in_out: bool) -> tuple[int, int, int, int, int] | None:
-    """(H, I, gate_up offset, down offset, dtype code) when the experts of `layout` are
-    exactly a bias-free gate_up [2I, H] and down [H, I] ([H, 2I] and [I, H] with `in_out`)."""
+def _fused_layout(layout, in_out: bool) -> _Fused | None:
+    """Sizes and offsets when the experts of `layout` are exactly gate_up [2I, H] and down
+    [H, I] ([H, 2I] and [I, H] with `in_out`), each with or without its bias ([2I], [H])."""
     shapes = dict(zip(layout.names, layout.shapes))
-    if layout.dtype not in _DTYPE_CODES or set(shapes) != {"gate_up_proj", "down_proj"}:
+    if layout.dtype not in _DTYPE_CODES or not {"gate_up_proj", "down_proj"} <= set(shapes) <= _EXPERT_TENSORS:
         return None
     gate_up, down = shapes["gate_up_proj"], shapes["down_proj"]
     if len(gate_up) != 2 or len(down) != 2:
@@ -264,8 +277,25 @@ def _fused_layout(layout, in_out: bool) -> tuple[int, int, int, int, int] | None
     hidden, inter = down
     if tuple(gate_up) != (2 * inter, hidden) or hidden < 1 or inter < 1:
         return None
+    biases = {"gate_up_proj_bias": (2 * inter,), "down_proj_bias": (hidden,)}
+    if any(shapes.get(name, shape) != shape for name, shape in biases.items()):
+        return None
     offsets = dict(zip(layout.names, layout.offsets))
-    return hidden, inter, offsets["gate_up_proj"], offsets["down_proj"], _DTYPE_CODES[layout.dtype]
+    return _Fused(hidden, inter, offsets["gate_up_proj"], offsets["down_proj"], offsets.get("gate_up_proj_bias", -1),
+                  offsets.get("down_proj_bias", -1), _DTYPE_CODES[layout.dtype])
+
+
+def _glu_code(family, experts) -> tuple[int, float, float] | None:
+    """(glu code, alpha, limit) of the native glu that computes the family's, or None."""
+    if family.glu_fn is _swiglu:
+        return (0, 1.0, math.inf) if type(getattr(experts, "act_fn", None)) in _SILU_TYPES else None
+    if family.glu_fn is _gpt_oss_glu:
+        try:
+            alpha, limit = float(experts.alpha), float(experts.limit)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None
+        return None if math.isnan(alpha) or math.isnan(limit) else (1, alpha, limit)
+    return None
 
 
 def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], weights: Sequence[float],
@@ -273,18 +303,17 @@ def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], we
     """sum_i weights[i] * Expert_{layer, expert_ids[i]}(x) as float32 [1, H], for one token
     x [1, H] (a CPU tensor of any float dtype): one native call, weights read in place.
 
-    None where that call does not apply (the torch backend, biases, a glu other than the
-    plain SwiGLU with SiLU, a layout that is not gate_up + down): use `expert_outputs`."""
+    None where that call does not apply (the torch backend, a glu other than the plain
+    SwiGLU with SiLU or GPT-OSS's, a layout that is not gate_up + down with optional
+    biases): use `expert_outputs`."""
     isa = backend()
-    act = getattr(experts, "act_fn", None)
-    if isa == "torch" or family.glu_fn is not _swiglu or type(act) not in _SILU_TYPES:
+    if isa == "torch":
         return None
-    layout = store.layout
-    in_out = bool(family.weights_in_out)
-    fused = _fused_layout(layout, in_out)
-    if fused is None:
+    glu = _glu_code(family, experts)
+    fused = _fused_layout(store.layout, bool(family.weights_in_out))
+    if glu is None or fused is None:
         return None
-    hidden, inter, gate_up, down, code = fused
+    hidden = fused.hidden
     if not isinstance(x, torch.Tensor) or not x.is_cpu or x.shape != (1, hidden):
         got = f"{list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a [1, {hidden}] CPU tensor, got {got}")
@@ -292,9 +321,12 @@ def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], we
     if x_code is None or not x.is_contiguous():  # the kernel widens bf16 / fp16 itself
         x, x_code = x.to(torch.float32).contiguous(), 0
     out = torch.empty(1, hidden, dtype=torch.float32)
+    layout = store.layout
     base = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
     # Raw addresses: x and out live until return, the store's blocks as long as the store.
     # Ids and weights go as they are: pybind takes any sequence of ints / floats.
-    load().expert_swiglu_sum(x.data_ptr(), x_code, out.data_ptr(), expert_ids, weights, base, layout.block_bytes,
-                             gate_up, down, hidden, inter, code, in_out, store.num_experts, isa)
+    load().expert_glu_sum(x.data_ptr(), x_code, out.data_ptr(), expert_ids, weights, base, layout.block_bytes,
+                          fused.gate_up, fused.down, hidden, fused.inter, fused.dtype_code,
+                          bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias,
+                          fused.down_bias, isa)
     return out

@@ -237,12 +237,94 @@ def test_expert_sum_matches_float64(backends, monkeypatch, dtype, in_out, hidden
         assert rel_err(out, swiglu_reference(store, 1, [9, 0], [0.5, 1.5], x, in_out)) < TOL
 
 
-def test_expert_sum_does_not_depend_on_threads(backends):
+# GPT-OSS: gate_up [H, 2I] with gate and up interleaved, biases, a clamped glu. (H, I): the
+# multiples of 32 of gpt-oss (2880, 2880) at a size a test reads quickly, then tails everywhere.
+GPT_OSS_SIZES = ((512, 384), (100, 33))
+
+
+class GptOssExperts(torch.nn.Module):
+    """The glu constants of a stock GPT-OSS experts module."""
+
+    alpha, limit = 1.702, 7.0
+
+
+@functools.lru_cache(maxsize=None)
+def gpt_oss_store(dtype: torch.dtype, hidden: int, inter: int) -> HostExpertStore:
+    """Ten random GPT-OSS experts in layers 1 and 4. Projections come out about five times
+    the unit scale, so both clamps at limit 7 bite on a good share of the columns."""
+    shapes = {"gate_up_proj": (hidden, 2 * inter), "gate_up_proj_bias": (2 * inter,),
+              "down_proj": (inter, hidden), "down_proj_bias": (hidden,)}
+    store = HostExpertStore(ExpertLayout.from_shapes(shapes, dtype), [1, 4], 10, pin=False)
+    gen = torch.Generator().manual_seed(hidden + inter)
+    for layer in store.layers:
+        for e in range(store.num_experts):
+            for name, view in store.expert(layer, e).items():
+                scale = {"gate_up_proj": 5 / hidden ** 0.5, "down_proj": 1 / inter ** 0.5}.get(name, 1.0)
+                view.copy_(torch.randn(view.shape, generator=gen) * scale)
+    return store
+
+
+def gpt_oss_reference(store, layer: int, ids, weights, x: torch.Tensor, experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i (down_i glu(x gate_up_i + b_i) + b_down_i) [1, H], the gate_up values
+    before the clamps [n, 2I]) in float64, from the store's tensors."""
+    alpha, limit = experts.alpha, experts.limit
+    x = x.double().reshape(-1)
+    out = torch.zeros_like(x)
+    gate_ups = []
+    for e, w in zip(ids, weights):
+        t = {k: v.double() for k, v in store.expert(layer, e).items()}
+        gate_up = x @ t["gate_up_proj"] + t["gate_up_proj_bias"]
+        gate_ups.append(gate_up)
+        gate = torch.minimum(gate_up[0::2], torch.tensor(limit, dtype=torch.float64))
+        up = gate_up[1::2].clamp(-limit, limit)
+        a = (up + 1) * gate / (1 + torch.exp(-alpha * gate))
+        out += w * (a @ t["down_proj"] + t["down_proj_bias"])
+    return out[None], torch.stack(gate_ups)
+
+
+@pytest.mark.parametrize("hidden,inter", GPT_OSS_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_expert_sum_gpt_oss_matches_float64(backends, monkeypatch, dtype, hidden, inter):
+    store = gpt_oss_store(dtype, hidden, inter)
+    family, experts = FAMILIES["gpt_oss"], GptOssExperts()
+    gen = torch.Generator().manual_seed(8)
+    for n, x_dtype in ((1, dtype), (3, torch.float32), (8, dtype)):
+        ids = torch.randperm(store.num_experts, generator=gen)[:n].tolist()
+        weights = (torch.rand(n, generator=gen) + 0.1).tolist()
+        x = torch.randn(1, hidden, generator=gen).to(x_dtype)
+        ref, gate_up = gpt_oss_reference(store, 4, ids, weights, x, experts)
+        # the clamps bite: gates above the limit, ups past it on both sides
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        assert (gate > experts.limit).any() and (up > experts.limit).any() and (up < -experts.limit).any()
+        for backend in backends:
+            monkeypatch.setenv(cpu_kernels.ENV, backend)
+            out = cpu_kernels.expert_sum(family, experts, store, 4, ids, weights, x)
+            if backend == "torch":
+                assert out is None
+                continue
+            assert out.dtype == torch.float32 and out.shape == (1, hidden)
+            assert rel_err(out, ref) < TOL, (backend, n)
+    # a layer other than the store's first, and the biases of the right experts
+    if backends[0] != "torch":
+        monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+        x = torch.randn(1, hidden, generator=gen)
+        out = cpu_kernels.expert_sum(family, experts, store, 1, [9, 0], [0.5, 1.5], x)
+        assert rel_err(out, gpt_oss_reference(store, 1, [9, 0], [0.5, 1.5], x, experts)[0]) < TOL
+
+
+@pytest.mark.parametrize("glu", ["swiglu", "gpt_oss"])
+def test_expert_sum_does_not_depend_on_threads(backends, glu):
     if backends[0] == "torch":
         pytest.skip("no native kernels")
-    store = swiglu_store(torch.bfloat16, False, *FUSED_SIZES[0])
-    family, experts = swiglu_family(False), SiluExperts()
-    x = torch.randn(1, FUSED_SIZES[0][0], generator=torch.Generator().manual_seed(6))
+    if glu == "swiglu":
+        hidden, inter = FUSED_SIZES[0]
+        store = swiglu_store(torch.bfloat16, False, hidden, inter)
+        family, experts = swiglu_family(False), SiluExperts()
+    else:
+        hidden, inter = GPT_OSS_SIZES[0]
+        store = gpt_oss_store(torch.bfloat16, hidden, inter)
+        family, experts = FAMILIES["gpt_oss"], GptOssExperts()
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(6))
     ids, weights = [3, 9, 0, 7, 1, 4, 8, 2], [0.3, 0.05, 0.2, 0.1, 0.15, 0.07, 0.08, 0.05]
     threads = torch.get_num_threads()
     try:
@@ -255,7 +337,7 @@ def test_expert_sum_does_not_depend_on_threads(backends):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def test_expert_sum_applies_only_to_the_plain_swiglu(backends, monkeypatch):
+def test_expert_sum_applies_only_to_the_glus_it_knows(backends, monkeypatch):
     if backends[0] == "torch":
         pytest.skip("no native kernels")
     monkeypatch.setenv(cpu_kernels.ENV, backends[0])
@@ -271,8 +353,18 @@ def test_expert_sum_applies_only_to_the_plain_swiglu(backends, monkeypatch):
     parts = store_parts("gpt_oss", torch.float32)
     layer = parts.spec.moe_layers[0]
     experts = parts.family.experts(parts.model, layer)
+    fam, gpt_store = parts.family, parts.store
     x = torch.randn(1, parts.spec.hidden_size)
-    assert cpu_kernels.expert_sum(parts.family, experts, parts.store, layer, [1, 2], [0.5, 0.5], x) is None
+    assert cpu_kernels.expert_sum(fam, experts, gpt_store, layer, [1, 2], [0.5, 0.5], x) is not None
+    assert cpu_kernels.expert_sum(fam, torch.nn.Module(), gpt_store, layer, [1], [1.0], x) is None  # no alpha, limit
+    other_glu = dataclasses.replace(fam, glu_fn=lambda experts, gate_up: fam.glu_fn(experts, gate_up))
+    assert cpu_kernels.expert_sum(other_glu, experts, gpt_store, layer, [1], [1.0], x) is None
+    assert cpu_kernels.expert_sum(dataclasses.replace(fam, weights_in_out=False), experts, gpt_store, layer,
+                                  [1], [1.0], x) is None
+    # a bias that is not one value per output column
+    shapes = {"gate_up_proj": (64, 66), "gate_up_proj_bias": (33,), "down_proj": (33, 64)}
+    odd = HostExpertStore(ExpertLayout.from_shapes(shapes, torch.float32), [0], 2, pin=False)
+    assert cpu_kernels.expert_sum(fam, experts, odd, 0, [1], [1.0], torch.randn(1, 64)) is None
 
 
 def test_expert_sum_bad_input_is_a_clear_value_error(backends, monkeypatch):
@@ -293,21 +385,33 @@ def test_expert_sum_bad_input_is_a_clear_value_error(backends, monkeypatch):
         cpu_kernels.expert_sum(family, experts, store, 1, [2], [1.0], torch.randn(2, hidden))
     # no experts: a zero output, not garbage
     assert torch.equal(cpu_kernels.expert_sum(family, experts, store, 1, [], [], x), torch.zeros(1, hidden))
+    # the glu and bias arguments, checked by the extension itself
+    out = torch.empty(1, hidden)
+    layout = store.layout
+    args = (x.data_ptr(), 0, out.data_ptr(), [1], [1.0], store.blocks.data_ptr(), layout.block_bytes,
+            *layout.offsets, hidden, inter, cpu_kernels._DTYPE_CODES[layout.dtype], False, store.num_experts)
+    native = cpu_kernels.load().expert_glu_sum
+    with pytest.raises(ValueError, match="glu 2"):
+        native(*args, glu=2)
+    with pytest.raises(ValueError, match="alpha and limit"):
+        native(*args, glu=1, limit=float("nan"))
+    for bias in ({"gate_up_bias_offset": layout.block_bytes - 2}, {"down_bias_offset": -2}):
+        with pytest.raises(ValueError, match="bias offset"):
+            native(*args, **bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_cpu_experts_decode_matches_float64(backends, monkeypatch, family, dtype):
-    """One token, distinct experts: the fused call where the family fits it (qwen3_moe),
-    the batched products and the glu in torch where it does not (gpt_oss)."""
+    """One token, distinct experts: the fused call for either glu (the tiny GPT-OSS has
+    limit 0.5, so its clamps bite)."""
     parts = store_parts(family, dtype)
     spec = parts.spec
     layer = spec.moe_layers[-1]
     experts = parts.family.experts(parts.model, layer)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, spec.hidden_size, generator=gen).to(dtype)
-    fused = family == "qwen3_moe"
-    if fused and backends[0] != "torch":
+    if backends[0] != "torch":
         def unfused(*args):
             raise AssertionError("the decode path left the fused call")
 

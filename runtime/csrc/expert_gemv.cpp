@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -261,6 +262,14 @@ void swiglu_rows(int isa, const float* gate_up, float* a, int64_t n, int64_t int
   scalar::swiglu_rows(gate_up, a, n, inter);
 }
 
+void gpt_oss_glu_rows(int isa, const float* gate_up, float* a, int64_t n, int64_t inter, float alpha, float limit) {
+#ifdef SPECMOE_X86
+  if (isa == 2) return avx512::gpt_oss_glu_rows(gate_up, a, n, inter, alpha, limit);
+  if (isa == 1) return avx2::gpt_oss_glu_rows(gate_up, a, n, inter, alpha, limit);
+#endif
+  scalar::gpt_oss_glu_rows(gate_up, a, n, inter, alpha, limit);
+}
+
 void weighted_rows(int isa, const float* y, const float* w, int64_t n, int64_t h, float* out) {
 #ifdef SPECMOE_X86
   if (isa == 2) return avx512::weighted_rows(y, w, n, h, out);
@@ -274,11 +283,32 @@ void widen(const T* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(x[i]);
 }
 
+// rows[i, :] += the bias of expert i (len values of T at ptrs[i] + offset): one fp32 add,
+// as torch adds a bias in the store's dtype to a float32 product.
 template <class T>
-void swiglu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const std::vector<float>& weights,
-                uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
-                bool in_out, int isa, int64_t task_bytes) {
+void add_bias_rows(float* rows, const std::vector<int64_t>& ptrs, int64_t offset, int64_t len) {
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    const T* b = reinterpret_cast<const T*>(ptrs[i] + offset);
+    float* r = rows + int64_t(i) * len;
+    for (int64_t j = 0; j < len; ++j) r[j] += to_float(b[j]);
+  }
+}
+
+enum Glu { kSwiglu = 0, kGptOss = 1 };
+
+// What one expert is, beside its weights: the glu and where its biases sit in a block.
+struct ExpertForm {
+  int glu;
+  float alpha, limit;                 // kGptOss only
+  int64_t gate_up_bias, down_bias;    // byte offsets in a block, or -1 for none
+};
+
+template <class T>
+void glu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const std::vector<float>& weights,
+             uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
+             const ExpertForm& form, bool in_out, int isa, int64_t task_bytes) {
   const int64_t n = int64_t(ids.size());
+  std::vector<int64_t> blocks(static_cast<size_t>(n));
   std::vector<int64_t> ptrs(static_cast<size_t>(n));
   std::vector<float>& g = scratch(1);
   std::vector<float>& a = scratch(2);
@@ -286,40 +316,62 @@ void swiglu_sum(const float* x, float* out, const std::vector<int64_t>& ids, con
   g.resize(size_t(n * 2 * inter));
   a.resize(size_t(n * inter));
   y.resize(size_t(n * hidden));
-  for (int64_t i = 0; i < n; ++i) ptrs[size_t(i)] = int64_t(base) + ids[size_t(i)] * stride + gate_up;
+  for (int64_t i = 0; i < n; ++i) {
+    blocks[size_t(i)] = int64_t(base) + ids[size_t(i)] * stride;
+    ptrs[size_t(i)] = blocks[size_t(i)] + gate_up;
+  }
   run_batch<T>(ptrs.data(), x, 0, g.data(), n, hidden, 2 * inter, in_out, isa, task_bytes);
-  swiglu_rows(isa, g.data(), a.data(), n, inter);
+  if (form.gate_up_bias >= 0) add_bias_rows<T>(g.data(), blocks, form.gate_up_bias, 2 * inter);
+  if (form.glu == kGptOss)
+    gpt_oss_glu_rows(isa, g.data(), a.data(), n, inter, form.alpha, form.limit);
+  else
+    swiglu_rows(isa, g.data(), a.data(), n, inter);
   for (int64_t i = 0; i < n; ++i) ptrs[size_t(i)] += down - gate_up;
   run_batch<T>(ptrs.data(), a.data(), inter, y.data(), n, inter, hidden, in_out, isa, task_bytes);
+  if (form.down_bias >= 0) add_bias_rows<T>(y.data(), blocks, form.down_bias, hidden);
   weighted_rows(isa, y.data(), weights.data(), n, hidden, out);
 }
 
-// out[H] = sum_i weights[i] Down_i(silu(G_i x) * (U_i x)) for one token x [H] and the
-// experts ids[i] of one layer. A decode step calls this once per layer, so the glu, the
-// weighted sum and widening x (x_dtype, coded as dtype) are done here rather than by torch
-// ops between the products. Expert e's block starts at base + e * stride; in it
-// gate_up_proj [2I, H] (gate rows first, then up) sits at byte offset gate_up and
-// down_proj [H, I] at down, or [H, 2I] and [I, H] with weights_in_out. Each product is one
-// parallel region as in gemv_batch; the glu and the sum over i (in order i = 0, 1, ...)
-// run on the calling thread, so the result does not depend on the thread count.
-void expert_swiglu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<int64_t>& ids,
-                       const std::vector<float>& weights, uintptr_t base, int64_t stride, int64_t gate_up,
-                       int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
-                       int64_t num_experts, const std::string& isa, int64_t task_bytes) {
+// out[H] = sum_i weights[i] (Down_i glu(G_i x + b_gu_i) + b_down_i) for one token x [H] and
+// the experts ids[i] of one layer. A decode step calls this once per layer, so the biases,
+// the glu, the weighted sum and widening x (x_dtype, coded as dtype) are done here rather
+// than by torch ops between the products. Expert e's block starts at base + e * stride; in
+// it gate_up_proj [2I, H] sits at byte offset gate_up and down_proj [H, I] at down, or
+// [H, 2I] and [I, H] with weights_in_out; the biases gate_up_proj_bias [2I] and
+// down_proj_bias [H] (in the weights' dtype) at gate_up_bias and down_bias, -1 where the
+// experts have none. glu 0: silu(gate) * up with gate the first I of the 2I columns, up the
+// rest; glu 1: GPT-OSS's clamped glu (gpt_oss_glu_rows) over interleaved columns. Each
+// product is one parallel region as in gemv_batch; the rest (in order i = 0, 1, ... for
+// the sum) runs on the calling thread, so the result does not depend on the thread count.
+void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<int64_t>& ids,
+                    const std::vector<float>& weights, uintptr_t base, int64_t stride, int64_t gate_up,
+                    int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
+                    int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
+                    int64_t down_bias, const std::string& isa, int64_t task_bytes) {
   const int code = isa_code(isa);
   if (ids.size() != weights.size())
-    throw std::invalid_argument("expert_swiglu_sum: " + std::to_string(ids.size()) + " expert ids but " +
+    throw std::invalid_argument("expert_glu_sum: " + std::to_string(ids.size()) + " expert ids but " +
                                 std::to_string(weights.size()) + " weights");
   if (hidden < 1 || inter < 1 || dtype < 0 || dtype > 2 || x_dtype < 0 || x_dtype > 2 || task_bytes < 1)
-    throw std::invalid_argument("expert_swiglu_sum: bad sizes or dtype code");
+    throw std::invalid_argument("expert_glu_sum: bad sizes or dtype code");
+  if (glu != kSwiglu && glu != kGptOss)
+    throw std::invalid_argument("expert_glu_sum: glu " + std::to_string(glu) +
+                                " is neither 0 (SwiGLU) nor 1 (GPT-OSS)");
+  if (glu == kGptOss && (std::isnan(alpha) || std::isnan(limit)))
+    throw std::invalid_argument("expert_glu_sum: alpha and limit must be numbers");
   const int64_t item = dtype == 0 ? 4 : 2;
-  if (gate_up < 0 || down < 0 || gate_up + 2 * inter * hidden * item > stride ||
-      down + hidden * inter * item > stride)
-    throw std::invalid_argument("expert_swiglu_sum: gate_up_proj and down_proj do not fit in a block of " +
+  const auto fits = [&](int64_t offset, int64_t count) {
+    return offset >= 0 && count * item <= stride - offset;
+  };
+  if (!fits(gate_up, 2 * inter * hidden) || !fits(down, hidden * inter))
+    throw std::invalid_argument("expert_glu_sum: gate_up_proj and down_proj do not fit in a block of " +
+                                std::to_string(stride) + " bytes");
+  if ((gate_up_bias != -1 && !fits(gate_up_bias, 2 * inter)) || (down_bias != -1 && !fits(down_bias, hidden)))
+    throw std::invalid_argument("expert_glu_sum: a bias offset is neither -1 nor inside a block of " +
                                 std::to_string(stride) + " bytes");
   for (int64_t e : ids)
     if (e < 0 || e >= num_experts)
-      throw std::invalid_argument("expert_swiglu_sum: expert id " + std::to_string(e) + " is not in [0, " +
+      throw std::invalid_argument("expert_glu_sum: expert id " + std::to_string(e) + " is not in [0, " +
                                   std::to_string(num_experts) + ")");
   auto* o = reinterpret_cast<float*>(out);
   if (ids.empty()) {
@@ -334,9 +386,11 @@ void expert_swiglu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vecto
     if (x_dtype == 2) widen(reinterpret_cast<const c10::BFloat16*>(x), wide.data(), hidden);
     xs = wide.data();
   }
+  const ExpertForm form{glu, alpha, limit, gate_up_bias, down_bias};
   const auto run = [&](auto weight) {
     using T = decltype(weight);
-    swiglu_sum<T>(xs, o, ids, weights, base, stride, gate_up, down, hidden, inter, weights_in_out, code, task_bytes);
+    glu_sum<T>(xs, o, ids, weights, base, stride, gate_up, down, hidden, inter, form, weights_in_out, code,
+               task_bytes);
   };
   if (dtype == 0) run(float());
   if (dtype == 1) run(c10::Half());
@@ -351,11 +405,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ptrs"), py::arg("x"), py::arg("out"), py::arg("n"), py::arg("in_dim"), py::arg("out_dim"),
         py::arg("dtype"), py::arg("weights_in_out"), py::arg("isa") = "auto", py::arg("task_bytes") = 256 << 10,
         py::call_guard<py::gil_scoped_release>());
-  m.def("expert_swiglu_sum", &expert_swiglu_sum,
-        "out = sum_i w_i Down_i(silu(G_i x) * (U_i x)) over experts given by block address and id",
+  m.def("expert_glu_sum", &expert_glu_sum,
+        "out = sum_i w_i (Down_i glu(G_i x + b_gu_i) + b_down_i) over experts given by block address",
         py::arg("x"), py::arg("x_dtype"), py::arg("out"), py::arg("ids"), py::arg("weights"), py::arg("base"),
         py::arg("stride"), py::arg("gate_up_offset"), py::arg("down_offset"), py::arg("hidden"), py::arg("inter"),
-        py::arg("dtype"), py::arg("weights_in_out"), py::arg("num_experts"), py::arg("isa") = "auto",
-        py::arg("task_bytes") = 256 << 10, py::call_guard<py::gil_scoped_release>());
+        py::arg("dtype"), py::arg("weights_in_out"), py::arg("num_experts"), py::arg("glu") = 0,
+        py::arg("alpha") = 1.f, py::arg("limit") = std::numeric_limits<float>::infinity(),
+        py::arg("gate_up_bias_offset") = -1, py::arg("down_bias_offset") = -1, py::arg("isa") = "auto",
+        py::arg("task_bytes") = 256 << 10,
+        py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }

@@ -172,6 +172,36 @@ void swiglu_rows(const float* gate_up, float* a, int64_t n, int64_t inter) {
   }
 }
 
+// GPT-OSS: gate and up interleaved (even / odd columns of gate_up [n, 2I]), gate clamped
+// from above and up from both sides at limit, then (up + 1) * gate * sigmoid(alpha gate),
+// rounded step by step in the order torch computes _gpt_oss_glu. The pairs are split W at a
+// time through small arrays: the glu is a few thousand elements, next to the products' millions.
+inline V gpt_oss_glu(V g, V u, V alpha, V limit) {
+  const V one = bcast(1.f);
+  g = vmin(limit, g);  // vmin / vmax return their second operand when one is NaN: a NaN stays
+  u = vmin(limit, vmax(mul(limit, bcast(-1.f)), u));
+  const V sig = div(one, add(one, exp_approx(mul(mul(g, alpha), bcast(-1.f)))));
+  return mul(add(u, one), mul(g, sig));
+}
+
+void gpt_oss_glu_rows(const float* gate_up, float* a, int64_t n, int64_t inter, float alpha, float limit) {
+  const V va = bcast(alpha), vl = bcast(limit);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* gu = gate_up + i * 2 * inter;
+    float* o = a + i * inter;
+    for (int64_t j = 0; j < inter; j += W) {
+      const int64_t m = std::min<int64_t>(W, inter - j);
+      float gt[W] = {}, ut[W] = {}, ot[W];
+      for (int64_t k = 0; k < m; ++k) {
+        gt[k] = gu[2 * (j + k)];
+        ut[k] = gu[2 * (j + k) + 1];
+      }
+      store(ot, gpt_oss_glu(loadx(gt), loadx(ut), va, vl));
+      std::copy(ot, ot + m, o + j);
+    }
+  }
+}
+
 // out[h] = sum_i w[i] y[i, h], summed over i = 0, 1, ... in that order for every h.
 void weighted_rows(const float* y, const float* w, int64_t n, int64_t h, float* out) {
   int64_t j = 0;
