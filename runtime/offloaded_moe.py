@@ -359,11 +359,14 @@ class OffloadedMoE:
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         cpu_work: list[tuple[int, int, float]] = []
         protected = None
+        weights = None
         for j, e in self._table_misses(layer, ids, present):
             key = (layer, e)
             slot = self.slots.lookup(key)   # not None: copied after the table was set
             if slot is None and cpu_inputs is not None:
-                cpu_work.append((0, e, float(cpu_inputs[1][0, j])))
+                if weights is None:
+                    weights = cpu_inputs[1][0].tolist()   # one conversion, not one tensor index per miss
+                cpu_work.append((0, e, weights[j]))
                 continue
             if slot is None:
                 if protected is None:
