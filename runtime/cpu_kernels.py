@@ -15,16 +15,15 @@ the path: auto (default), torch, or an instruction set (avx512, avx2, scalar).
 For one token (decode), `expert_sum` does all of an MoE layer's CPU experts in one native
 call: both products, the biases, the glu and the weighted sum, so no torch op runs between
 them (at batch 1 on a 16-core host that glue cost a fifth of the products' time). It knows
-two glus, the plain SwiGLU with SiLU and GPT-OSS's clamped one over interleaved columns;
-for any other the glu stays in torch between two batched native products (`expert_outputs`):
-it is a few thousand elements.
+the glus the family descriptions mark as native (`Family.native_glu`: the plain SwiGLU with
+SiLU and GPT-OSS's clamped one over interleaved columns); for any other the glu stays in
+torch between two batched native products (`expert_outputs`): it is a few thousand elements.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import shutil
 import threading
@@ -34,7 +33,6 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from specmoe.families import _gpt_oss_glu, _swiglu
 
 __all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load",
            "torch_expert_outputs"]
@@ -236,22 +234,6 @@ def expert_outputs(family, experts, store, layer: int, expert_ids: Sequence[int]
     return project("down_proj", a.float())
 
 
-def _silu_types() -> tuple[type, ...]:
-    # What the families put in `act_fn` for hidden_act "silu" / "swish": transformers'
-    # SiLUActivation (forward is F.silu) or torch's own.
-    types: tuple[type, ...] = (torch.nn.SiLU,)
-    try:
-        from transformers.activations import SiLUActivation
-
-        types += (SiLUActivation,)
-    except ImportError:
-        pass
-    return types
-
-
-_SILU_TYPES = _silu_types()
-
-
 class _Fused(NamedTuple):
     hidden: int
     inter: int
@@ -285,17 +267,15 @@ def _fused_layout(layout, in_out: bool) -> _Fused | None:
                   offsets.get("down_proj_bias", -1), _DTYPE_CODES[layout.dtype])
 
 
+_GLU_CODES = {"swiglu": 0, "clamped_swiglu": 1}   # as expert_gemv.cpp numbers its glus
+
+
 def _glu_code(family, experts) -> tuple[int, float, float] | None:
     """(glu code, alpha, limit) of the native glu that computes the family's, or None."""
-    if family.glu_fn is _swiglu:
-        return (0, 1.0, math.inf) if type(getattr(experts, "act_fn", None)) in _SILU_TYPES else None
-    if family.glu_fn is _gpt_oss_glu:
-        try:
-            alpha, limit = float(experts.alpha), float(experts.limit)
-        except (AttributeError, TypeError, ValueError, RuntimeError):
-            return None
-        return None if math.isnan(alpha) or math.isnan(limit) else (1, alpha, limit)
-    return None
+    glu = family.native_glu(experts)
+    if glu is None or glu.kind not in _GLU_CODES:
+        return None
+    return _GLU_CODES[glu.kind], glu.alpha, glu.limit
 
 
 def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], weights: Sequence[float],

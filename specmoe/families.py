@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -237,6 +238,50 @@ def _gpt_oss_glu(experts: nn.Module, gate_up: Tensor) -> Tensor:
     gate = gate_up[..., 0::2].clamp(max=limit)
     up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+# Native kernels (the runtime's CPU experts) compute these glus themselves. Each glu
+# function carries `native(experts) -> NativeGlu | None`: which one it is and its constants
+# for this experts module, or None where the module does not match (another activation).
+# A glu function without it is computed in torch.
+
+@dataclass(frozen=True)
+class NativeGlu:
+    kind: str                  # "swiglu" (SiLU(gate) * up, halves) or "clamped_swiglu" (GPT-OSS's)
+    alpha: float = 1.0
+    limit: float = math.inf
+
+
+def _silu_types() -> tuple[type, ...]:
+    # What the families put in `act_fn` for hidden_act "silu" / "swish": transformers'
+    # SiLUActivation (forward is F.silu) or torch's own.
+    types: tuple[type, ...] = (nn.SiLU,)
+    try:
+        from transformers.activations import SiLUActivation
+
+        types += (SiLUActivation,)
+    except ImportError:
+        pass
+    return types
+
+
+_SILU_TYPES = _silu_types()
+
+
+def _swiglu_native(experts: nn.Module) -> NativeGlu | None:
+    return NativeGlu("swiglu") if type(getattr(experts, "act_fn", None)) in _SILU_TYPES else None
+
+
+def _gpt_oss_glu_native(experts: nn.Module) -> NativeGlu | None:
+    try:
+        alpha, limit = float(experts.alpha), float(experts.limit)
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return None if math.isnan(alpha) or math.isnan(limit) else NativeGlu("clamped_swiglu", alpha, limit)
+
+
+_swiglu.native = _swiglu_native
+_gpt_oss_glu.native = _gpt_oss_glu_native
 
 
 # ------------------------------------------------------------------------ on disk
@@ -560,6 +605,11 @@ class Family:
             bias = bias.unsqueeze(-2)  # one bias row per stacked expert, broadcast over its rows
         # n == 1 adds the bias as is: the stock experts' rounding, bit for bit.
         return out + (bias if isinstance(n, (int, float)) and n == 1 else n * bias)
+
+    def native_glu(self, experts: nn.Module) -> NativeGlu | None:
+        """The glu as a native kernel computes it, for this experts module; None: torch only."""
+        describe = getattr(self.glu_fn, "native", None)
+        return describe(experts) if describe is not None else None
 
     def gate_fn(self, experts: nn.Module, w: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """The gated intermediate a = glu(x W_gate_up + b) [..., I]."""

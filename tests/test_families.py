@@ -152,6 +152,32 @@ def test_expert_forward_matches_stock_experts(model_type, model):
         torch.testing.assert_close(family.expert_forward(experts, e, x), reference)
 
 
+@torch.no_grad()
+def test_native_glu_describes_the_glu(model_type, model):
+    """What a family tells native kernels about its glu computes, written out here from the
+    description alone, what its glu computes (which the test above ties to the stock experts)."""
+    family = FAMILIES[model_type]
+    experts = family.experts(model, family.spec(model.config).moe_layers[0])
+    glu = family.native_glu(experts)
+    assert glu is not None, model_type   # every family here has a glu the CPU kernels know
+    gate_up = 4 * torch.randn(7, 2 * 16, generator=torch.Generator().manual_seed(2))
+    if glu.kind == "swiglu":
+        gate, up = gate_up[:, :16], gate_up[:, 16:]
+        want = gate / (1 + torch.exp(-gate)) * up
+    else:
+        assert glu.kind == "clamped_swiglu"
+        gate, up = gate_up[:, 0::2].clamp(max=glu.limit), gate_up[:, 1::2].clamp(-glu.limit, glu.limit)
+        want = (up + 1) * gate / (1 + torch.exp(-glu.alpha * gate))
+    torch.testing.assert_close(family.glu_fn(experts, gate_up), want)
+
+
+def test_native_glu_is_none_for_other_activations():
+    family = FAMILIES["qwen3_moe"]
+    gelu = torch.nn.Module()
+    gelu.act_fn = torch.nn.GELU()
+    assert family.native_glu(gelu) is None
+
+
 def test_expert_tensors_are_views_of_the_fused_parameters(model_type, model):
     family = FAMILIES[model_type]
     layer = family.spec(model.config).moe_layers[0]
