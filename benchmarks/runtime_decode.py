@@ -84,17 +84,19 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         # the next experts are picked inside the timed call: a few microseconds of Python
         return median_seconds(lambda: fn(*next_work()), repeats)
 
+    def runtime_call():
+        layer, ids = next_work()
+        cpu.compute(experts, layer, x, [(0, e, 1.0) for e in ids])
+
     nbytes = experts_per_call * store.layout.tensor_bytes
-    kernel = timed(lambda l, ids: cpu.compute(experts, l, x, [(0, e, 1.0) for e in ids]))
+    kernel = median_seconds(runtime_call, repeats)
     with torch.inference_mode():
         stock = timed(lambda l, ids: [family.apply_expert(experts, store.expert(l, e), x) for e in ids])
     flat = store.blocks.view(-1)[: min(store.nbytes, 4 << 30) // 4 * 4].view(torch.float32)
     memory = median_seconds(lambda: float(flat.sum()), 4, warmup=1)
     together = None
     if parts.device.type == "cuda":
-        together = copies_and_cpu_together(
-            parts, lambda: (lambda l, ids: cpu.compute(experts, l, x, [(0, e, 1.0) for e in ids]))(*next_work()),
-            nbytes)
+        together = copies_and_cpu_together(parts, runtime_call, nbytes)
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),

@@ -94,7 +94,6 @@ class OffloadedMoE:
         self.adapt_copy_share = False
         self.share_step = 0.02
         self._share_carry = 0.0
-        self._copies_for: dict[int, object] = {}   # layer -> event after the copies predicted for it
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
         # for the GPU anyway; once a layer's true ids are read, its queued predictions are
@@ -136,7 +135,6 @@ class OffloadedMoE:
     def begin_step(self) -> None:
         self._predicted.clear()
         self._queued.clear()
-        self._copies_for.clear()
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -373,10 +371,11 @@ class OffloadedMoE:
                     protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
                 slot = self._demand_copy(key, protected)
             gpu_fix.append((j, slot))
+        ahead = None   # after the copies for the target layer
         if pred is not None:
             # Copies first: they run while the GPU and the CPU compute this layer.
             share = self.cpu_copy_share if cpu_inputs is not None else None
-            self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
+            ahead = self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
         if gpu_fix:
             waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
             waits = [w for w in waits if w is not None]
@@ -390,8 +389,6 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
-        self._copies_for.pop(layer, None)
-        ahead = self._copies_for.get(target) if target is not None else None
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
@@ -522,14 +519,15 @@ class OffloadedMoE:
         return t.reshape(t.shape[0], -1).tolist()
 
     def _prefetch(self, target: int, pred, pred_host: list[list[int]], keep: set = frozenset(),
-                  copy: bool = True, share: float | None = None, windowed: bool = False) -> None:
+                  copy: bool = True, share: float | None = None, windowed: bool = False):
         """Remember the prediction for `target` and copy its experts that are not on the GPU;
         with `share`, only that share of them (the CPU computes the others if they are used);
-        `windowed`, through the queue of `copy_window`."""
+        `windowed`, through the queue of `copy_window`. Returns the event after the copies
+        issued now (None: none issued, or they wait in the window)."""
         ids_dev, w_dev = pred
         self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
         if not copy:
-            return
+            return None
         wanted = []
         for row in pred_host:
             for e in row:
@@ -566,10 +564,9 @@ class OffloadedMoE:
             issued.add(key)
         self.telemetry.prefetched += len(batch)
         ready = self._copy_many(batch)
-        if ready is not None:
-            self._copies_for[target] = ready
         if windowed and self.copy_window:
             self._pump()
+        return ready
 
     def _evicted(self, key, slot: int) -> None:
         if not self.device_table:

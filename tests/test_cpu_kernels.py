@@ -209,6 +209,18 @@ def swiglu_family(in_out: bool):
     return dataclasses.replace(FAMILIES["qwen3_moe"], weights_in_out=True) if in_out else FAMILIES["qwen3_moe"]
 
 
+def assert_expert_sum_close(monkeypatch, backends, family, experts, store, layer, ids, weights, x, ref, hidden):
+    """expert_sum on every backend against `ref`: None on torch (no native call), else close."""
+    for backend in backends:
+        monkeypatch.setenv(cpu_kernels.ENV, backend)
+        out = cpu_kernels.expert_sum(family, experts, store, layer, ids, weights, x)
+        if backend == "torch":
+            assert out is None
+            continue
+        assert out.dtype == torch.float32 and out.shape == (1, hidden)
+        assert rel_err(out, ref) < TOL, (backend, len(ids))
+
+
 @pytest.mark.parametrize("hidden,inter", FUSED_SIZES)
 @pytest.mark.parametrize("in_out", [False, True], ids=["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -221,14 +233,7 @@ def test_expert_sum_matches_float64(backends, monkeypatch, dtype, in_out, hidden
         weights = (torch.rand(n, generator=gen) + 0.1).tolist()
         x = torch.randn(1, hidden, generator=gen).to(x_dtype)
         ref = swiglu_reference(store, 4, ids, weights, x, in_out)
-        for backend in backends:
-            monkeypatch.setenv(cpu_kernels.ENV, backend)
-            out = cpu_kernels.expert_sum(family, experts, store, 4, ids, weights, x)
-            if backend == "torch":
-                assert out is None
-                continue
-            assert out.dtype == torch.float32 and out.shape == (1, hidden)
-            assert rel_err(out, ref) < TOL, (backend, n)
+        assert_expert_sum_close(monkeypatch, backends, family, experts, store, 4, ids, weights, x, ref, hidden)
     # a layer other than the store's first: blocks are addressed from the layer's own row
     monkeypatch.setenv(cpu_kernels.ENV, backends[0])
     x = torch.randn(1, hidden, generator=gen)
@@ -296,14 +301,7 @@ def test_expert_sum_gpt_oss_matches_float64(backends, monkeypatch, dtype, hidden
         # the clamps bite: gates above the limit, ups past it on both sides
         gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
         assert (gate > experts.limit).any() and (up > experts.limit).any() and (up < -experts.limit).any()
-        for backend in backends:
-            monkeypatch.setenv(cpu_kernels.ENV, backend)
-            out = cpu_kernels.expert_sum(family, experts, store, 4, ids, weights, x)
-            if backend == "torch":
-                assert out is None
-                continue
-            assert out.dtype == torch.float32 and out.shape == (1, hidden)
-            assert rel_err(out, ref) < TOL, (backend, n)
+        assert_expert_sum_close(monkeypatch, backends, family, experts, store, 4, ids, weights, x, ref, hidden)
     # a layer other than the store's first, and the biases of the right experts
     if backends[0] != "torch":
         monkeypatch.setenv(cpu_kernels.ENV, backends[0])
