@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,7 +62,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
         # finer: where the host's time per layer goes inside those two
         parts_timed = ("_prepare_layer", "_flush_table_ops", "_wait_pumping", "_graphed_misses", "_prefetch",
-                       "_copy_many", "_read_all")
+                       "_copy_many", "_read_all", "_copy_share_now", "_table_misses")
         host.update({name: [] for name in parts_timed if hasattr(moe, name)})
         cpu_calls: list = []
         engine.step(prompt)
@@ -121,6 +122,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             if cuda:
                 torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # The host's side: which calls take the host's time (CUDA API calls included).
+        host_ops = sorted(((a.key, a.self_cpu_time_total / 3, a.count / 3) for a in prof.key_averages()),
+                          key=lambda item: -item[1])[:20]
         count = max(1, len(kernels)) / 3
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / 3
         top = Counter()
@@ -138,11 +142,14 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "kernels_per_step": count, "kernels_per_moe_layer": count / n_moe,
             "kernel_busy_ms_per_step": busy_ms,
             "top_kernels_us_per_step": {k: round(v, 1) for k, v in top.most_common(15)},
+            "top_host_ops_us_per_step": {k[:80]: {"self_us": round(us, 1), "calls": round(n, 1)}
+                                         for k, us, n in host_ops},
             "cache_hit_rate": summary.get("cache_hit_rate"),
             "cpu_compute_calls_per_step": len(cpu_calls) / timed_steps if cpu_calls else 0,
             "cpu_compute_us_per_call": 1e6 * statistics.median(cpu_calls) if cpu_calls else None,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
+            "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
         }
     finally:
         engine.close()
@@ -161,8 +168,12 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "profile_decode"))
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
+    p.add_argument("--threads", type=int, default=0, help="CPU expert threads (0: torch's default)")
+    p.add_argument("--demand-share", type=float, default=None,
+                   help="cpu modes: share of misses copied when the routing is read (default: measured, adapted)")
     args = p.parse_args()
-    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
+    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
+                         cpu_threads=args.threads, cpu_demand_share=args.demand_share)
     parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False, embedding_std=EMBEDDING_STD)
     gen = torch.Generator().manual_seed(0)
     vocab = parts.model.config.vocab_size
@@ -197,7 +208,9 @@ def main() -> int:
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"command": f"python benchmarks/profile_decode.py --layers {args.layers}", "layers": args.layers,
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    result = {"command": " ".join(["python", "benchmarks/profile_decode.py", *sys.argv[1:]]), "layers": args.layers,
+              "environment": omp, "threads": torch.get_num_threads(),
               "context": args.context, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Where a decode step's time goes", "", f"    {result['command']}", "",

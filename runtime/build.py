@@ -160,9 +160,15 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window
     if cpu is not None:
+        measured = _copy_share(moe, device) if streams.cuda and None in (config.cpu_copy_share,
+                                                                          config.cpu_demand_share) else None
         moe.cpu_copy_share = config.cpu_copy_share if config.cpu_copy_share is not None else \
-            _copy_share(moe, device) if streams.cuda else 1.0
+            measured if streams.cuda else 1.0
+        moe.cpu_demand_share = config.cpu_demand_share if config.cpu_demand_share is not None else \
+            measured if streams.cuda else 0.0
+        # Each share set to None follows the host during decode.
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
+        moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
     if num_slots >= total:
         moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)
@@ -174,7 +180,8 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
                  "prefetch_window": config.prefetch_window,
-                 "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None})
+                 "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None,
+                 "cpu_demand_share": moe.cpu_demand_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
                     tokenizer=parts.tokenizer, info=info)
     engine.parts, engine.config = parts, config

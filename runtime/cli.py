@@ -23,7 +23,7 @@ from .predict import MODES
 
 _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype", "gpu_expert_budget", "prefetch",
                     "on_miss", "eviction", "lookahead", "max_context", "cpu_threads",
-                    "cpu_copy_share", "prefetch_window")
+                    "cpu_copy_share", "cpu_demand_share", "prefetch_window")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="--on-miss cpu: share of the predicted experts not on the GPU that are copied ahead; the CPU "
                         "computes the rest (default: starts at copy bandwidth / (copy + CPU expert bandwidth), measured, then "
                         "follows the host while decoding)")
+    p.add_argument("--cpu-demand-share", type=float, default=None,
+                   help="--on-miss cpu: share of a layer's missed experts copied as soon as its routing is read and "
+                        "computed by the GPU while the CPU computes the rest (default on CUDA: as --cpu-copy-share; "
+                        "on a CPU: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -44,6 +44,9 @@ class RuntimeConfig:
     # `cpu`: share of predicted misses copied ahead; None: starts from the measured bandwidths and
     # follows the host during decode (copies of a layer just done when the CPU finishes its misses)
     cpu_copy_share: float | None = None
+    # `cpu`: share of a layer's misses copied when its routing is read (the GPU computes them while
+    # the CPU computes the others); None: on CUDA as cpu_copy_share, off CUDA 0 (no link to use)
+    cpu_demand_share: float | None = None
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
 
     def validate(self) -> "RuntimeConfig":
@@ -57,8 +60,10 @@ class RuntimeConfig:
             raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
         if self.lookahead is not None and self.lookahead < 1:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
-        if self.cpu_copy_share is not None and not 0.0 <= self.cpu_copy_share <= 1.0:
-            raise SpecmoeError(f"cpu_copy_share must be in [0, 1] (got {self.cpu_copy_share})")
+        for name in ("cpu_copy_share", "cpu_demand_share"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise SpecmoeError(f"{name} must be in [0, 1] (got {value})")
         if self.compile_mode not in COMPILE_MODES:
             raise SpecmoeError(f"unknown compile_mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)} "
                                "(the runtime captures CUDA graphs itself)")

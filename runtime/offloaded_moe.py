@@ -92,8 +92,13 @@ class OffloadedMoE:
         # just have finished when it is done (the next layer needs them a moment later). Still
         # running: copies are the bottleneck, copy less; done: the link idles, copy more.
         self.adapt_copy_share = False
+        # `cpu`, exact decode: the share of a layer's misses copied now and computed by the GPU
+        # while the CPU computes the others (the link would idle otherwise). Adapted like the
+        # share above: the demand copies should just be done when the CPU is.
+        self.cpu_demand_share = 0.0
+        self.adapt_demand_share = False
         self.share_step = 0.02
-        self._share_carry = 0.0
+        self._share_carry = {"ahead": 0.0, "demand": 0.0}
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
         # for the GPU anyway; once a layer's true ids are read, its queued predictions are
@@ -263,34 +268,54 @@ class OffloadedMoE:
         self.telemetry.demand_copies += 1
         return slot
 
-    def _misses(self, layer: int, s: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
-                present: set[int]):
-        """What the table computation left out: None, a tensor to add, or ("cpu", future)."""
-        missing = [(t, j, e) for t, row in enumerate(host_ids) for j, e in self._table_misses(layer, row, present)]
-        if not missing:
-            return None
-        if self.on_miss == "cpu" and self.cpu is not None:
-            w_host = weights.float().cpu()
-            x_host = s.to("cpu", self.store.layout.dtype)
-            work = [(t, e, float(w_host[t, j])) for t, j, e in missing]
-            self.telemetry.cpu_experts += len(work)
-            return ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
-        current = {(layer, int(e)) for row in host_ids for e in row}
+    def _copy_share_now(self, layer: int, absent: list[tuple[int, int]], current: set, gpu_fix: list,
+                        cpu: bool):
+        """Copy layer `layer`'s missed experts `absent` [(choice j, expert)] now: all of them
+        (`fetch`), or with the CPU computing misses, the demand share of them (and those no slot
+        takes). Appends (j, slot) to `gpu_fix`; returns (the (j, expert) left to the CPU, the
+        event after the copies or None)."""
+        take = self._share_of(len(absent), self.cpu_demand_share, "demand") if cpu else len(absent)
         protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
-        zero = self.slots.zero_slot
-        fix_slots = [[zero] * len(row) for row in host_ids]
-        keep = [[0.0] * len(row) for row in host_ids]
-        placed: dict[int, int] = {}
-        for t, j, e in missing:
-            if e not in placed:
-                placed[e] = self._demand_copy((layer, e), protected)
-            fix_slots[t][j] = placed[e]
-            keep[t][j] = 1.0
-        self._prepare_layer(layer)
-        w = weights * self._to_device(keep, weights.dtype)
-        out = routed_output(self.family, self._experts[layer], s, self.slots.stack, self._to_device(fix_slots), w)
-        self._layer_released[layer] = self.streams.record_on_compute()
-        return out
+        batch, on_cpu = [], list(absent[take:])
+        for j, e in absent[:take]:
+            slot = self.slots.reserve((layer, e), protected)
+            if slot is None:
+                if not cpu:  # the minimum budget holds two layers: a bug
+                    raise RuntimeError("no GPU expert slot is free for a needed expert")
+                on_cpu.append((j, e))
+                continue
+            batch.append(((layer, e), slot))
+            gpu_fix.append((j, slot))
+        self.telemetry.demand_copies += len(batch)
+        on_cpu.sort()   # the CPU sums its experts in routing order, whatever was copied
+        return on_cpu, self._copy_many(batch)
+
+    def _misses(self, layer: int, s: torch.Tensor, weights: torch.Tensor, ids: list[int], present: set[int]):
+        """What the table computation left out of one token's experts `ids`: (their output on
+        the GPU, or None; the CPU's future for the others, or None)."""
+        absent = self._table_misses(layer, ids, present)
+        if not absent:
+            return None, None
+        fix: list[tuple[int, int]] = []
+        cpu = self.on_miss == "cpu" and self.cpu is not None
+        on_cpu, _ = self._copy_share_now(layer, absent, {(layer, e) for e in ids}, fix, cpu)
+        future = None
+        if on_cpu:
+            w_host = weights.float().cpu()[0].tolist()
+            x_host = s.to("cpu", self.store.layout.dtype)
+            work = [(0, e, w_host[j]) for j, e in on_cpu]
+            self.telemetry.cpu_experts += len(work)
+            future = self.cpu.submit(self._experts[layer], layer, x_host, work)
+        out = None
+        if fix:
+            self._prepare_layer(layer)   # waits for the copies
+            slots_row, keep = [self.slots.zero_slot] * len(ids), [0.0] * len(ids)
+            for j, slot in fix:
+                slots_row[j], keep[j] = slot, 1.0
+            w = weights * self._to_device([keep], weights.dtype)
+            out = routed_output(self.family, self._experts[layer], s, self.slots.stack, self._to_device([slots_row]), w)
+            self._layer_released[layer] = self.streams.record_on_compute()
+        return out, future
 
     def _exact_decode(self, layer: int, s: torch.Tensor, ids, weights, target, pred) -> torch.Tensor:
         present = self._prepare_layer(layer)
@@ -298,25 +323,22 @@ class OffloadedMoE:
         self._layer_released[layer] = self.streams.record_on_compute()
         k = ids.shape[1]
         row = self._to_host(_with_prediction(ids, pred))[0]
-        host_ids = [row[:k]]
-        fix = self._misses(layer, s, weights, host_ids, present)
+        host_ids = [int(e) for e in row[:k]]
+        gpu_fix, future = self._misses(layer, s, weights, host_ids, present)
         if pred is not None:
-            self._prefetch(target, pred, [row[k:]], {(layer, int(e)) for e in host_ids[0]})
+            self._prefetch(target, pred, [row[k:]], {(layer, e) for e in host_ids})
         self._inflight.pop(layer, None)
         shared = self._shared[layer]
         if shared is not None:
             out = out + shared(s).to(out.dtype)
-        return self._add_fix(out, fix)
-
-    def _add_fix(self, out: torch.Tensor, fix) -> torch.Tensor:
-        if fix is None:
-            return out
-        if isinstance(fix, tuple):
+        if gpu_fix is not None:
+            out = out + gpu_fix.to(out.dtype).reshape(out.shape)
+        if future is not None:
             start = time.perf_counter()
-            part = fix[1].result()
+            part = future.result()
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
-            return (out.float() + self._to_device_tensor(part).reshape(out.shape)).to(out.dtype)
-        return out + fix.to(out.dtype).reshape(out.shape)
+            out = (out.float() + self._to_device_tensor(part).reshape(out.shape)).to(out.dtype)
+        return out
 
     def _to_device_tensor(self, t: torch.Tensor) -> torch.Tensor:
         if self.streams.cuda:
@@ -347,30 +369,28 @@ class OffloadedMoE:
     def _graphed_misses(self, layer: int, g, ids: list[int], present: set[int], cpu_inputs, target, pred,
                         pred_row: list[int]) -> None:
         """After the table graph of a decode step: add the experts it could not compute.
-        `fetch`: the missed experts are copied first (they are needed first), then the
-        prediction for the target layer is queued, then the fix-up graph computes the misses.
-        `cpu`: the prediction's copies are queued, then the CPU computes the misses on this
-        thread while those copies run."""
+        The missed experts not on the GPU are copied now (`fetch`: all of them; `cpu`: the demand
+        share), then the prediction for the target layer is queued, then the fix-up graph
+        computes what is on the GPU, and (`cpu`) the CPU computes the rest on this thread while
+        the copies run."""
         current = {(layer, e) for e in ids}
         self._drop_queued(layer)
         self._protect_now = current
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
-        cpu_work: list[tuple[int, int, float]] = []
-        protected = None
-        weights = None
+        absent: list[tuple[int, int]] = []      # (choice j, expert) on no slot
         for j, e in self._table_misses(layer, ids, present):
-            key = (layer, e)
-            slot = self.slots.lookup(key)   # not None: copied after the table was set
-            if slot is None and cpu_inputs is not None:
-                if weights is None:
-                    weights = cpu_inputs[1][0].tolist()   # one conversion, not one tensor index per miss
-                cpu_work.append((0, e, weights[j]))
-                continue
+            slot = self.slots.lookup((layer, e))   # not None: copied after the table was set
             if slot is None:
-                if protected is None:
-                    protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
-                slot = self._demand_copy(key, protected)
-            gpu_fix.append((j, slot))
+                absent.append((j, e))
+            else:
+                gpu_fix.append((j, slot))
+        cpu_work: list[tuple[int, int, float]] = []
+        demand = None
+        if absent:
+            on_cpu, demand = self._copy_share_now(layer, absent, current, gpu_fix, cpu_inputs is not None)
+            if on_cpu:
+                weights = cpu_inputs[1][0].tolist()   # one conversion, not one tensor index per miss
+                cpu_work = [(0, e, weights[j]) for j, e in on_cpu]
         ahead = None   # after the copies for the target layer
         if pred is not None:
             # Copies first: they run while the GPU and the CPU compute this layer.
@@ -378,7 +398,7 @@ class OffloadedMoE:
             ahead = self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
         if gpu_fix:
             waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
-            waits = [w for w in waits if w is not None]
+            waits = list({id(w): w for w in waits if w is not None}.values())
             if waits:
                 before = self.streams.timed_event_on_compute()
                 for w in waits:
@@ -389,15 +409,18 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             for _, slot in gpu_fix:
                 self.slots.set_released(slot, released)
+        if cpu_inputs is None:
+            return
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
             part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
-        if ahead is not None and cpu_inputs is not None and self.adapt_copy_share:
-            step = self.share_step if ahead.query() else -self.share_step
-            self.cpu_copy_share = min(1.0, max(0.0, self.cpu_copy_share + step))
+        if absent and self.adapt_demand_share:
+            self._adapt("cpu_demand_share", demand)
+        if ahead is not None and self.adapt_copy_share:
+            self._adapt("cpu_copy_share", ahead)
 
     def _read(self, layer: int, t: torch.Tensor):
         """Queue a copy of `t` to pinned host memory; returns (host tensor, event)."""
@@ -538,12 +561,7 @@ class OffloadedMoE:
         issued = self._inflight.setdefault(target, set())
         budget = None
         if share is not None:
-            # The share's fraction of an expert carries over to the next layer: over many layers
-            # exactly `share` of the absent predicted experts are copied.
-            absent = sum(1 for key in wanted if key not in self.slots)
-            want = share * absent + self._share_carry
-            budget = int(want)
-            self._share_carry = want - budget
+            budget = self._share_of(sum(1 for key in wanted if key not in self.slots), share, "ahead")
         batch = []
         for key in wanted:
             if key in self.slots:
@@ -567,6 +585,21 @@ class OffloadedMoE:
         if windowed and self.copy_window:
             self._pump()
         return ready
+
+    def _share_of(self, n: int, share: float, which: str) -> int:
+        """How many of `n` experts `share` takes now. The fraction of an expert carries over
+        to the next layer: over many layers exactly `share` of them are taken."""
+        want = share * n + self._share_carry[which]
+        take = min(n, int(want))
+        self._share_carry[which] = want - take
+        return take
+
+    def _adapt(self, attr: str, copies) -> None:
+        """After the CPU's part of a layer: copies issued beside it (`copies`, their event; None:
+        none were) still running mean the link is the bottleneck, so copy a smaller share."""
+        done = copies is None or copies.query()
+        share = getattr(self, attr) + (self.share_step if done else -self.share_step)
+        setattr(self, attr, min(1.0, max(0.0, share)))
 
     def _evicted(self, key, slot: int) -> None:
         if not self.device_table:

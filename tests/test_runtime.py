@@ -79,6 +79,25 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
         assert tel.cpu_experts > 0 if on_miss == "cpu" else tel.demand_copies > 0
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("prefetch", ["none", "current"])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_cpu_with_a_demand_share_splits_misses_and_stays_exact(family, prefetch, graphed):
+    """`cpu` with half of each layer's misses copied as soon as its routing is read: the GPU
+    computes those, the CPU the others, and the sum is the stock forward's."""
+    ref = tiny_model(family)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss="cpu", gpu_expert_budget="0",
+                                                        cpu_demand_share=0.5))
+    engine.use_graphs = graphed
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    tel = engine.telemetry
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert tel.cpu_experts > 0 and tel.demand_copies > 0
+
+
 class _CopyEvent:
     """Stands in for a CUDA event on the copy stream (the CPU has none): done or still running."""
 
@@ -93,10 +112,11 @@ class _CopyEvent:
 
 
 @pytest.mark.parametrize("copies_done", [True, False])
-def test_cpu_copy_share_follows_whether_copies_kept_up(copies_done):
-    """`cpu` with the share left to the runtime: after each layer whose predicted copies had
-    finished when the CPU finished its misses, more is copied; after each whose copies were
-    still running, less. The tokens stay exact either way."""
+def test_cpu_copy_shares_follow_whether_copies_kept_up(copies_done):
+    """`cpu` with both shares left to the runtime: after each layer whose copies (predicted
+    for the next layer, or of this layer's misses) had finished when the CPU finished its
+    misses, more is copied; after each whose copies were still running, less. The tokens
+    stay exact either way."""
     shape = dict(num_experts=32, num_experts_per_tok=4)  # predictions often absent from the few slots
     ref = tiny_model("qwen3_moe", **shape)
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
@@ -106,12 +126,14 @@ def test_cpu_copy_share_follows_whether_copies_kept_up(copies_done):
     engine.use_graphs = True
     moe = engine.moe
     moe.adapt_copy_share, moe.cpu_copy_share = True, 0.5
+    moe.adapt_demand_share, moe.cpu_demand_share = True, 0.5
     moe.streams.record_on_copy = lambda: _CopyEvent(copies_done)
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
-    share = moe.cpu_copy_share
+    shares = moe.cpu_copy_share, moe.cpu_demand_share
     engine.close()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert share > 0.5 if copies_done else share < 0.5
+    for share in shares:
+        assert share > 0.5 if copies_done else share < 0.5
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
