@@ -64,40 +64,19 @@ def _build(verbose: bool):
             pass
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
-    flags, ldflags = ["-O3"], []
+    flags = ["-O3"]
     # at::parallel_for is an OpenMP region in the headers: without -fopenmp it would run serially.
     if "OpenMP" in torch.__config__.parallel_info():
         flags.append("-fopenmp")
-        ldflags = _torch_openmp_link_flags()
-    digest = hashlib.sha256(f"{torch.__version__} {flags} {ldflags}".encode())
+    digest = hashlib.sha256(f"{torch.__version__} {flags}".encode())
     for name in _SOURCES:
         digest.update((_CSRC / name).read_bytes())
     cache = Path(os.environ.get("SPECMOE_CACHE") or Path.home() / ".cache" / "specmoe")
     build = cache / "torch_extensions" / f"expert_gemv-{digest.hexdigest()[:16]}"
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="specmoe_expert_gemv", sources=[str(_CSRC / "expert_gemv.cpp")],
-                              extra_cflags=flags, extra_ldflags=ldflags, build_directory=str(build),
+                              extra_cflags=flags, extra_ldflags=flags[1:], build_directory=str(build),
                               verbose=verbose)
-
-
-def _torch_openmp_link_flags() -> list[str]:
-    """Link flags that put the extension's parallel regions in torch's own OpenMP runtime.
-
-    Plain -fopenmp links the system's libgomp; where torch ships its own under another name,
-    the process then holds two runtimes, two pools of one thread per core, and each pool's
-    threads spinning after their regions stall the other's (regions that take a scheduler
-    time slice, milliseconds, instead of microseconds). The runtime torch loaded is the one
-    mapped into this process now."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return ["-fopenmp"]
-    for line in maps:
-        path = line.split()[-1] if line.split() else ""
-        name = Path(path).name
-        if path.startswith("/") and name.startswith(("libgomp", "libiomp5")) and ".so" in name:
-            return [path, f"-Wl,-rpath,{Path(path).parent}"]
-    return ["-fopenmp"]
 
 
 def load(verbose: bool = False):
