@@ -147,6 +147,12 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cache_hit_rate": summary.get("cache_hit_rate"),
             "cpu_compute_calls_per_step": len(cpu_calls) / timed_steps if cpu_calls else 0,
             "cpu_compute_us_per_call": 1e6 * statistics.median(cpu_calls) if cpu_calls else None,
+            # A stalled parallel region shows in the mean and the tail, not in the median.
+            "cpu_compute_us_mean_p90_max": [round(1e6 * v) for v in (statistics.fmean(cpu_calls),
+                                            sorted(cpu_calls)[int(0.9 * (len(cpu_calls) - 1))], max(cpu_calls))]
+            if cpu_calls else None,
+            "wall_ms_mean_p90": [1e3 * statistics.fmean(walls), 1e3 * sorted(walls)[int(0.9 * (len(walls) - 1))]],
+            "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -168,12 +174,13 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "profile_decode"))
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
-    p.add_argument("--threads", type=int, default=0, help="CPU expert threads (0: torch's default)")
-    p.add_argument("--demand-share", type=float, default=None,
-                   help="cpu modes: share of misses copied when the routing is read (default: measured, adapted)")
+    p.add_argument("--threads", default="0", help="CPU expert threads, one run each: e.g. 16,15 (0: torch's default)")
+    p.add_argument("--demand-share", default="auto",
+                   help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
+                        "(auto: measured, then adapted)")
     args = p.parse_args()
     base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
-                         cpu_threads=args.threads, cpu_demand_share=args.demand_share)
+                         )
     parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False, embedding_std=EMBEDDING_STD)
     gen = torch.Generator().manual_seed(0)
     vocab = parts.model.config.vocab_size
@@ -197,12 +204,16 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    for prefetch, on_miss, budget, table, hit, compiled, *window in modes:
+    variants = [(int(t), None if d == "auto" else float(d)) for t in args.threads.split(",")
+                for d in args.demand_share.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand) in \
+            ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
-                                     prefetch_window=window[0] if window else 0)
+                                     prefetch_window=window[0] if window else 0, cpu_threads=threads,
+                                     cpu_demand_share=demand)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
         row["seconds"] = time.perf_counter() - t0
