@@ -175,7 +175,7 @@ def main() -> int:
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
     p.add_argument("--threads", default="0", help="CPU expert threads, one run each: e.g. 16,15 (0: torch's default)")
-    p.add_argument("--demand-share", default="auto",
+    p.add_argument("--demand-share", default="0",
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
                         "(auto: measured, then adapted)")
     args = p.parse_args()

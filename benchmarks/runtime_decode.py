@@ -216,9 +216,10 @@ def model_a(args, out: dict) -> None:
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
-    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None):
+    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None, demand=0.0):
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                     oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share)
+                                     oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share,
+                                     cpu_demand_share=demand)
         label = f"{prefetch}+{on_miss}"
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
@@ -226,6 +227,8 @@ def model_a(args, out: dict) -> None:
             label += f" (window {window})"
         if share is not None:
             label += f" (copy share fixed at {share})"
+        if demand is None:
+            label += " (demand copies)"
         if prefetch == "quasi":
             # A random model has no calibration text to average experts over: d_l = 0, so
             # q_l = LN_{l+1}(r_l). The same computation and cost as with real default vectors.
@@ -244,6 +247,7 @@ def model_a(args, out: dict) -> None:
         add("quasi", "fetch", "0", window=args.window)
         p = args.hit_rates[0]
         add("none", "cpu", "0")
+        add("none", "cpu", "0", demand=None)
         add("oracle", "cpu", "0", p)
         add("oracle", "cpu", "0", p, share=0.25)
         for b in args.budgets:
@@ -316,12 +320,15 @@ def side_by_side(args, out: dict) -> None:
         on_gpu = expert_bytes_on_gpu(ncmoe, args.layers, spec.num_experts, spec.hidden_size,
                                      spec.expert_intermediate_size)
         budget = str(on_gpu) if on_gpu else "0"
-        for prefetch, on_miss, p in (("none", "fetch", 1.0), ("quasi", "fetch", 1.0), ("none", "cpu", 1.0),
-                                     ("quasi", "cpu", 1.0),
-                                     ("oracle", "cpu", args.hit_rates[0] if args.hit_rates else 0.85)):
+        hit = args.hit_rates[0] if args.hit_rates else 0.85
+        # (prefetch, on_miss, oracle recall, demand share: None follows the host)
+        for prefetch, on_miss, p, demand in (("none", "fetch", 1.0, 0.0), ("quasi", "fetch", 1.0, 0.0),
+                                             ("none", "cpu", 1.0, 0.0), ("none", "cpu", 1.0, None),
+                                             ("quasi", "cpu", 1.0, 0.0), ("oracle", "cpu", hit, 0.0)):
             config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                         oracle_hit_rate=p)
-            label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "")
+                                         oracle_hit_rate=p, cpu_demand_share=demand)
+            label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "") + \
+                (" (demand copies)" if demand is None else "")
             if prefetch == "quasi":
                 config = (dataclasses.replace(config, prefetch="current"),
                           lambda parts: router_predictor(parts.model, parts.family, parts.spec, "quasi",

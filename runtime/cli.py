@@ -54,8 +54,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "follows the host while decoding)")
     p.add_argument("--cpu-demand-share", type=float, default=None,
                    help="--on-miss cpu: share of a layer's missed experts copied as soon as its routing is read and "
-                        "computed by the GPU while the CPU computes the rest (default on CUDA: as --cpu-copy-share; "
-                        "on a CPU: 0)")
+                        "computed by the GPU while the CPU computes the rest (default: 0, the CPU computes every miss)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -14,6 +14,8 @@ captured graphs need.
 
 from __future__ import annotations
 
+import os
+
 import warnings
 
 import torch
@@ -89,6 +91,14 @@ class Pieces:
         # products too. Modes that capture CUDA graphs themselves are not for pieces that
         # are captured here.
         self.compile, self.backend, self.mode = compile, backend, mode
+        if compile and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            # Inductor's default is a pool of compile worker processes, one per core, started
+            # beside the compilation; while they start they take the cores that CPU experts
+            # (`cpu`) run on, whose parallel regions then wait for time slices. The pieces
+            # are a few small graphs: compiling them in this process costs about as much.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
 
     def __getattr__(self, name: str):
         fn = globals()[name] if name in _FUNCTIONS else None

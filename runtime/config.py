@@ -45,8 +45,8 @@ class RuntimeConfig:
     # follows the host during decode (copies of a layer just done when the CPU finishes its misses)
     cpu_copy_share: float | None = None
     # `cpu`: share of a layer's misses copied when its routing is read (the GPU computes them while
-    # the CPU computes the others); None: on CUDA as cpu_copy_share, off CUDA 0 (no link to use)
-    cpu_demand_share: float | None = None
+    # the CPU computes the others); None: on CUDA starts as cpu_copy_share and follows the host
+    cpu_demand_share: float | None = 0.0
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
 
     def validate(self) -> "RuntimeConfig":

@@ -221,17 +221,25 @@ class OffloadedMoE:
         self._table_ops = []
         n = len(last)
         if self._ops_staging is None:
+            # Two staging buffers in turn: a flush waits for the copy of the one before last,
+            # long done, not for the last one, which may still queue behind this layer's work.
             entries = self.table.numel()
-            self._ops_staging = torch.empty((2, entries), dtype=torch.long, pin_memory=self.streams.cuda)
+            self._ops_staging = [torch.empty((2, entries), dtype=torch.long, pin_memory=self.streams.cuda)
+                                 for _ in range(2)]
             self._ops_device = torch.empty((2, entries), dtype=torch.long, device=self.device)
-        if self._ops_done is not None:
-            self._ops_done.synchronize()  # the previous flush's copy has read the staging buffer
-        staging = self._ops_staging.numpy()
+            self._ops_done = [None, None]
+            self._ops_turn = 0
+        turn = self._ops_turn
+        self._ops_turn ^= 1
+        if self._ops_done[turn] is not None:
+            self._ops_done[turn].synchronize()   # its last copy has read this staging buffer
+        host = self._ops_staging[turn]
+        staging = host.numpy()
         staging[0, :n] = list(last)
         staging[1, :n] = list(last.values())
         dev = self._ops_device[:, :n]
-        dev.copy_(self._ops_staging[:, :n], non_blocking=True)
-        self._ops_done = self.streams.record_on_compute()
+        dev.copy_(host[:, :n], non_blocking=True)
+        self._ops_done[turn] = self.streams.record_on_compute()
         self.table.view(-1).index_copy_(0, dev[0], dev[1])
 
     def table_row(self, layer: int) -> torch.Tensor:
@@ -632,9 +640,7 @@ class OffloadedMoE:
                     waits[id(ev)] = ev
         for ev in waits.values():
             streams.copy_waits(ev)
-        with streams.copy_context():
-            for key, slot in pairs:
-                self.slots.buffer[slot].copy_(self.store.block(*key), non_blocking=streams.cuda)
+        streams.copy_blocks(self.slots.buffer, self.store.blocks, [(slot, self.store.row(*key)) for key, slot in pairs])
         ready = streams.record_on_copy()
         for _, slot in pairs:
             self.slots.set_ready(slot, ready)

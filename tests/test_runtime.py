@@ -98,6 +98,16 @@ def test_cpu_with_a_demand_share_splits_misses_and_stays_exact(family, prefetch,
     assert tel.cpu_experts > 0 and tel.demand_copies > 0
 
 
+def test_block_copies_without_cuda_land_in_their_rows():
+    from runtime.streams import Streams
+
+    src = torch.randint(0, 256, (6, 40), dtype=torch.uint8)
+    dst = torch.zeros((4, 40), dtype=torch.uint8)
+    Streams(torch.device("cpu")).copy_blocks(dst, src, [(1, 5), (3, 0)])
+    assert torch.equal(dst[1], src[5]) and torch.equal(dst[3], src[0])
+    assert not dst[0].any() and not dst[2].any()
+
+
 class _CopyEvent:
     """Stands in for a CUDA event on the copy stream (the CPU has none): done or still running."""
 

@@ -36,6 +36,41 @@ def test_exact_modes_match_stock_on_cuda(family, prefetch, on_miss, budget):
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
 
 
+def test_expert_copies_go_straight_to_the_cuda_runtime_and_land_in_their_slots():
+    """Copies of expert blocks bypass torch (one cudaMemcpyAsync each, on the copy stream): each
+    slot holds the block it was given, the others are untouched."""
+    from runtime.streams import Streams
+
+    streams = Streams(torch.device("cuda"))
+    assert streams._memcpy is not None, "the CUDA runtime torch loaded was not found: copies go through torch"
+    src = torch.randint(0, 256, (7, 4096 + 64), dtype=torch.uint8).pin_memory()
+    dst = torch.zeros((5, src.shape[1]), dtype=torch.uint8, device="cuda")
+    pairs = [(0, 6), (3, 2), (4, 0)]
+    streams.copy_blocks(dst, src, pairs)
+    streams.synchronize()
+    expected = torch.zeros_like(dst)
+    for i, j in pairs:
+        expected[i] = src[j].cuda()
+    assert torch.equal(dst, expected)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_cpu_with_demand_copies_matches_stock_on_cuda(family):
+    """`cpu` at the minimum budget with the demand share left to the host: a layer's misses split
+    between copies computed by the GPU and the CPU, exact either way."""
+    ref = tiny_model(family).cuda()
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids.cuda())
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch="current", on_miss="cpu", gpu_expert_budget="0",
+                                                        cpu_demand_share=None))
+    assert engine.moe.adapt_demand_share
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    tel = engine.telemetry
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+    assert tel.demand_copies > 0 and tel.cpu_experts > 0
+
+
 def _demo(dtype):
     from transformers import AutoModelForCausalLM
 
