@@ -85,7 +85,9 @@ class DecodeGraphs:
         self.fix_w = None
         self._fix_graph = None
         self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)
-        self._host_part_dev = torch.empty((1, H), dtype=torch.float32, device=dev)
+        self._host_part_dev = torch.zeros((1, H), dtype=torch.float32, device=dev)
+        self._host_np = self._host_part.numpy()
+        self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
         self._capture()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
@@ -104,8 +106,17 @@ class DecodeGraphs:
             self._masks[kind].copy_(m)
         e.cache.set_positions(self.pos)
 
+    def _take_host_part(self):
+        # The CPU's experts of the layer before, copied in by add_host (zeros when it had none):
+        # added in fp32 and rounded once, as the eager path adds the CPU's part, then cleared.
+        if not self._host_adds:
+            return
+        self.x.add_(self._host_part_dev.view(self.x.shape))
+        self._host_part_dev.zero_()
+
     def _attention(self, l: int):
         e = self.engine
+        self._take_host_part()
         self.pieces.attention_block(e.layers[l], self.x, self._rope, self._masks[e._kinds[l]], self.pos,
                                     e.cache.layer(l), e._cache_kw, self.r, self.s)
 
@@ -182,14 +193,14 @@ class DecodeGraphs:
         self._fix_graph.replay()
 
     def add_host(self, part: torch.Tensor) -> None:
-        """x += part (float32 [1, H] on the host: the CPU's experts)."""
-        self._host_part.copy_(part.reshape(self._host_part.shape))
-        self._host_part_dev.copy_(self._host_part, non_blocking=True)
-        # summed in fp32 and rounded once, as the eager path adds the CPU's part
-        self.x.add_(self._host_part_dev.view(self.x.shape))
+        """x += part (float32 [1, H] on the host: the CPU's experts), by the next graph that
+        reads x: the host only queues one copy (no kernel launch on its path)."""
+        self._host_np[...] = part.reshape(self._host_np.shape).numpy()
+        self.moe.streams.copy_on_compute(self._host_part_dev, self._host_part)
 
     def _epilogue(self):
         e = self.engine
+        self._take_host_part()
         if self.logits is None:
             self.logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
         self.pieces.head(e.base.norm, e.model.lm_head, self.x, self.logits)

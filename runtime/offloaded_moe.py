@@ -370,7 +370,7 @@ class OffloadedMoE:
         hosts = []
         for i, t in enumerate(tensors):
             host = self._pinned(self._staging, (layer, i), t)
-            host.copy_(t, non_blocking=True)
+            self.streams.copy_on_compute(host, t)
             hosts.append(host)
         return hosts, self.streams.host_event()
 

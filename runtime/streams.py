@@ -39,9 +39,24 @@ class Streams:
         row = dst.shape[1]
         d0, s0, stream = dst.data_ptr(), src.data_ptr(), self.copy.cuda_stream
         for i, j in pairs:
-            err = self._memcpy(d0 + i * row, s0 + j * row, row, _HOST_TO_DEVICE, stream)
-            if err:
-                raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {err}")
+            self._check(self._memcpy(d0 + i * row, s0 + j * row, row, _DEFAULT, stream))
+
+    def copy_on_compute(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst.copy_(src) queued on the compute stream, for small reads and writes between the
+        host's pinned buffers and the device: one cudaMemcpyAsync where both are contiguous
+        and alike (the runtime's own static buffers), else torch's copy."""
+        if (self._memcpy is None or dst.dtype != src.dtype or dst.shape != src.shape
+                or not dst.is_contiguous() or not src.is_contiguous()
+                or self.device.index not in (None, torch.cuda.current_device())):
+            dst.copy_(src, non_blocking=self.cuda)
+            return
+        self._check(self._memcpy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), _DEFAULT,
+                                 self.compute.cuda_stream))
+
+    @staticmethod
+    def _check(err: int) -> None:
+        if err:
+            raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {err}")
 
     def _record(self, stream, timing: bool = False):
         if not self.cuda:
@@ -80,7 +95,7 @@ class Streams:
             torch.cuda.synchronize(self.device)
 
 
-_HOST_TO_DEVICE = 1   # cudaMemcpyHostToDevice
+_DEFAULT = 4   # cudaMemcpyDefault: the direction follows from the addresses (unified addressing)
 
 
 def _cuda_memcpy_async():

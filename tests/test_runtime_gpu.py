@@ -54,6 +54,26 @@ def test_expert_copies_go_straight_to_the_cuda_runtime_and_land_in_their_slots()
     assert torch.equal(dst, expected)
 
 
+def test_small_reads_and_writes_on_the_compute_stream_land_in_order():
+    """The host's reads of routing (device to pinned host) and its writes of the CPU's part (pinned
+    host to device) go straight to the CUDA runtime on the compute stream, behind the work queued
+    before them."""
+    from runtime.streams import Streams
+
+    streams = Streams(torch.device("cuda"))
+    ids = torch.arange(8, device="cuda")
+    ids.mul_(3)   # queued before the read: the read must see it
+    host = torch.empty(8, dtype=torch.long, pin_memory=True)
+    streams.copy_on_compute(host, ids)
+    streams.host_event().synchronize()
+    assert host.tolist() == [3 * i for i in range(8)]
+    part = torch.randn(1, 64).pin_memory()
+    dev = torch.zeros(1, 64, device="cuda")
+    streams.copy_on_compute(dev, part)
+    dev.mul_(2)   # queued after the write: it must see the written values
+    assert torch.equal(dev.cpu(), part * 2)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_cpu_with_demand_copies_matches_stock_on_cuda(family):
     """`cpu` at the minimum budget with the demand share left to the host: a layer's misses split
