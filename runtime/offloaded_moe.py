@@ -283,6 +283,8 @@ class OffloadedMoE:
         takes). Appends (j, slot) to `gpu_fix`; returns (the (j, expert) left to the CPU, the
         event after the copies or None)."""
         take = self._share_of(len(absent), self.cpu_demand_share, "demand") if cpu else len(absent)
+        if take == 0:
+            return list(absent), None
         protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
         batch, on_cpu = [], list(absent[take:])
         for j, e in absent[:take]:
