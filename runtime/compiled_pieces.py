@@ -15,7 +15,6 @@ captured graphs need.
 from __future__ import annotations
 
 import os
-
 import warnings
 
 import torch
