@@ -115,7 +115,6 @@ def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, con
         tel.prefill_seconds = prefill
         tel.prompt_tokens = int(prompt.numel())
         summary = tel.summary()
-        summary["cpu_expert_seconds"] = engine.moe.cpu.seconds if engine.moe.cpu is not None else 0.0
         summary["mode"] = f"{config.resolved_prefetch()}+{config.on_miss}"
         summary["gpu_expert_budget"] = config.gpu_expert_budget
         summary["engine"] = engine.info

@@ -155,7 +155,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                                  predictor is not None, free)
     slots = ExpertSlots(layout, num_slots, device, config.eviction)
     telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
-    cpu = CpuExperts(family, store, config.cpu_threads or None) if config.on_miss == "cpu" else None
+    cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry) if config.on_miss == "cpu" else None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window
@@ -211,7 +211,7 @@ def _copy_share(moe, device: torch.device) -> float:
         t0 = time.perf_counter()
         moe.cpu.compute(moe._experts[layer], layer, x, work)
         times.append(time.perf_counter() - t0)
-    moe.cpu.seconds = 0.0
+    moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
     cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
     return copy_bw / (copy_bw + cpu_bw)
 

@@ -24,9 +24,10 @@ from .host_store import HostExpertStore
 
 
 class CpuExperts:
-    def __init__(self, family, store: HostExpertStore, threads: int | None = None):
+    def __init__(self, family, store: HostExpertStore, threads: int | None = None, telemetry=None):
         self.family = family
         self.store = store
+        self.telemetry = telemetry   # its cpu_expert_seconds counts the time computed here
         if threads:
             torch.set_num_threads(int(threads))
         cpu_kernels.available()  # build the kernels now, not at the first miss
@@ -55,7 +56,7 @@ class CpuExperts:
                     y = cpu_kernels.expert_outputs(self.family, experts_module, self.store, layer, experts,
                                                    x.expand(len(experts), -1))
                     out = (torch.tensor(weights, dtype=torch.float32) @ y).reshape(1, -1)
-            self.seconds += time.perf_counter() - start
+            self._spent(time.perf_counter() - start)
             return out
         out = torch.zeros(x.shape, dtype=torch.float32)
         tokens = Counter(e for _, e, _ in work)
@@ -68,8 +69,13 @@ class CpuExperts:
                 toks = torch.tensor([t for t, _, _ in items], dtype=torch.int64)
                 y = outputs(self.family, experts_module, self.store, layer, [e for _, e, _ in items], x[toks])
                 out.index_add_(0, toks, y * torch.tensor([w for _, _, w in items], dtype=torch.float32)[:, None])
-        self.seconds += time.perf_counter() - start
+        self._spent(time.perf_counter() - start)
         return out
+
+    def _spent(self, seconds: float) -> None:
+        self.seconds += seconds
+        if self.telemetry is not None:
+            self.telemetry.cpu_expert_seconds += seconds
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -180,6 +180,7 @@ def format_summary(s: dict) -> str:
         ("copied per decoded token", num((s["bytes_copied_per_token"] or 0) / 2**20 if s["decoded_tokens"] else None,
                                          ".2f") + " MiB"),
         ("GPU waiting for copies", num(s["gpu_copy_wait_seconds"], ".3f") + " s"),
+        ("CPU experts per decoded token", num(s["cpu_experts_per_token"], ".2f")),
         ("CPU expert time", num(s["cpu_expert_seconds"], ".3f") + " s"),
         ("peak GPU memory", num(s["peak_gpu_bytes"] / 2**30 if s["peak_gpu_bytes"] else None, ".2f") + " GiB"),
         ("peak host memory", num(s["peak_host_bytes"] / 2**30, ".2f") + " GiB"),

@@ -23,6 +23,9 @@ def test_generate_streams_text_and_writes_telemetry(tmp_path, capsys):
     data = json.loads(tel.read_text())
     assert data["decoded_tokens"] == 11 and data["engine"]["prefetch"] == "hybrid"
     assert data["prefetch_hit_rate"] > 0.5
+    # the CPU computed missed experts, and its time is reported with them
+    assert data["cpu_experts_per_token"] > 0 and data["cpu_expert_seconds"] > 0
+    assert "CPU experts per decoded token" in out.err
 
 
 def test_generate_reads_stdin(monkeypatch, capsys):
