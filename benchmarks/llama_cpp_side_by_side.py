@@ -613,8 +613,35 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(doc: dict, path: Path) -> None:
+    """ms per token against the expert bytes on the GPU: llama.cpp and each of our modes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in doc.get("rows", []):
+        if r.get("status", "ok") != "ok" or r.get("ms_per_token") is None:
+            continue
+        name = r["system"] if r["system"] != "specmoe" else "specmoe " + r["setting"].split(",")[0]
+        lines.setdefault(name, []).append((r["gpu_expert_bytes"] / 1e9, r["ms_per_token"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, pts) in enumerate(sorted(lines.items())):
+        pts.sort()
+        ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="osD^v<>"[i % 7],
+                linestyle=["-", "--", ":", "-."][i % 4], label=name, linewidth=2.5 if name == "llama.cpp" else 1.5)
+    ax.set_xlabel("expert bytes on the GPU (GB)")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title("decode, batch 1, experts partly in CPU memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
-    """Writes name.json and name.md; rows of other systems already in name.json are kept."""
+    """Writes name.json, name.md and name.png; rows of other systems already in name.json are kept."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     ours = {r.get("system") for r in doc.get("rows", [])}
@@ -626,12 +653,13 @@ def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
             pass
     path.write_text(json.dumps(doc, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, path.with_suffix(".png"))
     return path
 
 
 def merge_rows(path: Path, rows: list[dict]) -> dict:
     """Adds rows (any system, the row format above) to a results JSON: a row with the same
-    system, setting and layers replaces the old one. Rewrites the JSON and its .md."""
+    system, setting and layers replaces the old one. Rewrites the JSON, its .md and its plot."""
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     key = lambda r: (r.get("system"), r.get("setting"), r.get("layers"))  # noqa: E731
     new = {key(r) for r in rows}
@@ -639,6 +667,7 @@ def merge_rows(path: Path, rows: list[dict]) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, path.with_suffix(".png"))
     return doc
 
 
@@ -672,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "specmoe-llama",
                    help="scratch for the checkpoint (deleted after conversion) and the GGUF")
     p.add_argument("--fresh", action="store_true", help="convert again even if the GGUF is there")
-    p.add_argument("--out", type=Path, default=RESULTS, help="where llama_cpp.json, .md and logs/ go")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where llama_cpp.json, .md, .png and logs/ go")
     p.add_argument("--from-sdist", type=Path, metavar="TAR_GZ",
                    help="write --llama-src from a llama-cpp-python source distribution first")
     args = p.parse_args(argv)

@@ -346,37 +346,8 @@ def side_by_side(args, out: dict) -> None:
                      "context": args.context, "decode_tokens": row["decoded_tokens"], "tokens_per_s": 1e3 / ms,
                      "ms_per_token": round(ms, 4), "ms_per_layer": round(ms / args.layers, 4),
                      "copy_floor_ms": row["copy_floor_ms"], "status": "ok"})
-    path = Path(args.side_by_side)
-    doc = merge_rows(path, rows)
-    plot_side_by_side(doc, path.with_suffix(".png"))
+    merge_rows(Path(args.side_by_side), rows)
     print(markdown(result, "side by side (ours)"), flush=True)
-
-
-def plot_side_by_side(doc: dict, path: Path) -> None:
-    """ms per token against the expert bytes on the GPU: llama.cpp and each of our modes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for r in doc.get("rows", []):
-        if r.get("status", "ok") != "ok" or r.get("ms_per_token") is None:
-            continue
-        name = r["system"] if r["system"] != "specmoe" else "specmoe " + r["setting"].split(",")[0]
-        lines.setdefault(name, []).append((r["gpu_expert_bytes"] / 1e9, r["ms_per_token"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (name, pts) in enumerate(sorted(lines.items())):
-        pts.sort()
-        ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="osD^v<>"[i % 7],
-                linestyle=["-", "--", ":", "-."][i % 4], label=name, linewidth=2.5 if name == "llama.cpp" else 1.5)
-    ax.set_xlabel("expert bytes on the GPU (GB)")
-    ax.set_ylabel("ms per token (median)")
-    ax.set_title("decode, batch 1, experts partly in CPU memory")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def accelerate_baseline(args, out: dict) -> None:

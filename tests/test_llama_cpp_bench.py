@@ -224,6 +224,7 @@ def test_results_merge(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert {r["system"] for r in rows} == {"llama.cpp", "specmoe"} and len(rows) == 2
     assert "| specmoe | quasi+speculate budget=0 | 8 |" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").stat().st_size > 0   # the plot follows the rows, whoever wrote last
 
 
 def test_markdown_failed_and_skipped_rows():
