@@ -219,7 +219,7 @@ def main() -> int:
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
-    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "SPECMOE_"))}
     result = {"command": " ".join(["python", "benchmarks/profile_decode.py", *sys.argv[1:]]), "layers": args.layers,
               "environment": omp, "threads": torch.get_num_threads(),
               "context": args.context, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "rows": rows}

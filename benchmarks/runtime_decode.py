@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -100,6 +101,7 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
+            "cpu_prefetch": os.environ.get(cpu_kernels.PREFETCH_ENV) or "cache",
             "expert_copy_bytes_per_s": expert_copy, "together": together,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
             "memory_read_bytes_per_s": flat.numel() * 4 / memory,
@@ -468,7 +470,8 @@ def write_results(out: dict, path: Path) -> None:
         copies = (f"; host-to-device copies of 8 experts, one copy each as the runtime issues them: "
                   f"{h['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s" if h.get("expert_copy_bytes_per_s") else "")
         md += [f"Host limits, measured on model A's store with {h['threads']} threads: CPU experts "
-               f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}), "
+               f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}"
+               f"{', non-temporal prefetch' if h.get('cpu_prefetch') == 'nta' else ''}), "
                f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch; memory read "
                f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s{copies}.\n"]
         if h.get("together"):

@@ -10,7 +10,8 @@ reference up to the order of the fp32 sums.
 The extension is compiled on first use (g++ and ninja; under a minute, once: cached under
 ${SPECMOE_CACHE:-~/.cache/specmoe}/torch_extensions). Without a compiler, or if the build
 fails, everything here falls back to torch and says so once. SPECMOE_CPU_KERNELS picks
-the path: auto (default), torch, or an instruction set (avx512, avx2, scalar).
+the path: auto (default), torch, or an instruction set (avx512, avx2, scalar);
+SPECMOE_CPU_PREFETCH how weights are prefetched: cache (default) or nta (non-temporal).
 
 For one token (decode), `expert_sum` does all of an MoE layer's CPU experts in one native
 call: both products, the biases, the glu and the weighted sum, so no torch op runs between
@@ -64,7 +65,7 @@ def _build(verbose: bool):
             pass
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
-    flags = ["-O3"]
+    flags = ["-O3", f"-DSPECMOE_PREFETCH_LOCALITY={_prefetch_locality()}"]
     # at::parallel_for is an OpenMP region in the headers: without -fopenmp it would run serially.
     if "OpenMP" in torch.__config__.parallel_info():
         flags.append("-fopenmp")
@@ -75,14 +76,30 @@ def _build(verbose: bool):
     build = cache / "torch_extensions" / f"expert_gemv-{digest.hexdigest()[:16]}"
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="specmoe_expert_gemv", sources=[str(_CSRC / "expert_gemv.cpp")],
-                              extra_cflags=flags, extra_ldflags=flags[1:], build_directory=str(build),
+                              extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                              build_directory=str(build),
                               verbose=verbose)
+
+
+PREFETCH_ENV = "SPECMOE_CPU_PREFETCH"
+_PREFETCH_LOCALITY = {"cache": 3, "nta": 0}
+
+
+def _prefetch_locality() -> int:
+    """How the kernels prefetch weights, from SPECMOE_CPU_PREFETCH: `cache` (default) into
+    every cache level; `nta`, non-temporal: a layer's tens of megabytes of weights then
+    evict less of what the host runs next. A build of its own for each."""
+    hint = os.environ.get(PREFETCH_ENV, "").strip().lower() or "cache"
+    if hint not in _PREFETCH_LOCALITY:
+        raise ValueError(f"{PREFETCH_ENV}={hint!r}: expected cache or nta")
+    return _PREFETCH_LOCALITY[hint]
 
 
 def load(verbose: bool = False):
     """The compiled extension, built on the first call in this process; None (after one
     warning) when it cannot be built."""
     if "module" not in _loaded and "reason" not in _loaded:
+        _prefetch_locality()   # a bad setting is an error, not a reason to fall back to torch
         with _lock:
             if "module" not in _loaded and "reason" not in _loaded:
                 try:

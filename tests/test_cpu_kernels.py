@@ -468,3 +468,15 @@ def test_bad_input_is_a_clear_value_error(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "sse9")
     with pytest.raises(ValueError, match=cpu_kernels.ENV):
         cpu_kernels.backend()
+
+
+def test_prefetch_hint_is_read_from_the_environment(monkeypatch):
+    """SPECMOE_CPU_PREFETCH picks the locality the kernels are built with (a build of their own
+    each); an unknown value is an error, not a silent fall back to torch."""
+    monkeypatch.delenv(cpu_kernels.PREFETCH_ENV, raising=False)
+    assert cpu_kernels._prefetch_locality() == 3
+    monkeypatch.setenv(cpu_kernels.PREFETCH_ENV, "NTA")
+    assert cpu_kernels._prefetch_locality() == 0
+    monkeypatch.setenv(cpu_kernels.PREFETCH_ENV, "l2")
+    with pytest.raises(ValueError, match="expected cache or nta"):
+        cpu_kernels._prefetch_locality()

@@ -29,6 +29,13 @@
 #include <type_traits>
 #include <vector>
 
+// Locality hint of the weights' prefetches (__builtin_prefetch's third argument): 3 keeps
+// them in every cache level, 0 (non-temporal) leaves most of the caches to whatever runs
+// after a call, such as the interpreter between a layer's experts and the next GPU launch.
+#ifndef SPECMOE_PREFETCH_LOCALITY
+#define SPECMOE_PREFETCH_LOCALITY 3
+#endif
+
 // The vector paths rely on GCC's `#pragma GCC target`; other compilers get the scalar one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>

@@ -44,7 +44,7 @@ inline void dot_rows(const T* w, int64_t in, const float* xp, float* out) {
     V xv[K];
     for (int k = 0; k < K; ++k) xv[k] = loadx(xp + j + k * W);
     for (int s = 0; s < S; ++s) {
-      __builtin_prefetch(next + s * in + j);
+      __builtin_prefetch(next + s * in + j, 0, SPECMOE_PREFETCH_LOCALITY);
       V wv[K];
       load_line(w + s * in + j, wv);
       for (int k = 0; k < K; ++k) acc[s][k] = fma(wv[k], xv[k], acc[s][k]);
@@ -70,7 +70,7 @@ inline void axpy_cols(const T* w, int64_t in, int64_t ld, const float* x, float*
     const V xj = bcast(x[j]);
     const T* row = w + j * ld;
     for (int s = 0; s < S; ++s) {
-      __builtin_prefetch(row + kAhead * ld + s * E);
+      __builtin_prefetch(row + kAhead * ld + s * E, 0, SPECMOE_PREFETCH_LOCALITY);
       V wv[K];
       load_line(row + s * E, wv);
       for (int k = 0; k < K; ++k) acc[s][k] = fma(wv[k], xj, acc[s][k]);
