@@ -33,16 +33,20 @@ class CpuExperts:
         cpu_kernels.available()  # build the kernels now, not at the first miss
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specmoe-cpu-experts")
         self.seconds = 0.0
+        self._sums: dict = {}   # (layer, experts module) -> cpu_kernels.prepare_sum's call, or None
 
     def submit(self, experts_module, layer: int, x: torch.Tensor, work: list[tuple[int, int, float]]) -> Future:
         """sum over (token, expert, weight) in `work` of weight * Expert_{layer,expert}(x[token]),
         as float32 [T, H] on the CPU. `x` is a host tensor in the store's dtype."""
         return self._pool.submit(self.compute, experts_module, layer, x, work)
 
-    def compute(self, experts_module, layer: int, x: torch.Tensor, work: list[tuple[int, int, float]]) -> torch.Tensor:
+    def compute(self, experts_module, layer: int, x: torch.Tensor, work: list[tuple[int, int, float]],
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """The same as `submit`, on the calling thread. A decode step whose only other work
         is already queued on the GPU calls this: no hop to the worker, and one OpenMP team
-        (two teams on the same cores slow each other down)."""
+        (two teams on the same cores slow each other down). `out` (float32 [1, H]): where one
+        token's sum is written when the native call computes it (the result is returned either
+        way)."""
         start = time.perf_counter()
         experts = [e for _, e, _ in work]
         if x.shape[0] == 1 and len(set(experts)) == len(experts):
@@ -50,7 +54,11 @@ class CpuExperts:
             # fits it; else its output is w @ Y, one product, where the general path below
             # spends more time scattering rows than computing them.
             weights = [w for _, _, w in work]
-            out = cpu_kernels.expert_sum(self.family, experts_module, self.store, layer, experts, weights, x)
+            key = (layer, id(experts_module))
+            if key not in self._sums:
+                self._sums[key] = cpu_kernels.prepare_sum(self.family, experts_module, self.store, layer)
+            call = self._sums[key]
+            out = None if call is None else call(x, experts, weights, out)
             if out is None:
                 with torch.inference_mode():
                     y = cpu_kernels.expert_outputs(self.family, experts_module, self.store, layer, experts,

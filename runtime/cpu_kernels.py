@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 
-__all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load",
+__all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load", "prepare_sum",
            "torch_expert_outputs"]
 
 ENV = "SPECMOE_CPU_KERNELS"
@@ -295,6 +295,43 @@ def _glu_code(family, experts) -> tuple[int, float, float] | None:
     return _GLU_CODES[glu.kind], glu.alpha, glu.limit
 
 
+def prepare_sum(family, experts, store, layer: int):
+    """`expert_sum` for one layer of one store, with all but the token fixed: a function
+    (x, expert_ids, weights, out=None) -> out, or None where the native call does not apply.
+    A decode step calls it once per layer; what it fixes is not looked up again each time."""
+    isa = backend()
+    if isa == "torch":
+        return None
+    glu = _glu_code(family, experts)
+    fused = _fused_layout(store.layout, bool(family.weights_in_out))
+    if glu is None or fused is None:
+        return None
+    layout, hidden = store.layout, fused.hidden
+    base = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
+    static = (base, layout.block_bytes, fused.gate_up, fused.down, hidden, fused.inter, fused.dtype_code,
+              bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias, fused.down_bias, isa)
+    native = load().expert_glu_sum
+
+    def call(x: torch.Tensor, expert_ids: Sequence[int], weights: Sequence[float],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_cpu or x.shape != (1, hidden):
+            got = f"{list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [1, {hidden}] CPU tensor, got {got}")
+        x_code = _DTYPE_CODES.get(x.dtype)
+        if x_code is None or not x.is_contiguous():  # the kernel widens bf16 / fp16 itself
+            x, x_code = x.to(torch.float32).contiguous(), 0
+        if out is None:
+            out = torch.empty(1, hidden, dtype=torch.float32)
+        elif not out.is_cpu or out.dtype != torch.float32 or out.shape != (1, hidden) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [1, {hidden}] CPU tensor")
+        # Raw addresses: x and out live until return, the store's blocks as long as the store.
+        # Ids and weights go as they are: pybind takes any sequence of ints / floats.
+        native(x.data_ptr(), x_code, out.data_ptr(), expert_ids, weights, *static)
+        return out
+
+    return call
+
+
 def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], weights: Sequence[float],
                x: torch.Tensor) -> torch.Tensor | None:
     """sum_i weights[i] * Expert_{layer, expert_ids[i]}(x) as float32 [1, H], for one token
@@ -303,27 +340,5 @@ def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], we
     None where that call does not apply (the torch backend, a glu other than the plain
     SwiGLU with SiLU or GPT-OSS's, a layout that is not gate_up + down with optional
     biases): use `expert_outputs`."""
-    isa = backend()
-    if isa == "torch":
-        return None
-    glu = _glu_code(family, experts)
-    fused = _fused_layout(store.layout, bool(family.weights_in_out))
-    if glu is None or fused is None:
-        return None
-    hidden = fused.hidden
-    if not isinstance(x, torch.Tensor) or not x.is_cpu or x.shape != (1, hidden):
-        got = f"{list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a [1, {hidden}] CPU tensor, got {got}")
-    x_code = _DTYPE_CODES.get(x.dtype)
-    if x_code is None or not x.is_contiguous():  # the kernel widens bf16 / fp16 itself
-        x, x_code = x.to(torch.float32).contiguous(), 0
-    out = torch.empty(1, hidden, dtype=torch.float32)
-    layout = store.layout
-    base = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
-    # Raw addresses: x and out live until return, the store's blocks as long as the store.
-    # Ids and weights go as they are: pybind takes any sequence of ints / floats.
-    load().expert_glu_sum(x.data_ptr(), x_code, out.data_ptr(), expert_ids, weights, base, layout.block_bytes,
-                          fused.gate_up, fused.down, hidden, fused.inter, fused.dtype_code,
-                          bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias,
-                          fused.down_bias, isa)
-    return out
+    call = prepare_sum(family, experts, store, layer)
+    return None if call is None else call(x, expert_ids, weights)

@@ -84,9 +84,9 @@ class DecodeGraphs:
         self._fix_np = self._fix_staging.numpy()
         self.fix_w = None
         self._fix_graph = None
-        self._host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)
+        self.host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)   # the CPU writes here
         self._host_part_dev = torch.zeros((1, H), dtype=torch.float32, device=dev)
-        self._host_np = self._host_part.numpy()
+        self._host_np = self.host_part.numpy()
         self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
         self._capture()
 
@@ -195,8 +195,9 @@ class DecodeGraphs:
     def add_host(self, part: torch.Tensor) -> None:
         """x += part (float32 [1, H] on the host: the CPU's experts), by the next graph that
         reads x: the host only queues one copy (no kernel launch on its path)."""
-        self._host_np[...] = part.reshape(self._host_np.shape).numpy()
-        self.moe.streams.copy_on_compute(self._host_part_dev, self._host_part)
+        if part.data_ptr() != self.host_part.data_ptr():   # not written in place by the CPU
+            self._host_np[...] = part.reshape(self._host_np.shape).numpy()
+        self.moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
 
     def _epilogue(self):
         e = self.engine

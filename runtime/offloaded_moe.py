@@ -424,7 +424,7 @@ class OffloadedMoE:
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
-            part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work)
+            part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work, out=g.host_part)
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
             g.add_host(part)
         if absent and self.adapt_demand_share:

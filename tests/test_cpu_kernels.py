@@ -421,9 +421,14 @@ def test_cpu_experts_decode_matches_float64(backends, monkeypatch, family, dtype
             monkeypatch.setenv(cpu_kernels.ENV, backend)
             cpu = CpuExperts(parts.family, parts.store)
             out = cpu.compute(experts, layer, x, work)
+            buf = torch.full((1, spec.hidden_size), float("nan"))
+            again = cpu.compute(experts, layer, x, work, out=buf)   # the layer's prepared call, into buf
             cpu.close()
             assert out.dtype == torch.float32 and out.shape == x.shape and cpu.seconds > 0
             assert rel_err(out, ref) < TOL, (backend, k)
+            assert rel_err(again, ref) < TOL, (backend, k)
+            if backend != "torch":   # the native call wrote the sum where it was asked to
+                assert again.data_ptr() == buf.data_ptr()
 
 
 # ---------------------------------------------------------------- fallback and bad input
@@ -480,3 +485,16 @@ def test_prefetch_hint_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_kernels.PREFETCH_ENV, "l2")
     with pytest.raises(ValueError, match="expected cache or nta"):
         cpu_kernels._prefetch_locality()
+
+
+def test_prepared_sum_refuses_a_wrong_out():
+    if not cpu_kernels.available():
+        pytest.skip("the native kernels are not built here")
+    parts = store_parts("qwen3_moe", torch.bfloat16)
+    layer = parts.spec.moe_layers[0]
+    call = cpu_kernels.prepare_sum(parts.family, parts.family.experts(parts.model, layer), parts.store, layer)
+    x = torch.randn(1, parts.spec.hidden_size)
+    for bad in (torch.empty(1, parts.spec.hidden_size, dtype=torch.bfloat16), torch.empty(2, parts.spec.hidden_size),
+                torch.empty(parts.spec.hidden_size, 2).t()[:1]):
+        with pytest.raises(ValueError, match="out must be a contiguous float32"):
+            call(x, [0, 1], [0.5, 0.5], bad)
