@@ -588,6 +588,8 @@ def markdown(doc: dict) -> str:
                      f"`-t {b.get('threads')}`, median of `-r {b.get('reps')}` repetitions.")
     if doc.get("command"):
         lines.append(f"Command: `{doc['command']}`")
+    for system, command in sorted(doc.get("commands", {}).items()):
+        lines.append(f"Command for the {system} rows: `{command}`")
     lines += ["", "`setting` is each system's own knob; for llama.cpp it is `--n-cpu-moe N`: the experts of the "
               "first N layers stay in CPU memory, all else is on the GPU. ms/layer = ms/token / layers.", "",
               "| system | setting | layers | layers' experts on GPU | expert GB on GPU | context | tokens/s "
@@ -648,7 +650,9 @@ def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-            doc = {**doc, "rows": [r for r in old.get("rows", []) if r.get("system") not in ours] + doc["rows"]}
+            kept = [r for r in old.get("rows", []) if r.get("system") not in ours]
+            commands = {k: v for k, v in old.get("commands", {}).items() if k not in ours}
+            doc = {**doc, "rows": kept + doc["rows"], **({"commands": commands} if commands else {})}
         except (ValueError, AttributeError):
             pass
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -657,13 +661,16 @@ def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
     return path
 
 
-def merge_rows(path: Path, rows: list[dict]) -> dict:
+def merge_rows(path: Path, rows: list[dict], command: str | None = None) -> dict:
     """Adds rows (any system, the row format above) to a results JSON: a row with the same
     system, setting and layers replaces the old one. Rewrites the JSON, its .md and its plot."""
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     key = lambda r: (r.get("system"), r.get("setting"), r.get("layers"))  # noqa: E731
     new = {key(r) for r in rows}
     doc["rows"] = [r for r in doc.get("rows", []) if key(r) not in new] + list(rows)
+    if command:   # what made these rows, beside the command of llama.cpp's run
+        for system in {r.get("system") for r in rows}:
+            doc.setdefault("commands", {})[system] = command
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(doc))

@@ -348,7 +348,7 @@ def side_by_side(args, out: dict) -> None:
                      "context": args.context, "decode_tokens": row["decoded_tokens"], "tokens_per_s": 1e3 / ms,
                      "ms_per_token": round(ms, 4), "ms_per_layer": round(ms / args.layers, 4),
                      "copy_floor_ms": row["copy_floor_ms"], "status": "ok"})
-    merge_rows(Path(args.side_by_side), rows)
+    merge_rows(Path(args.side_by_side), rows, command=" ".join(["python", "benchmarks/runtime_decode.py", *sys.argv[1:]]))
     print(markdown(result, "side by side (ours)"), flush=True)
 
 
