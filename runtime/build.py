@@ -160,13 +160,13 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window
     if cpu is not None:
-        measured = _copy_share(moe, device) if streams.cuda and None in (config.cpu_copy_share,
-                                                                          config.cpu_demand_share) else None
-        moe.cpu_copy_share = config.cpu_copy_share if config.cpu_copy_share is not None else \
-            measured if streams.cuda else 1.0
-        moe.cpu_demand_share = config.cpu_demand_share if config.cpu_demand_share is not None else \
-            measured if streams.cuda else 0.0
-        # Each share set to None follows the host during decode.
+        # A share set to None starts at the measured split and follows the host during decode
+        # (CUDA only; on a CPU a copy is a memcpy: predictions are all copied, misses computed).
+        adapt = streams.cuda and None in (config.cpu_copy_share, config.cpu_demand_share)
+        measured = _copy_share(moe, device) if adapt else None
+        for name, off_cuda in (("cpu_copy_share", 1.0), ("cpu_demand_share", 0.0)):
+            value = getattr(config, name)
+            setattr(moe, name, value if value is not None else measured if streams.cuda else off_cuda)
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
         moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
     if num_slots >= total:

@@ -34,7 +34,6 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-
 __all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load", "prepare_sum",
            "torch_expert_outputs"]
 

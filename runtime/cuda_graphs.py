@@ -71,8 +71,7 @@ class DecodeGraphs:
         self.pred_ids, self.pred_w = {}, {}
         self.graphable_prediction = isinstance(moe.predictor, EstimatorPredictor)
         self.speculate = moe.on_miss == "speculate"
-        mode = getattr(e, "compile_mode", "default")
-        self.pieces = Pieces(compile=bool(getattr(e, "compile", False)), mode=None if mode == "default" else mode)
+        self.pieces = Pieces(compile=e.compile, mode=None if e.compile_mode == "default" else e.compile_mode)
         self._rope = None
         self._masks = None
         self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []

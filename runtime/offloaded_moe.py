@@ -267,11 +267,16 @@ class OffloadedMoE:
                 missing.append((j, e))
         return missing
 
-    def _demand_copy(self, key, protected: set) -> int:
-        """Copy a needed expert now, into a slot no protected key holds."""
+    def _reserve_needed(self, key, protected: set) -> int:
+        """A slot for an expert that must be on the GPU now, which no protected key holds."""
         slot = self.slots.reserve(key, protected)
         if slot is None:  # the minimum budget holds two layers, and prefills fit their groups: a bug
             raise RuntimeError("no GPU expert slot is free for a needed expert")
+        return slot
+
+    def _demand_copy(self, key, protected: set) -> int:
+        """Copy a needed expert now, into a slot no protected key holds."""
+        slot = self._reserve_needed(key, protected)
         self._copy(key, slot)
         self.telemetry.demand_copies += 1
         return slot
@@ -288,10 +293,8 @@ class OffloadedMoE:
         protected = current | {k for l, keys in self._inflight.items() if l != layer for k in keys}
         batch, on_cpu = [], list(absent[take:])
         for j, e in absent[:take]:
-            slot = self.slots.reserve((layer, e), protected)
-            if slot is None:
-                if not cpu:  # the minimum budget holds two layers: a bug
-                    raise RuntimeError("no GPU expert slot is free for a needed expert")
+            slot = self.slots.reserve((layer, e), protected) if cpu else self._reserve_needed((layer, e), protected)
+            if slot is None:   # the CPU takes what no slot does
                 on_cpu.append((j, e))
                 continue
             batch.append(((layer, e), slot))

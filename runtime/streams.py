@@ -30,8 +30,7 @@ class Streams:
         One cudaMemcpyAsync each, called directly: a torch copy_ of a row costs tens of
         microseconds of host time (two views and the dispatch), and a layer's copies sit on
         the host's path between its routing and its experts."""
-        fast = self._memcpy is not None and self.device.index in (None, torch.cuda.current_device())
-        if not fast:
+        if not self._direct():
             with self.copy_context():
                 for i, j in pairs:
                     dst[i].copy_(src[j], non_blocking=self.cuda)
@@ -45,13 +44,16 @@ class Streams:
         """dst.copy_(src) queued on the compute stream, for small reads and writes between the
         host's pinned buffers and the device: one cudaMemcpyAsync where both are contiguous
         and alike (the runtime's own static buffers), else torch's copy."""
-        if (self._memcpy is None or dst.dtype != src.dtype or dst.shape != src.shape
-                or not dst.is_contiguous() or not src.is_contiguous()
-                or self.device.index not in (None, torch.cuda.current_device())):
+        if (not self._direct() or dst.dtype != src.dtype or dst.shape != src.shape
+                or not dst.is_contiguous() or not src.is_contiguous()):
             dst.copy_(src, non_blocking=self.cuda)
             return
         self._check(self._memcpy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), _DEFAULT,
                                  self.compute.cuda_stream))
+
+    def _direct(self) -> bool:
+        # cudaMemcpyAsync found, and this thread's current device is the streams' own.
+        return self._memcpy is not None and self.device.index in (None, torch.cuda.current_device())
 
     @staticmethod
     def _check(err: int) -> None:
