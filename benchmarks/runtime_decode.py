@@ -218,11 +218,11 @@ def model_a(args, out: dict) -> None:
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
-    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None, demand=0.0):
+    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None, demand=0.0, ahead=True):
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share,
-                                     cpu_demand_share=demand)
-        label = f"{prefetch}+{on_miss}"
+                                     cpu_demand_share=demand, run_ahead=ahead)
+        label = f"{prefetch}+{on_miss}" + ("" if ahead else " (layer by layer)")
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
         if window:
@@ -249,6 +249,7 @@ def model_a(args, out: dict) -> None:
         add("quasi", "fetch", "0", window=args.window)
         p = args.hit_rates[0]
         add("none", "cpu", "0")
+        add("none", "cpu", "0", ahead=False)
         add("none", "cpu", "0", demand=None)
         add("oracle", "cpu", "0", p)
         add("oracle", "cpu", "0", p, share=0.25)
@@ -256,6 +257,7 @@ def model_a(args, out: dict) -> None:
             add("oracle", "fetch", b, p)
             add("oracle", "cpu", b, p)
             add("none", "cpu", b)
+            add("none", "cpu", b, ahead=False)
         out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
                                forced=forced)
         add_floors(out["model_a"], limits)
@@ -271,6 +273,7 @@ def model_a(args, out: dict) -> None:
     for b in args.budgets:
         add("none", "fetch", b)
         add("none", "cpu", b)
+        add("none", "cpu", b, ahead=False)
     for p in args.hit_rates:
         add("oracle", "speculate", "0", p)
         add("oracle", "fetch", "0", p)
@@ -323,14 +326,15 @@ def side_by_side(args, out: dict) -> None:
                                      spec.expert_intermediate_size)
         budget = str(on_gpu) if on_gpu else "0"
         hit = args.hit_rates[0] if args.hit_rates else 0.85
-        # (prefetch, on_miss, oracle recall, demand share: None follows the host)
-        for prefetch, on_miss, p, demand in (("none", "fetch", 1.0, 0.0), ("quasi", "fetch", 1.0, 0.0),
-                                             ("none", "cpu", 1.0, 0.0), ("none", "cpu", 1.0, None),
-                                             ("quasi", "cpu", 1.0, 0.0), ("oracle", "cpu", hit, 0.0)):
+        # (prefetch, on_miss, oracle recall, demand share: None follows the host, run ahead)
+        for prefetch, on_miss, p, demand, ahead in (
+                ("none", "fetch", 1.0, 0.0, True), ("quasi", "fetch", 1.0, 0.0, True),
+                ("none", "cpu", 1.0, 0.0, True), ("none", "cpu", 1.0, 0.0, False), ("none", "cpu", 1.0, None, True),
+                ("quasi", "cpu", 1.0, 0.0, True), ("oracle", "cpu", hit, 0.0, True)):
             config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                         oracle_hit_rate=p, cpu_demand_share=demand)
+                                         oracle_hit_rate=p, cpu_demand_share=demand, run_ahead=ahead)
             label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "") + \
-                (" (demand copies)" if demand is None else "")
+                (" (demand copies)" if demand is None else "") + ("" if ahead else " (layer by layer)")
             if prefetch == "quasi":
                 config = (dataclasses.replace(config, prefetch="current"),
                           lambda parts: router_predictor(parts.model, parts.family, parts.spec, "quasi",

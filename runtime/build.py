@@ -188,6 +188,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     engine.use_graphs = streams.cuda and config.cuda_graphs
     engine.compile = engine.use_graphs and config.compile
     engine.compile_mode = config.compile_mode
+    engine.run_ahead = config.run_ahead
     return engine
 
 

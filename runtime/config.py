@@ -48,6 +48,9 @@ class RuntimeConfig:
     # the CPU computes the others); None: on CUDA starts as cpu_copy_share and follows the host
     cpu_demand_share: float | None = 0.0
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
+    # graphed `cpu` decode with nothing copied during decode (no predictor, no demand copies): queue
+    # the next layer's graphs behind a gate while the CPU computes this layer's misses (CUDA)
+    run_ahead: bool = True
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:

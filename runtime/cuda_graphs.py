@@ -14,6 +14,13 @@ decide something, and every piece in between is captured once and replayed:
                     queues copies of predicted experts
     epilogue        final norm, LM head
 
+With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
+copies), the host runs a layer ahead: behind a gate on the compute stream (streams.HostGate)
+it queues the next layer's graphs, which read their routing and input into pinned memory
+themselves, then computes this layer's missed experts on the CPU and opens the gate. The
+GPU starts the next layer the moment the CPU's part is written: no launch, no copy issued,
+no Python between them.
+
 Dense layers are one graph each. The step's graphs share one memory pool and are
 replayed in the order they were captured; the fix-up graph, replayed between them, has
 its own. Every value that outlives a graph lives in a static buffer allocated here. The
@@ -31,6 +38,7 @@ import torch
 from .compiled_pieces import Pieces
 from .kv_cache import attention_masks
 from .predict import EstimatorPredictor
+from .streams import HostGate
 
 
 def _static_like(obj):
@@ -87,6 +95,14 @@ class DecodeGraphs:
         self._host_part_dev = torch.zeros((1, H), dtype=torch.float32, device=dev)
         self._host_np = self.host_part.numpy()
         self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
+        self.gate = HostGate(moe.streams) if dev.type == "cuda" else None
+        # Off CUDA a piece runs when it is "queued": running ahead would compute the next layer
+        # before this one's CPU part is added.
+        self.run_ahead = bool(e.run_ahead and self.gate is not None and self.gate.available
+                              and moe.runs_ahead())
+        self.staged: dict[int, tuple] = {}   # layer -> pinned (ids, s, w) its pre graph reads into
+        self._w32: dict[int, torch.Tensor] = {}
+        self._part_written = False
         self._capture()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
@@ -152,6 +168,19 @@ class DecodeGraphs:
                 self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
             self.pred_ids[target].copy_(pid)
             self.pred_w[target].copy_(pw)
+        if self.run_ahead:
+            self._stage_reads(l)
+
+    def _stage_reads(self, l: int) -> None:
+        """Copies of layer l's routing and input to pinned memory, inside its pre graph: the
+        host of a run-ahead step reads them once the graph is done."""
+        if l not in self.staged:
+            self._w32[l] = torch.empty(self.w[l].shape, dtype=torch.float32, device=self.w[l].device)
+            self.staged[l] = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                   for t in (self.ids[l], self.s.reshape(1, -1), self._w32[l]))
+        self._w32[l].copy_(self.w[l])
+        for host, dev in zip(self.staged[l], (self.ids[l], self.s.reshape(1, -1), self._w32[l])):
+            self.moe.streams.copy_on_current(host, dev)
 
     def host_fed(self, l: int) -> bool:
         """Whether layer l's experts graph reads slots the host fed (speculation on a
@@ -196,6 +225,9 @@ class DecodeGraphs:
         reads x: the host only queues one copy (no kernel launch on its path)."""
         if part.data_ptr() != self.host_part.data_ptr():   # not written in place by the CPU
             self._host_np[...] = part.reshape(self._host_np.shape).numpy()
+        if self.run_ahead:   # its copy waits behind the gate already
+            self._part_written = True
+            return
         self.moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
 
     def _epilogue(self):
@@ -296,14 +328,46 @@ class DecodeGraphs:
         self.pos.fill_(e.cache.length)
         moe.engine_position = e.cache.length
         moe.begin_step()
-        for kind, l, g in self._graphs:
-            if kind == "pre":
+        if self.run_ahead:
+            self._step_run_ahead()
+        else:
+            for kind, l, g in self._graphs:
                 g.replay()
-                moe.graphed_layer(l, self)
-            elif kind == "post":
-                g.replay()
-                moe.after_graphed_compute(l, self)
-            else:
-                g.replay()
+                if kind == "pre":
+                    moe.graphed_layer(l, self)
+                elif kind == "post":
+                    moe.after_graphed_compute(l, self)
         e.cache.length += 1
         return self.logits.clone()
+
+    def _queue_through_post(self, i: int):
+        """Replay the step's graphs from index i through the next experts graph; returns (the
+        index after it, its layer, the event after it) or (end, None, None)."""
+        moe = self.moe
+        while i < len(self._graphs):
+            kind, l, g = self._graphs[i]
+            i += 1
+            g.replay()
+            if kind == "pre":
+                moe.graphed_layer(l, self)
+            elif kind == "post":
+                return i, l, moe.streams.record_on_compute()
+        return i, None, None
+
+    def _step_run_ahead(self) -> None:
+        moe, gate = self.moe, self.gate
+        i, layer, released = self._queue_through_post(0)
+        while layer is not None:
+            # The next layer's graphs wait for this layer's CPU part: queued now, started by
+            # the flag the host writes once the part is in pinned memory.
+            seq = gate.close()
+            try:
+                moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
+                i, after, after_released = self._queue_through_post(i)
+                self._part_written = False
+                moe.after_graphed_compute(layer, self, released=released)
+                if not self._part_written:
+                    self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
+            finally:
+                gate.open(seq)   # on an error too: a closed gate would hold the stream forever
+            layer, released = after, after_released

@@ -54,6 +54,7 @@ class Engine:
         self.use_graphs = False     # decode steps from CUDA graphs (captured on the first decode step)
         self.compile = False        # their pieces compiled (runtime.compiled_pieces)
         self.compile_mode = "default"
+        self.run_ahead = True       # graphed `cpu` decode may queue a layer ahead (RuntimeConfig.run_ahead)
         self._graphs = None
         self._kinds, self._window = [], None
         for layer in self.layers:

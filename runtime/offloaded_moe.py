@@ -125,6 +125,14 @@ class OffloadedMoE:
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
 
+    def runs_ahead(self) -> bool:
+        """Whether a graphed decode step may queue the next layer's graphs before this layer's
+        misses are done (cuda_graphs.DecodeGraphs): only when the host never places experts
+        during decode, so nothing it does after reading a layer's routing changes the GPU's
+        plan: `cpu` misses, no predictor, no demand copies, the device table."""
+        return (self.on_miss == "cpu" and self.cpu is not None and self.predictor is None and self.device_table
+                and self.cpu_demand_share == 0.0 and not self.adapt_demand_share)
+
     def preload_all(self) -> None:
         """Copy every expert into its own slot now (a budget that holds them all)."""
         for layer in self.spec.moe_layers:
@@ -410,6 +418,8 @@ class OffloadedMoE:
             share = self.cpu_copy_share if cpu_inputs is not None else None
             ahead = self._prefetch(target, pred, [pred_row], current, share=share, windowed=True)
         if gpu_fix:
+            if g.run_ahead:   # the next layer is queued already: a fix-up would come after it
+                raise RuntimeError("an expert was copied during a run-ahead decode step")
             waits = [self.slots.pending_ready(slot) for _, slot in gpu_fix]
             waits = list({id(w): w for w in waits if w is not None}.values())
             if waits:
@@ -476,7 +486,12 @@ class OffloadedMoE:
             # Exact: the experts graph looks its slots up on the device; the host reads the
             # ids while it runs and adds what was missing afterwards.
             ids = _with_prediction(g.ids[layer], pred)
-            if self.on_miss == "cpu" and self.cpu is not None:
+            if g.run_ahead:
+                # The graph itself copied the routing and input to pinned memory.
+                host, s_host, w_host = g.staged[layer]
+                ev = self.streams.host_event()
+                cpu_inputs = (s_host, w_host)
+            elif self.on_miss == "cpu" and self.cpu is not None:
                 # The CPU computes misses from this layer's input and routing weights.
                 (host, s_host, w_host), ev = self._read_all(layer, (ids, g.s.reshape(1, -1), g.w[layer].float()))
                 cpu_inputs = (s_host, w_host)
@@ -512,8 +527,11 @@ class OffloadedMoE:
         self._inflight.pop(layer, None)
         self._last_plan = plan
 
-    def after_graphed_compute(self, layer: int, g) -> None:
-        released = self.streams.record_on_compute()
+    def after_graphed_compute(self, layer: int, g, released=None) -> None:
+        """`released`: the event after this layer's experts graph (default: recorded now; a
+        run-ahead step has queued the next layer's graphs since)."""
+        if released is None:
+            released = self.streams.record_on_compute()
         pending = self._pending.pop(layer, None)
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released

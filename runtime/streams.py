@@ -44,12 +44,24 @@ class Streams:
         """dst.copy_(src) queued on the compute stream, for small reads and writes between the
         host's pinned buffers and the device: one cudaMemcpyAsync where both are contiguous
         and alike (the runtime's own static buffers), else torch's copy."""
+        self._small_copy(dst, src, self.compute)
+
+    def copy_on_current(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """The same on the stream work is queued on now (a graph's capture stream: the copy
+        becomes one of its nodes)."""
+        self._small_copy(dst, src, torch.cuda.current_stream(self.device) if self.cuda else None)
+
+    def _small_copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
         if (not self._direct() or dst.dtype != src.dtype or dst.shape != src.shape
                 or not dst.is_contiguous() or not src.is_contiguous()):
-            dst.copy_(src, non_blocking=self.cuda)
+            if stream is None:
+                dst.copy_(src)
+                return
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
             return
         self._check(self._memcpy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), _DEFAULT,
-                                 self.compute.cuda_stream))
+                                 stream.cuda_stream))
 
     def _direct(self) -> bool:
         # cudaMemcpyAsync found, and this thread's current device is the streams' own.
@@ -97,6 +109,48 @@ class Streams:
             torch.cuda.synchronize(self.device)
 
 
+class HostGate:
+    """Work queued on the compute stream that waits for the host: `close()` queues a wait for
+    a value in pinned memory, `open()` writes it. The host can queue the next layer's graphs
+    while the CPU computes this layer's experts, and the GPU starts them the moment the CPU's
+    part is written, with no launch between (cuStreamWaitValue32 of the driver torch loaded).
+
+    Every closed gate must be opened, errors included, or the stream waits forever."""
+
+    _GEQ = 0   # CU_STREAM_WAIT_VALUE_GEQ
+
+    def __init__(self, streams: Streams):
+        self.streams = streams
+        self._wait = _cu_stream_wait_value32() if streams.cuda else None
+        self._flag = None
+        self._seq = 0
+        if self._wait is not None:
+            self._flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+            self._flag_np = self._flag.numpy()
+
+    @property
+    def available(self) -> bool:
+        return self._wait is not None
+
+    def close(self) -> int:
+        """Queue a wait on the compute stream; returns what opens it."""
+        if self._seq >= 1 << 30:
+            # Every gate queued so far was opened: once the stream drains, counting starts over.
+            self.streams.synchronize()
+            self._seq = 0
+            self._flag_np[0] = 0
+        self._seq += 1
+        err = self._wait(self.streams.compute.cuda_stream, self._flag.data_ptr(), self._seq, self._GEQ)
+        if err:
+            raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {err}")
+        return self._seq
+
+    def open(self, seq: int) -> None:
+        # Stores leave this core in order: what the host wrote before (the CPU's part) is
+        # visible to the GPU once it sees the flag.
+        self._flag_np[0] = seq
+
+
 _DEFAULT = 4   # cudaMemcpyDefault: the direction follows from the addresses (unified addressing)
 
 
@@ -117,6 +171,25 @@ def _cuda_memcpy_async():
         fn.restype = ctypes.c_int
         return fn
     return None
+
+
+def _cu_stream_wait_value32():
+    """The driver's cuStreamWaitValue32 as a ctypes function (32-bit waits are always
+    supported by the v2 memory-operation API), None where the driver lacks it."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    fn = None
+    for name in ("cuStreamWaitValue32_v2", "cuStreamWaitValue32"):
+        fn = getattr(driver, name, None)
+        if fn is not None:
+            break
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class _Null:

@@ -74,6 +74,81 @@ def test_small_reads_and_writes_on_the_compute_stream_land_in_order():
     assert torch.equal(dev.cpu(), part * 2)
 
 
+def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
+    """Work queued behind a closed gate waits for the host's flag, however long, and runs once
+    it is written; a gate opened before the stream reaches it does not wait at all."""
+    import time
+
+    from runtime.streams import HostGate, Streams
+
+    streams = Streams(torch.device("cuda"))
+    gate = HostGate(streams)
+    assert gate.available, "cuStreamWaitValue32 not found in the CUDA driver"
+    x = torch.zeros(4, device="cuda")
+    seq = gate.close()
+    x.add_(1)
+    done = streams.host_event()
+    time.sleep(0.05)
+    assert not done.query()
+    gate.open(seq)
+    done.synchronize()
+    assert x.tolist() == [1.0] * 4
+    seq = gate.close()
+    gate.open(seq)
+    x.add_(1)
+    assert x.tolist() == [2.0] * 4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("budget", ["0", "60%"])
+def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget):
+    """`cpu` with no predictor queues each next layer behind a gate while the CPU computes:
+    the same logits as the loop that waits for the CPU before queuing (bit for bit: the same
+    arithmetic) and as the stock forward (dense layers between MoE layers in deepseek_v3)."""
+    ref = tiny_model(family).cuda()
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids.cuda())
+    got = {}
+    for ahead in (True, False):
+        engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
+                                                            run_ahead=ahead))
+        got[ahead] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        assert engine.decode_graphs.run_ahead == ahead
+        cpu_experts = engine.telemetry.cpu_experts
+        engine.close()
+        assert cpu_experts > 0
+    assert torch.equal(got[True], got[False])
+    torch.testing.assert_close(got[True], expected, rtol=2e-4, atol=2e-4)
+
+
+def test_run_ahead_step_that_fails_leaves_the_stream_running():
+    """An error in the CPU's part of a run-ahead step reaches the caller, and the gate it left
+    closed is opened: the device does not wait forever on the queued next layer."""
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
+    engine.reset()
+    engine.step(PROMPT)
+    engine.step(torch.tensor([5]))
+    assert engine.decode_graphs.run_ahead
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("CPU expert kernel failed")
+
+    engine.moe.cpu.compute = broken
+    with pytest.raises(RuntimeError, match="CPU expert kernel failed"):
+        engine.step(torch.tensor([6]))
+    assert calls
+    done = engine.streams.host_event()
+    import time
+
+    deadline = time.monotonic() + 10
+    while not done.query():
+        assert time.monotonic() < deadline, "the compute stream is stuck behind a closed gate"
+        time.sleep(0.01)
+    engine.close()
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_cpu_with_demand_copies_matches_stock_on_cuda(family):
     """`cpu` at the minimum budget with the demand share left to the host: a layer's misses split
