@@ -153,7 +153,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             if cpu_calls else None,
             "wall_ms_mean_p90": [1e3 * statistics.fmean(walls), 1e3 * sorted(walls)[int(0.9 * (len(walls) - 1))]],
             "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
-            "run_ahead": bool(graphs.run_ahead),
+            "run_ahead": bool(graphs.run_ahead), "host_read_share": config.host_read_share,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -176,6 +176,8 @@ def main() -> int:
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
     p.add_argument("--threads", default="0", help="CPU expert threads, one run each: e.g. 16,15 (0: torch's default)")
+    p.add_argument("--host-read-share", default="0",
+                   help="exact table modes: shares of misses the GPU reads in host memory, one run each: e.g. 0,0.25")
     p.add_argument("--run-ahead", default="1", help="cpu modes: 1, 0 or both (1,0): queue a layer ahead behind a gate")
     p.add_argument("--demand-share", default="0",
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
@@ -207,16 +209,18 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    variants = [(int(t), None if d == "auto" else float(d), a == "1") for t in args.threads.split(",")
-                for d in args.demand_share.split(",") for a in args.run_ahead.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead) in \
+    variants = [(int(t), None if d == "auto" else float(d), a == "1", float(r)) for t in args.threads.split(",")
+                for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
+                for r in args.host_read_share.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads) in \
             ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
                                      prefetch_window=window[0] if window else 0, cpu_threads=threads,
-                                     cpu_demand_share=demand, run_ahead=ahead)
+                                     cpu_demand_share=demand, run_ahead=ahead,
+                                     host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
         row["seconds"] = time.perf_counter() - t0
@@ -233,7 +237,7 @@ def main() -> int:
              "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")

@@ -95,14 +95,15 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         stock = timed(lambda l, ids: [family.apply_expert(experts, store.expert(l, e), x) for e in ids])
     flat = store.blocks.view(-1)[: min(store.nbytes, 4 << 30) // 4 * 4].view(torch.float32)
     memory = median_seconds(lambda: float(flat.sum()), 4, warmup=1)
-    together = None
+    together = host_reads = None
     if parts.device.type == "cuda":
         together = copies_and_cpu_together(parts, runtime_call, nbytes)
+        host_reads = host_reads_alone_and_with_cpu(parts, runtime_call, nbytes)
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
     return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
             "cpu_prefetch": os.environ.get(cpu_kernels.PREFETCH_ENV) or "cache",
-            "expert_copy_bytes_per_s": expert_copy, "together": together,
+            "expert_copy_bytes_per_s": expert_copy, "together": together, "gpu_reads_host": host_reads,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
             "memory_read_bytes_per_s": flat.numel() * 4 / memory,
             "expert_bytes": store.layout.tensor_bytes}
@@ -141,6 +142,51 @@ def copies_and_cpu_together(parts, cpu_call, call_bytes: int, experts: int = 48,
         return {}
     copy, cpu = statistics.median(copy_rates), statistics.median(cpu_rates)
     return {"copy_bytes_per_s": copy, "cpu_expert_bytes_per_s": cpu, "sum_bytes_per_s": copy + cpu}
+
+
+def host_reads_alone_and_with_cpu(parts, cpu_call, call_bytes: int, calls: int = 6, rounds: int = 5) -> dict:
+    """The third channel: the GPU computing experts from their weights in place in the pinned
+    store (the indexed kernel reading over PCIe, as `host_read_share` runs it), 8 experts per
+    call, alone and while the CPU computes other experts; bytes of weights per second."""
+    from runtime.host_store import device_view
+    from specmoe.moe_block import routed_output
+
+    store, family, spec = parts.store, parts.family, parts.spec
+    stack = store.layout.views(device_view(store.blocks))
+    experts = family.experts(parts.model, spec.moe_layers[0])
+    s = torch.randn(1, spec.hidden_size, device=parts.device).to(store.layout.dtype)
+    w = torch.ones(1, 8, device=parts.device)
+    n_blocks = store.blocks.shape[0]
+    rows = [torch.tensor([[(n_blocks // 3 + (r * calls + c) * 8 + j) % n_blocks for j in range(8)]],
+                         device=parts.device) for r in range(2 * rounds + 2) for c in range(calls)]
+    nbytes = calls * 8 * store.layout.tensor_bytes
+    alone, together, cpu_rates = [], [], []
+    for r in range(2 * rounds + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for c in range(calls):
+            routed_output(family, experts, s, stack, rows[r * calls + c], w, strategy="indexed")
+        end.record()
+        with_cpu = r % 2 == 1
+        t0, n = time.perf_counter(), 0
+        while with_cpu and not end.query():
+            cpu_call()
+            n += 1
+        cpu_s = time.perf_counter() - t0
+        end.synchronize()
+        if r < 2:
+            continue
+        rate = nbytes / (start.elapsed_time(end) / 1e3)
+        if with_cpu and n:
+            together.append(rate)
+            cpu_rates.append(n * call_bytes / cpu_s)
+        elif not with_cpu:
+            alone.append(rate)
+    out = {"gpu_read_bytes_per_s": statistics.median(alone)}
+    if together:
+        out.update({"with_cpu_gpu_read_bytes_per_s": statistics.median(together),
+                    "with_cpu_cpu_expert_bytes_per_s": statistics.median(cpu_rates)})
+    return out
 
 
 def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
@@ -189,7 +235,7 @@ def add_floors(result: dict, limits: dict) -> None:
         if together.get("sum_bytes_per_s") and per_token:
             # Copies and CPU experts read the same host memory: the bytes of both over what
             # the two channels moved together when measured at once.
-            row["shared_memory_floor_ms"] = 1e3 * (per_token + (row["bytes_copied_per_token"] or 0.0)) / \
+            row["shared_memory_floor_ms"] = 1e3 * (per_token + row["pcie_bytes_per_token"]) / \
                 together["sum_bytes_per_s"]
         if limits.get("expert_copy_bytes_per_s"):
             row["copy_floor_expert_copies_ms"] = 1e3 * (row["bytes_copied_per_token"] or 0.0) / \
@@ -212,17 +258,20 @@ def model_a(args, out: dict) -> None:
               if limits["expert_copy_bytes_per_s"] else "") + (
               f"; at once: copies {limits['together']['copy_bytes_per_s'] / 1e9:.1f} GB/s + CPU experts "
               f"{limits['together']['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s"
-              if limits.get("together") else ""), flush=True)
+              if limits.get("together") else "") + (
+              f"; GPU reading experts in host memory {limits['gpu_reads_host']['gpu_read_bytes_per_s'] / 1e9:.1f} GB/s"
+              if limits.get("gpu_reads_host") else ""), flush=True)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
     forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
     runs, labels = [], []
 
-    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None, demand=0.0, ahead=True):
+    def add(prefetch, on_miss, budget, p=1.0, window=0, share=None, demand=0.0, ahead=True, reads=0.0):
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share,
-                                     cpu_demand_share=demand, run_ahead=ahead)
-        label = f"{prefetch}+{on_miss}" + ("" if ahead else " (layer by layer)")
+                                     cpu_demand_share=demand, run_ahead=ahead, host_read_share=reads)
+        label = f"{prefetch}+{on_miss}" + ("" if ahead else " (layer by layer)") + \
+            (f" (GPU reads {reads:g} of misses in host memory)" if reads else "")
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
         if window:
@@ -250,6 +299,8 @@ def model_a(args, out: dict) -> None:
         p = args.hit_rates[0]
         add("none", "cpu", "0")
         add("none", "cpu", "0", ahead=False)
+        for r in args.host_read_shares:
+            add("none", "cpu", "0", reads=r)
         add("none", "cpu", "0", demand=None)
         add("oracle", "cpu", "0", p)
         add("oracle", "cpu", "0", p, share=0.25)
@@ -258,6 +309,8 @@ def model_a(args, out: dict) -> None:
             add("oracle", "cpu", b, p)
             add("none", "cpu", b)
             add("none", "cpu", b, ahead=False)
+            for r in args.host_read_shares:
+                add("none", "cpu", b, reads=r)
         out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
                                forced=forced)
         add_floors(out["model_a"], limits)
@@ -319,6 +372,9 @@ def side_by_side(args, out: dict) -> None:
     vocab = parts.model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen)
     forced = torch.randint(0, vocab, (args.decode + 1,), generator=gen).tolist()
+    if parts.device.type == "cuda":
+        out["host_limits"] = host_limits(parts)
+        print(json.dumps(out["host_limits"]), flush=True)
     runs, labels, settings = [], [], []
     for ncmoe in default_ncmoe(args.layers):
         spec = parts.spec
@@ -327,14 +383,19 @@ def side_by_side(args, out: dict) -> None:
         budget = str(on_gpu) if on_gpu else "0"
         hit = args.hit_rates[0] if args.hit_rates else 0.85
         # (prefetch, on_miss, oracle recall, demand share: None follows the host, run ahead)
-        for prefetch, on_miss, p, demand, ahead in (
-                ("none", "fetch", 1.0, 0.0, True), ("quasi", "fetch", 1.0, 0.0, True),
-                ("none", "cpu", 1.0, 0.0, True), ("none", "cpu", 1.0, 0.0, False), ("none", "cpu", 1.0, None, True),
-                ("quasi", "cpu", 1.0, 0.0, True), ("oracle", "cpu", hit, 0.0, True)):
+        # (prefetch, on_miss, oracle recall, demand share: None follows the host, run ahead, host reads)
+        for prefetch, on_miss, p, demand, ahead, reads in (
+                ("none", "fetch", 1.0, 0.0, True, 0.0), ("quasi", "fetch", 1.0, 0.0, True, 0.0),
+                ("none", "cpu", 1.0, 0.0, True, 0.0), ("none", "cpu", 1.0, 0.0, False, 0.0),
+                *(("none", "cpu", 1.0, 0.0, True, r) for r in args.host_read_shares),
+                ("none", "cpu", 1.0, None, True, 0.0), ("quasi", "cpu", 1.0, 0.0, True, 0.0),
+                ("oracle", "cpu", hit, 0.0, True, 0.0)):
             config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
-                                         oracle_hit_rate=p, cpu_demand_share=demand, run_ahead=ahead)
+                                         oracle_hit_rate=p, cpu_demand_share=demand, run_ahead=ahead,
+                                         host_read_share=reads)
             label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "") + \
-                (" (demand copies)" if demand is None else "") + ("" if ahead else " (layer by layer)")
+                (" (demand copies)" if demand is None else "") + ("" if ahead else " (layer by layer)") + \
+                (f" (GPU reads {reads:g} of misses in host memory)" if reads else "")
             if prefetch == "quasi":
                 config = (dataclasses.replace(config, prefetch="current"),
                           lambda parts: router_predictor(parts.model, parts.family, parts.spec, "quasi",
@@ -432,6 +493,9 @@ def main() -> int:
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
+    p.add_argument("--host-read-shares", default="0.25,0.375",
+                   help="side-by-side and quick model A: `none+cpu` rows with the GPU reading these shares of "
+                        "misses in host memory")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
@@ -442,6 +506,7 @@ def main() -> int:
     args = p.parse_args()
     args.budgets = [b for b in args.budgets.split(",") if b]
     args.hit_rates = [float(x) for x in args.hit_rates.split(",") if x]
+    args.host_read_shares = [float(x) for x in args.host_read_shares.split(",") if x]
     out = {"command": "python benchmarks/runtime_decode.py " + " ".join(sys.argv[1:]),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     # Each part's results are written as soon as it ends: a run stopped later keeps them.
@@ -484,6 +549,13 @@ def write_results(out: dict, path: Path) -> None:
                    f"both read host memory): copies {t['copy_bytes_per_s'] / 1e9:.1f} GB/s, CPU experts "
                    f"{t['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s, {t['sum_bytes_per_s'] / 1e9:.1f} GB/s together. "
                    "The shared-memory floor of a row is its copied and CPU-computed bytes over that sum.\n"]
+        if h.get("gpu_reads_host"):
+            g = h["gpu_reads_host"]
+            md += [f"The GPU computing experts from their weights in place in the pinned store (the indexed kernel "
+                   f"reading over PCIe, 8 experts per call): {g['gpu_read_bytes_per_s'] / 1e9:.1f} GB/s alone"
+                   + (f"; while the CPU computes other experts, {g['with_cpu_gpu_read_bytes_per_s'] / 1e9:.1f} GB/s "
+                      f"beside the CPU's {g['with_cpu_cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s"
+                      if g.get("with_cpu_gpu_read_bytes_per_s") else "") + ".\n"]
     for key, title in (("model_b", "Model B: the demo model with its trained estimators"),
                        ("model_a", "Model A: Qwen3-30B-A3B's shape, random weights"),
                        ("model_a_long_context", "Model A at a long context")):

@@ -148,7 +148,10 @@ def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], pro
         s = run_mode(parts, config, prompt, feed, warmup, recorded, make)
         if labels is not None:
             s["mode"] = labels[i]
-        per_token = s["bytes_copied_per_token"] or 0.0
+        # Over PCIe: the bytes copied, and the weights the GPU read in place from host memory.
+        per_token = (s["bytes_copied_per_token"] or 0.0) + \
+            (s.get("host_read_experts_per_token") or 0.0) * s["engine"]["expert_block_bytes"]
+        s["pcie_bytes_per_token"] = per_token
         s["copy_floor_ms"] = 1e3 * per_token / bandwidth
         rows.append(s)
     return {"copy_bandwidth_bytes_per_s": bandwidth, "prompt_tokens": int(prompt.numel()),

@@ -169,6 +169,10 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
             setattr(moe, name, value if value is not None else measured if streams.cuda else off_cuda)
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
         moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
+    if config.host_read_share:
+        if not config.device_table:
+            raise SpecmoeError("host_read_share needs the device table (device_table: true)")
+        moe.set_host_reads(config.host_read_share)
     if num_slots >= total:
         moe.preload_all()  # a budget that holds every expert: nothing is ever copied again
     max_context = min(config.max_context, spec.max_position_embeddings)
@@ -179,7 +183,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
-                 "prefetch_window": config.prefetch_window,
+                 "prefetch_window": config.prefetch_window, "host_read_share": config.host_read_share,
                  "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None,
                  "cpu_demand_share": moe.cpu_demand_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,

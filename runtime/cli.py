@@ -23,7 +23,7 @@ from .predict import MODES
 
 _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype", "gpu_expert_budget", "prefetch",
                     "on_miss", "eviction", "lookahead", "max_context", "cpu_threads",
-                    "cpu_copy_share", "cpu_demand_share", "prefetch_window")
+                    "cpu_copy_share", "cpu_demand_share", "prefetch_window", "host_read_share")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-demand-share", type=float, default=None,
                    help="--on-miss cpu: share of a layer's missed experts copied as soon as its routing is read and "
                         "computed by the GPU while the CPU computes the rest (default: 0, the CPU computes every miss)")
+    p.add_argument("--host-read-share", type=float, default=None,
+                   help="exact decode: share of a layer's missed experts the GPU computes by reading their weights "
+                        "in place in host memory over PCIe, beside the CPU (cpu) or the copies (fetch) (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

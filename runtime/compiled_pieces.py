@@ -53,12 +53,31 @@ def experts_from_slots(family, experts, shared, s, stack, slots, weights, r, x_o
     x_out.copy_(r + out.reshape(x_out.shape))
 
 
-def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: int, ids, weights, r, x_out) -> None:
+def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: int, ids, weights, r, x_out,
+                       host_reads=None) -> None:
     """The same with slots looked up in the device table; experts not on the GPU (the zero
-    slot) weigh 0 here and are added afterwards."""
+    slot) weigh 0 here and are added afterwards. `host_reads` (host stack, expert -> its row,
+    take table [k + 1]): of n misses, the first take[n] in routing order are computed here
+    from their weights in host memory, read in place over PCIe."""
     slots = table_row[ids]
-    w = weights * (slots != zero_slot).to(weights.dtype)
-    experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out)
+    hit = slots != zero_slot
+    w = weights * hit.to(weights.dtype)
+    if host_reads is None:
+        experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out)
+        return
+    host_stack, rows, take = host_reads
+    miss = ~hit
+    rank = torch.cumsum(miss.to(torch.long), dim=-1)          # 1, 2, ... at each miss
+    read = miss & (rank <= take[rank[..., -1:]])
+    # Rows not read are -1: the indexed kernel reads nothing for them.
+    host_rows = torch.where(read, rows[ids], torch.full_like(ids, -1))
+    out = routed_output(family, experts, s, stack, slots, w)
+    # Indexed: only the rows read cross PCIe (a dense strategy would read every expert there).
+    out = out + routed_output(family, experts, s, host_stack, host_rows, weights * read.to(weights.dtype),
+                              strategy="indexed")
+    if shared is not None:
+        out = out + shared(s).to(out.dtype)
+    x_out.copy_(r + out.reshape(x_out.shape))
 
 
 def add_experts(family, experts, s, stack, slots, weights, mask, x) -> None:

@@ -51,6 +51,9 @@ class RuntimeConfig:
     # graphed `cpu` decode with nothing copied during decode (no predictor, no demand copies): queue
     # the next layer's graphs behind a gate while the CPU computes this layer's misses (CUDA)
     run_ahead: bool = True
+    # exact decode (graphed, device table): share of a layer's misses the GPU computes by reading their
+    # weights in place in host memory over PCIe, beside the CPU (`cpu`) or the copies (`fetch`)
+    host_read_share: float = 0.0
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:
@@ -63,6 +66,10 @@ class RuntimeConfig:
             raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
         if self.lookahead is not None and self.lookahead < 1:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
+        if not 0.0 <= self.host_read_share <= 1.0:
+            raise SpecmoeError(f"host_read_share must be in [0, 1] (got {self.host_read_share})")
+        if self.host_read_share and self.on_miss == "speculate":
+            raise SpecmoeError("host_read_share applies to exact decode (on_miss fetch or cpu), not speculate")
         for name in ("cpu_copy_share", "cpu_demand_share"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

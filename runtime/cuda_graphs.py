@@ -200,7 +200,8 @@ class DecodeGraphs:
         else:
             # exact (and the first MoE layer of speculate): slots looked up in the device table
             self.pieces.experts_from_table(moe.family, experts, shared, s, stack, moe.table_row(l),
-                                           moe.slots.zero_slot, self.ids[l], self.w[l], self.r, self.x)
+                                           moe.slots.zero_slot, self.ids[l], self.w[l], self.r, self.x,
+                                           moe.host_reads(l))
 
     def _fix(self):
         moe = self.moe

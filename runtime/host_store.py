@@ -90,3 +90,28 @@ class HostExpertStore:
                 for e in range(self.num_experts):
                     source(l, e, self.expert(l, e))
                     bar.update(1)
+
+
+def device_view(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over the same page-locked host memory as `t` (same shape, strides and
+    dtype): a kernel that reads it fetches the bytes over PCIe as it goes, with no copy and no
+    GPU memory. Raises SpecmoeError where the memory is not mapped for the device."""
+    import ctypes
+
+    from .streams import cudart_function
+
+    get = cudart_function("cudaHostGetDevicePointer", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                                      ctypes.c_uint])
+    ptr = ctypes.c_void_p()
+    if get is None or get(ctypes.byref(ptr), t.data_ptr(), 0) != 0 or not ptr.value:
+        raise SpecmoeError("the GPU cannot read this host memory in place (not page-locked and mapped); "
+                           "use host_read_share 0")
+    extent = (t.numel() and sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) + 1
+    nbytes = extent * t.element_size()
+
+    class _Interface:   # what torch.as_tensor reads to wrap a CUDA pointer
+        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr.value, False),
+                                    "version": 3, "strides": None}
+
+    flat = torch.as_tensor(_Interface(), device="cuda")
+    return flat.view(t.dtype).as_strided(t.shape, t.stride())

@@ -98,6 +98,11 @@ class OffloadedMoE:
         self.cpu_demand_share = 0.0
         self.adapt_demand_share = False
         self.share_step = 0.02
+        # Exact decode on the device table (graphed): the share of a layer's table misses that the
+        # GPU computes by reading their weights in place in host memory, over PCIe, while the CPU
+        # (`cpu`) computes or the copy engine brings (`fetch`) the others. Set with set_host_reads.
+        self.host_read_share = 0.0
+        self._host_reads = None   # (host stack, {layer: expert -> store row}, take table) on the device
         self._share_carry = {"ahead": 0.0, "demand": 0.0}
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
@@ -124,6 +129,33 @@ class OffloadedMoE:
         self._staging: dict[int, torch.Tensor] = {}   # pinned host buffers for one layer's small reads
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
+
+    def set_host_reads(self, share: float) -> None:
+        """Let the experts graph of exact decode read `share` of each layer's misses (the first
+        ones in routing order, rounded half up) from the host store in place."""
+        self.host_read_share = float(share)
+        if not share:
+            self._host_reads = None
+            return
+        from .host_store import device_view
+
+        blocks = device_view(self.store.blocks) if self.streams.cuda else self.store.blocks
+        rows = {l: torch.tensor([self.store.row(l, e) for e in range(self.spec.num_experts)], dtype=torch.long,
+                                device=self.device) for l in self.spec.moe_layers}
+        self._read_counts = self.host_read_counts()
+        take = torch.tensor(self._read_counts, dtype=torch.long, device=self.device)
+        self._host_reads = (self.store.layout.views(blocks), rows, take)
+
+    def host_read_counts(self) -> list[int]:
+        """How many of n table misses the GPU reads from host memory, for n = 0..top_k."""
+        return [int(self.host_read_share * n + 0.5) for n in range(self.spec.top_k + 1)]
+
+    def host_reads(self, layer: int):
+        """(host stack, expert -> store row, take table) for the experts graph, or None."""
+        if self._host_reads is None:
+            return None
+        stack, rows, take = self._host_reads
+        return stack, rows[layer], take
 
     def runs_ahead(self) -> bool:
         """Whether a graphed decode step may queue the next layer's graphs before this layer's
@@ -399,7 +431,13 @@ class OffloadedMoE:
         self._protect_now = current
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         absent: list[tuple[int, int]] = []      # (choice j, expert) on no slot
-        for j, e in self._table_misses(layer, ids, present):
+        missed = self._table_misses(layer, ids, present)
+        if self._host_reads is not None and not g.host_fed(layer):
+            # The experts graph read the first of them from host memory already.
+            read = self._read_counts[len(missed)]
+            self.telemetry.host_read_experts += read
+            missed = missed[read:]
+        for j, e in missed:
             slot = self.slots.lookup((layer, e))   # not None: copied after the table was set
             if slot is None:
                 absent.append((j, e))

@@ -155,8 +155,15 @@ _DEFAULT = 4   # cudaMemcpyDefault: the direction follows from the addresses (un
 
 
 def _cuda_memcpy_async():
-    """cudaMemcpyAsync of the CUDA runtime torch has loaded (found in this process's maps), as
-    a ctypes function; None where it cannot be found (then copies go through torch)."""
+    """cudaMemcpyAsync of the CUDA runtime torch has loaded, as a ctypes function; None where
+    it cannot be found (then copies go through torch)."""
+    return cudart_function("cudaMemcpyAsync",
+                           [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p])
+
+
+def cudart_function(name: str, argtypes: list):
+    """A function of the CUDA runtime torch has loaded (found in this process's maps) as a
+    ctypes function returning its error code; None where it cannot be found."""
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
@@ -164,10 +171,10 @@ def _cuda_memcpy_async():
     paths = {line.split()[-1] for line in maps if "libcudart" in line}
     for path in sorted(paths):
         try:
-            fn = ctypes.CDLL(path).cudaMemcpyAsync
+            fn = getattr(ctypes.CDLL(path), name)
         except (OSError, AttributeError):
             continue
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        fn.argtypes = argtypes
         fn.restype = ctypes.c_int
         return fn
     return None

@@ -36,6 +36,7 @@ class Telemetry:
     cpu_wait_seconds: float = 0.0
     cpu_expert_seconds: float = 0.0
     cpu_experts: int = 0                  # (token, expert) products computed by the CPU
+    host_read_experts: int = 0            # ... computed by the GPU reading weights in host memory
     uses: dict[int, int] = field(default_factory=dict)
     cache_hits: dict[int, int] = field(default_factory=dict)
 
@@ -50,6 +51,7 @@ class Telemetry:
         self._host_exact = [0] * n
         self._decode_bytes_start = 0
         self._decode_cpu_start = 0
+        self._decode_reads_start = 0
         self._waits: list = []
 
     def reset_counters(self) -> None:
@@ -119,6 +121,7 @@ class Telemetry:
     def mark_decode_start(self) -> None:
         self._decode_bytes_start = self.bytes_copied
         self._decode_cpu_start = self.cpu_experts
+        self._decode_reads_start = self.host_read_experts
 
     # -------------------------------------------------------------- report
 
@@ -152,6 +155,8 @@ class Telemetry:
                                        if decode_tokens else None),
             "cpu_experts_per_token": ((self.cpu_experts - self._decode_cpu_start) / decode_tokens
                                       if decode_tokens else None),
+            "host_read_experts_per_token": ((self.host_read_experts - self._decode_reads_start) / decode_tokens
+                                            if decode_tokens else None),
             "experts_prefetched": self.prefetched,
             "prefetches_dropped": self.prefetch_dropped,
             "demand_copies": self.demand_copies,
@@ -182,6 +187,7 @@ def format_summary(s: dict) -> str:
         ("GPU waiting for copies", num(s["gpu_copy_wait_seconds"], ".3f") + " s"),
         ("CPU experts per decoded token", num(s["cpu_experts_per_token"], ".2f")),
         ("CPU expert time", num(s["cpu_expert_seconds"], ".3f") + " s"),
+        ("experts read from host memory by the GPU per token", num(s["host_read_experts_per_token"], ".2f")),
         ("peak GPU memory", num(s["peak_gpu_bytes"] / 2**30 if s["peak_gpu_bytes"] else None, ".2f") + " GiB"),
         ("peak host memory", num(s["peak_host_bytes"] / 2**30, ".2f") + " GiB"),
     ]

@@ -39,9 +39,12 @@ def _kernel():
         p = tl.program_id(0)
         nb = tl.program_id(1)
         slot = tl.load(slot_ptr + p).to(tl.int64)
+        # A negative slot is a product of zero that reads no weight: its loads are all masked off.
+        live = slot >= 0
+        slot = tl.maximum(slot, 0)
         row = (p // share).to(tl.int64)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n_ok = (n < N) & live
         w_base = w_ptr + slot * s_wslot + n.to(tl.int64)[:, None] * s_wn
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -51,7 +54,7 @@ def _kernel():
             w = tl.load(w_base + k[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * v[None, :]
         y = tl.sum(acc, axis=1)
-        tl.store(y_ptr + p * s_yrow + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(y_ptr + p * s_yrow + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
     return indexed_matvec_kernel
 
@@ -62,7 +65,9 @@ def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, share: int = 1, *, 
     token's row serves its k choices, with no index tensor to build).
 
     v [P / share, K] (rows contiguous); weight [S, N, K] (in_out False, F.linear layout)
-    or [S, K, N] (in_out True), any strides; slots [P] an integer tensor on v's device."""
+    or [S, K, N] (in_out True), any strides; slots [P] an integer tensor on v's device. A
+    negative slot gives a row of zeros and reads nothing (weights that live in host memory,
+    read over PCIe, are read only where they are used)."""
     import triton
 
     if in_out:

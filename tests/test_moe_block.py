@@ -279,3 +279,29 @@ def test_gpu_strategies_at_scale(model_type, sizes):
         for strategy in STRATEGIES + ("auto",):
             out, _, _ = moe_block_forward(family, block, x, stack, table.to(device), strategy=strategy)
             torch.testing.assert_close(out, ref, **_tolerance(torch.bfloat16, ref), msg=f"{strategy} T={tokens}")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("in_out", [False, True])
+def test_indexed_matvec_negative_slot_is_a_zero_row(in_out):
+    """A negative slot yields zeros and the other rows their own product, against a matmul per
+    row; the weights may live in pinned host memory that the GPU reads over PCIe."""
+    from specmoe.indexed_matvec import indexed_matvec
+    from runtime.host_store import device_view
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 96, 1024
+    shape = (5, k, n) if in_out else (5, n, k)
+    host = torch.randn(shape, generator=gen).to(torch.bfloat16).pin_memory()
+    v = torch.randn(2, k, generator=gen).to(torch.bfloat16).cuda()
+    slots = torch.tensor([3, -1, 0, 4, -1, 1], device="cuda")
+    for weight in (host.cuda(), device_view(host)):
+        y = indexed_matvec(v, weight, slots, share=3, in_out=in_out)
+        for p, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                assert not y[p].any()
+                continue
+            w = host[slot].float()
+            want = v[p // 3].float().cpu() @ (w if in_out else w.T)
+            torch.testing.assert_close(y[p].float().cpu(), want, rtol=2e-2, atol=2e-2)

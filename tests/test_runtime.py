@@ -80,6 +80,38 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("prefetch,on_miss", [("none", "cpu"), ("current", "cpu"), ("none", "fetch")])
+def test_host_reads_take_a_share_of_misses_and_stay_exact(family, prefetch, on_miss):
+    """Graphed decode with half of each layer's misses computed by the experts graph straight
+    from the host store (the GPU reading them over PCIe, here the CPU): the first misses in
+    routing order, the others left to the CPU or to copies; the sum is the stock forward's,
+    and the rounding rule (half of n misses, rounded half up) is what was counted."""
+    ref = tiny_model(family)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch=prefetch, on_miss=on_miss, gpu_expert_budget="0",
+                                                        host_read_share=0.5))
+    assert engine.moe.host_read_counts() == [int(0.5 * n + 0.5) for n in range(engine.spec.top_k + 1)]
+    engine.use_graphs = True
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    tel = engine.telemetry
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert tel.host_read_experts > 0
+    if on_miss == "cpu":
+        assert tel.cpu_experts > 0
+    else:
+        assert tel.demand_copies > 0
+
+
+def test_host_read_share_is_checked():
+    for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
+                       (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
+        with pytest.raises(SpecmoeError, match=match):
+            cfg(**bad).validate()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 @pytest.mark.parametrize("prefetch", ["none", "current"])
 @pytest.mark.parametrize("graphed", [False, True])
 def test_cpu_with_a_demand_share_splits_misses_and_stays_exact(family, prefetch, graphed):
