@@ -388,7 +388,7 @@ def side_by_side(args, out: dict) -> None:
                 ("none", "fetch", 1.0, 0.0, True, 0.0), ("quasi", "fetch", 1.0, 0.0, True, 0.0),
                 ("none", "cpu", 1.0, 0.0, True, 0.0), ("none", "cpu", 1.0, 0.0, False, 0.0),
                 *(("none", "cpu", 1.0, 0.0, True, r) for r in args.host_read_shares),
-                ("none", "cpu", 1.0, None, True, 0.0), ("quasi", "cpu", 1.0, 0.0, True, 0.0),
+                ("quasi", "cpu", 1.0, 0.0, True, 0.0),
                 ("oracle", "cpu", hit, 0.0, True, 0.0)):
             config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                          oracle_hit_rate=p, cpu_demand_share=demand, run_ahead=ahead,
@@ -493,7 +493,7 @@ def main() -> int:
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
-    p.add_argument("--host-read-shares", default="0.25,0.375",
+    p.add_argument("--host-read-shares", default="0.25,0.3125",
                    help="side-by-side and quick model A: `none+cpu` rows with the GPU reading these shares of "
                         "misses in host memory")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")

@@ -102,7 +102,7 @@ class OffloadedMoE:
         # GPU computes by reading their weights in place in host memory, over PCIe, while the CPU
         # (`cpu`) computes or the copy engine brings (`fetch`) the others. Set with set_host_reads.
         self.host_read_share = 0.0
-        self._host_reads = None   # (host stack, {layer: expert -> store row}, take table) on the device
+        self._host_reads = None   # (host stack, {layer: expert -> store row}, {layer: take table}) on the device
         self._share_carry = {"ahead": 0.0, "demand": 0.0}
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
@@ -132,7 +132,7 @@ class OffloadedMoE:
 
     def set_host_reads(self, share: float) -> None:
         """Let the experts graph of exact decode read `share` of each layer's misses (the first
-        ones in routing order, rounded half up) from the host store in place."""
+        ones in routing order) from the host store in place."""
         self.host_read_share = float(share)
         if not share:
             self._host_reads = None
@@ -142,20 +142,27 @@ class OffloadedMoE:
         blocks = device_view(self.store.blocks) if self.streams.cuda else self.store.blocks
         rows = {l: torch.tensor([self.store.row(l, e) for e in range(self.spec.num_experts)], dtype=torch.long,
                                 device=self.device) for l in self.spec.moe_layers}
-        self._read_counts = self.host_read_counts()
-        take = torch.tensor(self._read_counts, dtype=torch.long, device=self.device)
-        self._host_reads = (self.store.layout.views(blocks), rows, take)
+        self._read_counts = {l: self.host_read_counts(l) for l in self.spec.moe_layers}
+        takes = {l: torch.tensor(c, dtype=torch.long, device=self.device) for l, c in self._read_counts.items()}
+        self._host_reads = (self.store.layout.views(blocks), rows, takes)
 
-    def host_read_counts(self) -> list[int]:
-        """How many of n table misses the GPU reads from host memory, for n = 0..top_k."""
-        return [int(self.host_read_share * n + 0.5) for n in range(self.spec.top_k + 1)]
+    def host_read_counts(self, layer: int) -> list[int]:
+        """How many of n table misses the GPU reads from host memory at `layer`, for n = 0..top_k.
+        A fractional share alternates over layers (0.3125 of 8: 2, 3, 2, 3, ...): the counts of
+        the first i layers add up to share * n * i, rounded half up."""
+        i = self._rows[layer]
+
+        def upto(m: int, n: int) -> int:
+            return int(self.host_read_share * n * m + 0.5)
+
+        return [upto(i + 1, n) - upto(i, n) for n in range(self.spec.top_k + 1)]
 
     def host_reads(self, layer: int):
-        """(host stack, expert -> store row, take table) for the experts graph, or None."""
+        """(host stack, expert -> store row, take table) of `layer` for the experts graph, or None."""
         if self._host_reads is None:
             return None
-        stack, rows, take = self._host_reads
-        return stack, rows[layer], take
+        stack, rows, takes = self._host_reads
+        return stack, rows[layer], takes[layer]
 
     def runs_ahead(self) -> bool:
         """Whether a graphed decode step may queue the next layer's graphs before this layer's
@@ -434,7 +441,7 @@ class OffloadedMoE:
         missed = self._table_misses(layer, ids, present)
         if self._host_reads is not None and not g.host_fed(layer):
             # The experts graph read the first of them from host memory already.
-            read = self._read_counts[len(missed)]
+            read = self._read_counts[layer][len(missed)]
             self.telemetry.host_read_experts += read
             missed = missed[read:]
         for j, e in missed:
