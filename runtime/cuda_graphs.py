@@ -360,15 +360,21 @@ class DecodeGraphs:
         i, layer, released = self._queue_through_post(0)
         while layer is not None:
             # The next layer's graphs wait for this layer's CPU part: queued now, started by
-            # the flag the host writes once the part is in pinned memory.
-            seq = gate.close()
+            # the flag the host writes once the part is in pinned memory. A layer whose every
+            # expert is on the GPU has no CPU part: nothing waits for the host there.
+            gated = not moe.layer_resident(layer)
+            seq = gate.close() if gated else None
             try:
-                moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
+                if gated:
+                    moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
                 self._part_written = False
                 moe.after_graphed_compute(layer, self, released=released)
-                if not self._part_written:
+                if not gated and self._part_written:
+                    raise RuntimeError(f"layer {layer} had every expert on the GPU but the CPU computed a part")
+                if gated and not self._part_written:
                     self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
             finally:
-                gate.open(seq)   # on an error too: a closed gate would hold the stream forever
+                if gated:
+                    gate.open(seq)   # on an error too: a closed gate would hold the stream forever
             layer, released = after, after_released

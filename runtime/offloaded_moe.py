@@ -164,6 +164,11 @@ class OffloadedMoE:
         stack, rows, takes = self._host_reads
         return stack, rows[layer], takes[layer]
 
+    def layer_resident(self, layer: int) -> bool:
+        """Every expert of `layer` is in the device table, none still arriving: its decode
+        misses nothing."""
+        return len(self._installed[layer]) == self.spec.num_experts and not self._to_install.get(layer)
+
     def runs_ahead(self) -> bool:
         """Whether a graphed decode step may queue the next layer's graphs before this layer's
         misses are done (cuda_graphs.DecodeGraphs): only when the host never places experts

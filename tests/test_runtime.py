@@ -110,6 +110,20 @@ def test_host_reads_take_a_share_of_misses_and_stay_exact(family, prefetch, on_m
         assert tel.demand_copies > 0
 
 
+@pytest.mark.parametrize("budget,resident", [("100%", True), ("0", False)])
+def test_a_layer_is_resident_when_the_table_holds_all_its_experts(budget, resident):
+    """What lets a run-ahead step skip the gate of a layer: every expert of it in the device
+    table after the first decode step (a budget that holds the model), none at the minimum."""
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget))
+    engine.use_graphs = True
+    engine.reset()
+    engine.step(PROMPT)
+    engine.step(torch.tensor([5]))
+    got = [engine.moe.layer_resident(l) for l in engine.spec.moe_layers]
+    engine.close()
+    assert got == [resident] * len(got)
+
+
 def test_host_read_share_is_checked():
     for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
