@@ -83,6 +83,9 @@ class DecodeGraphs:
         self._rope = None
         self._masks = None
         self._graphs: list[tuple[str, int, torch.cuda.CUDAGraph]] = []
+        # Layers whose experts graph reads misses from host memory (host_read_share) have a
+        # second one without those reads, replayed while every expert of the layer is on the GPU.
+        self._plain_posts: dict[int, object] = {}
         # Misses of a table lookup, added by one more graph: slots and 0/1 mask come in one
         # copy from pinned memory, the routing weights from the layer's buffer.
         self.fix_pack = torch.full((2, k), moe.slots.zero_slot, dtype=torch.long, device=dev)
@@ -189,7 +192,7 @@ class DecodeGraphs:
             return True
         return self.speculate and (l in self.pred_ids or not self.graphable_prediction)
 
-    def _post(self, l: int):
+    def _post(self, l: int, reads: bool = True):
         moe = self.moe
         s = self.s.reshape(1, -1)
         experts, shared, stack = moe._experts[l], moe._shared[l], moe.slots.stack
@@ -201,7 +204,7 @@ class DecodeGraphs:
             # exact (and the first MoE layer of speculate): slots looked up in the device table
             self.pieces.experts_from_table(moe.family, experts, shared, s, stack, moe.table_row(l),
                                            moe.slots.zero_slot, self.ids[l], self.w[l], self.r, self.x,
-                                           moe.host_reads(l))
+                                           moe.host_reads(l) if reads else None)
 
     def _fix(self):
         moe = self.moe
@@ -274,6 +277,12 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool):
                 fn()
             self._graphs.append((kind, l, g))
+        plain_pool = torch.cuda.graph_pool_handle()   # replayed instead of a step graph, in layer order
+        for l in self._reading_layers():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=plain_pool):
+                self._post(l, reads=False)
+            self._plain_posts[l] = g
         if self._moe_table_layers():
             # Replayed between the step's graphs, so in a pool of its own. The fix-up adds into x:
             # keep x as it was.
@@ -294,9 +303,19 @@ class DecodeGraphs:
         for _, _, fn in self._pieces():
             fn()
         self._graphs = [(kind, l, _Eager(fn)) for kind, l, fn in self._pieces()]
+        self._plain_posts = {l: _Eager(lambda l=l: self._post(l, reads=False)) for l in self._reading_layers()}
         if self._moe_table_layers():
             self.fix_w = torch.zeros_like(self.w[self.moe.spec.moe_layers[0]])
             self._fix_graph = _Eager(self._fix)
+
+    def _reading_layers(self) -> list[int]:
+        return [l for l in self.moe.spec.moe_layers if not self.host_fed(l) and self.moe.host_reads(l) is not None]
+
+    def _experts_graph(self, l: int, g):
+        """The experts graph to replay for layer l: without host reads when the layer misses
+        nothing (the reads' selection and second product would compute zeros)."""
+        plain = self._plain_posts.get(l)
+        return plain if plain is not None and self.moe.layer_resident(l) else g
 
     def _moe_table_layers(self) -> bool:
         return any(not self.host_fed(l) for l in self.moe.spec.moe_layers)
@@ -333,7 +352,7 @@ class DecodeGraphs:
             self._step_run_ahead()
         else:
             for kind, l, g in self._graphs:
-                g.replay()
+                (self._experts_graph(l, g) if kind == "post" else g).replay()
                 if kind == "pre":
                     moe.graphed_layer(l, self)
                 elif kind == "post":
@@ -348,7 +367,7 @@ class DecodeGraphs:
         while i < len(self._graphs):
             kind, l, g = self._graphs[i]
             i += 1
-            g.replay()
+            (self._experts_graph(l, g) if kind == "post" else g).replay()
             if kind == "pre":
                 moe.graphed_layer(l, self)
             elif kind == "post":

@@ -124,6 +124,30 @@ def test_a_layer_is_resident_when_the_table_holds_all_its_experts(budget, reside
     assert got == [resident] * len(got)
 
 
+@pytest.mark.parametrize("budget", ["100%", "0"])
+def test_a_resident_layer_replays_the_experts_graph_without_host_reads(budget):
+    """With host reads on, a layer whose experts are all on the GPU replays the experts
+    graph that reads nothing from host memory (the other would add zeros); a layer that can
+    miss, the one that reads. Exact either way."""
+    ref = tiny_model("qwen3_moe")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
+                                                             host_read_share=0.5))
+    engine.use_graphs = True
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    graphs = engine.decode_graphs
+    chosen = {l: graphs._experts_graph(l, g) for kind, l, g in graphs._graphs if kind == "post"}
+    reads = engine.telemetry.host_read_experts
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert set(graphs._plain_posts) == set(chosen)
+    if budget == "100%":
+        assert all(chosen[l] is graphs._plain_posts[l] for l in chosen) and reads == 0
+    else:
+        assert not any(chosen[l] is graphs._plain_posts[l] for l in chosen) and reads > 0
+
+
 def test_host_read_share_is_checked():
     for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):

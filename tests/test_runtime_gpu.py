@@ -123,22 +123,23 @@ def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, bu
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-@pytest.mark.parametrize("on_miss", ["cpu", "fetch"])
-def test_gpu_reads_experts_in_host_memory_and_stays_exact(family, on_miss):
+@pytest.mark.parametrize("on_miss,budget", [("cpu", "0"), ("fetch", "0"), ("cpu", "100%")])
+def test_gpu_reads_experts_in_host_memory_and_stays_exact(family, on_miss, budget):
     """Half of each layer's misses computed by the experts graph reading their weights in
     place in pinned host memory (no copy, no slot), the rest by the CPU (running a layer
-    ahead) or copied: the stock forward's logits."""
+    ahead) or copied: the stock forward's logits. With every expert on the GPU, the graphs
+    without reads replay and nothing is read."""
     ref = tiny_model(family).cuda()
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
     expected = stock_logits(ref, ids.cuda())
-    engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss=on_miss, gpu_expert_budget="0",
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss=on_miss, gpu_expert_budget=budget,
                                                         host_read_share=0.5))
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
     assert engine.decode_graphs.run_ahead == (on_miss == "cpu")
     tel = engine.telemetry
     engine.close()
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
-    assert tel.host_read_experts > 0
+    assert (tel.host_read_experts > 0) == (budget == "0")
 
 
 def test_run_ahead_step_that_fails_leaves_the_stream_running():
