@@ -129,6 +129,7 @@ class OffloadedMoE:
         self._staging: dict[int, torch.Tensor] = {}   # pinned host buffers for one layer's small reads
         self._slot_staging: dict[int, torch.Tensor] = {}
         self._pending: dict = {}
+        self._numpy_views: dict = {}
 
     def set_host_reads(self, share: float) -> None:
         """Let the experts graph of exact decode read `share` of each layer's misses (the first
@@ -309,14 +310,14 @@ class OffloadedMoE:
         """(choice j, expert) of one token's routing `row` that the table did not hold; every
         use is counted, and the cached ones touched."""
         missing = []
+        touch = self.slots.touch
         for j, e in enumerate(row):
             e = int(e)
-            hit = e in present
-            self.telemetry.count_use(layer, hit=hit)
-            if hit:
-                self.slots.touch((layer, e))
+            if e in present:
+                touch((layer, e))
             else:
                 missing.append((j, e))
+        self.telemetry.count_uses(layer, len(row), len(row) - len(missing))
         return missing
 
     def _reserve_needed(self, key, protected: set) -> int:
@@ -415,6 +416,14 @@ class OffloadedMoE:
     # (cuda_graphs.DecodeGraphs): the graphs leave this layer's routing and prediction in
     # static buffers; these methods read them, place experts and feed the next graph.
 
+    def _as_numpy(self, t: torch.Tensor):
+        """A numpy view of a pinned host buffer the runtime keeps (cached by address): reading
+        a few values through it costs far less host time than through torch."""
+        view = self._numpy_views.get(t.data_ptr())
+        if view is None or view.shape != tuple(t.shape):
+            view = self._numpy_views[t.data_ptr()] = t.numpy()
+        return view
+
     def _pinned(self, table: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
         buf = table.get(layer)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
@@ -439,7 +448,8 @@ class OffloadedMoE:
         computes what is on the GPU, and (`cpu`) the CPU computes the rest on this thread while
         the copies run."""
         current = {(layer, e) for e in ids}
-        self._drop_queued(layer)
+        if self._queued:
+            self._drop_queued(layer)
         self._protect_now = current
         gpu_fix: list[tuple[int, int]] = []     # (choice j, slot)
         absent: list[tuple[int, int]] = []      # (choice j, expert) on no slot
@@ -449,8 +459,9 @@ class OffloadedMoE:
             read = self._read_counts[layer][len(missed)]
             self.telemetry.host_read_experts += read
             missed = missed[read:]
+        lookup = self.slots.lookup
         for j, e in missed:
-            slot = self.slots.lookup((layer, e))   # not None: copied after the table was set
+            slot = lookup((layer, e))   # not None: copied after the table was set
             if slot is None:
                 absent.append((j, e))
             else:
@@ -460,7 +471,7 @@ class OffloadedMoE:
         if absent:
             on_cpu, demand = self._copy_share_now(layer, absent, current, gpu_fix, cpu_inputs is not None)
             if on_cpu:
-                weights = cpu_inputs[1][0].tolist()   # one conversion, not one tensor index per miss
+                weights = self._as_numpy(cpu_inputs[1])[0].tolist()   # one conversion, not one per miss
                 cpu_work = [(0, e, weights[j]) for j, e in on_cpu]
         ahead = None   # after the copies for the target layer
         if pred is not None:
@@ -587,10 +598,10 @@ class OffloadedMoE:
             self._layer_released[layer] = released
             _, present, host, ev, target, pred, k, cpu_inputs, count_on_host = pending
             self._wait_pumping(ev)
-            row = host[0].tolist()
+            row = self._as_numpy(host)[0].tolist()
             if count_on_host is not None:
                 self.telemetry.count_hits_host(layer, [int(e) for e in count_on_host], [int(e) for e in row[:k]])
-            self._graphed_misses(layer, g, [int(e) for e in row[:k]], present, cpu_inputs, target, pred, row[k:])
+            self._graphed_misses(layer, g, row[:k], present, cpu_inputs, target, pred, row[k:])
             self._inflight.pop(layer, None)
             return
         zero = self.slots.zero_slot

@@ -76,9 +76,12 @@ class Telemetry:
         self._pred_exact.copy_(exact)
 
     def count_use(self, layer: int, hit: bool) -> None:
-        self.uses[layer] = self.uses.get(layer, 0) + 1
-        if hit:
-            self.cache_hits[layer] = self.cache_hits.get(layer, 0) + 1
+        self.count_uses(layer, 1, int(hit))
+
+    def count_uses(self, layer: int, uses: int, hits: int) -> None:
+        self.uses[layer] = self.uses.get(layer, 0) + uses
+        if hits:
+            self.cache_hits[layer] = self.cache_hits.get(layer, 0) + hits
 
     def prefetch_hits_device(self, layer: int, predicted: torch.Tensor, true: torch.Tensor,
                              count: bool = True) -> None:
