@@ -58,6 +58,9 @@ def test_bench_writes_json_and_markdown_with_the_copy_floor(tmp_path, capsys):
     (["generate", "hi", "--device", "cpu", "--estimators", "/nonexistent/est"], "does not exist"),
     (["bench", "--device", "cpu", "--modes", "quasi"], "PREFETCH+ON_MISS"),
     (["generate", "hi", "--device", "cpu", "--on-miss", "cpu", "--cpu-copy-share", "1.5"], "cpu_copy_share"),
+    (["generate", "hi", "--device", "cpu", "--on-miss", "cpu", "--host-read-share", "2"], "host_read_share"),
+    (["generate", "hi", "--device", "cpu", "--prefetch", "current", "--on-miss", "speculate",
+      "--host-read-share", "0.25"], "exact decode"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv + ["--quiet"]) == 2

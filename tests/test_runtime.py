@@ -153,6 +153,9 @@ def test_host_read_share_is_checked():
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
         with pytest.raises(SpecmoeError, match=match):
             cfg(**bad).validate()
+    # The reads are chosen from the device table: without it there is nothing to choose from.
+    with pytest.raises(SpecmoeError, match="device table"):
+        runtime.from_model(tiny_model("qwen3_moe"), cfg(on_miss="cpu", host_read_share=0.5, device_table=False))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
