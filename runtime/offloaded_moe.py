@@ -20,7 +20,9 @@ host never idles the GPU. Exact decode places experts in one of two ways:
 - device table (`device_table`, the default): the experts run at once from a device-side
   slot table, the host reads the ids meanwhile and adds what was missing afterwards
   (`_prepare_layer`, `table_output`; graphed: `_graphed_misses`, eager: `_misses`), with
-  predicted copies optionally held back in a window (`_prefetch`, `_pump`);
+  predicted copies optionally held back in a window (`_prefetch`, `_pump`), and a share of
+  the misses optionally computed by the experts graph itself from their weights in host
+  memory (`set_host_reads`);
 - planned: the host reads layer l's true ids, places the missing experts, then launches
   the experts over the slots it chose (`_plan`, `_run`; prefills always run this way).
 
