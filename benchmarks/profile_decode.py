@@ -153,7 +153,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             if cpu_calls else None,
             "wall_ms_mean_p90": [1e3 * statistics.fmean(walls), 1e3 * sorted(walls)[int(0.9 * (len(walls) - 1))]],
             "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
-            "run_ahead": bool(graphs.run_ahead), "host_read_share": config.host_read_share,
+            "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
+            "host_read_auto": config.host_read_share is None,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -209,9 +210,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    variants = [(int(t), None if d == "auto" else float(d), a == "1", float(r)) for t in args.threads.split(",")
+    variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r))
+                for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
-                for r in args.host_read_share.split(",")]
+                for r in args.host_read_share.split(",")]   # r: a share, or auto (measured at start)
     for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads) in \
             ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
@@ -237,7 +239,7 @@ def main() -> int:
              "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")

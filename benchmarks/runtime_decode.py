@@ -60,6 +60,13 @@ def qwen3_30b_shape(layers: int, hidden: int = 2048):
                           rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)
 
 
+def reads_label(share) -> str:
+    """How a row names its host_read_share (None: measured at start)."""
+    if share is None:
+        return " (GPU reads a measured share of misses in host memory)"
+    return f" (GPU reads {share:g} of misses in host memory)" if share else ""
+
+
 def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
     """What the host can do, measured on model A's own store: the CPU expert throughput of
     the runtime's kernels and of stock torch (bytes of expert weights per second, 8 experts
@@ -144,49 +151,13 @@ def copies_and_cpu_together(parts, cpu_call, call_bytes: int, experts: int = 48,
     return {"copy_bytes_per_s": copy, "cpu_expert_bytes_per_s": cpu, "sum_bytes_per_s": copy + cpu}
 
 
-def host_reads_alone_and_with_cpu(parts, cpu_call, call_bytes: int, calls: int = 6, rounds: int = 5) -> dict:
+def host_reads_alone_and_with_cpu(parts, cpu_call, call_bytes: int) -> dict:
     """The third channel: the GPU computing experts from their weights in place in the pinned
-    store (the indexed kernel reading over PCIe, as `host_read_share` runs it), 8 experts per
-    call, alone and while the CPU computes other experts; bytes of weights per second."""
-    from runtime.host_store import device_view
-    from specmoe.moe_block import routed_output
+    store, alone and while the CPU computes other experts (runtime.bench.host_reads_beside_cpu)."""
+    from runtime.bench import host_reads_beside_cpu
 
-    store, family, spec = parts.store, parts.family, parts.spec
-    stack = store.layout.views(device_view(store.blocks))
-    experts = family.experts(parts.model, spec.moe_layers[0])
-    s = torch.randn(1, spec.hidden_size, device=parts.device).to(store.layout.dtype)
-    w = torch.ones(1, 8, device=parts.device)
-    n_blocks = store.blocks.shape[0]
-    rows = [torch.tensor([[(n_blocks // 3 + (r * calls + c) * 8 + j) % n_blocks for j in range(8)]],
-                         device=parts.device) for r in range(2 * rounds + 2) for c in range(calls)]
-    nbytes = calls * 8 * store.layout.tensor_bytes
-    alone, together, cpu_rates = [], [], []
-    for r in range(2 * rounds + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for c in range(calls):
-            routed_output(family, experts, s, stack, rows[r * calls + c], w, strategy="indexed")
-        end.record()
-        with_cpu = r % 2 == 1
-        t0, n = time.perf_counter(), 0
-        while with_cpu and not end.query():
-            cpu_call()
-            n += 1
-        cpu_s = time.perf_counter() - t0
-        end.synchronize()
-        if r < 2:
-            continue
-        rate = nbytes / (start.elapsed_time(end) / 1e3)
-        if with_cpu and n:
-            together.append(rate)
-            cpu_rates.append(n * call_bytes / cpu_s)
-        elif not with_cpu:
-            alone.append(rate)
-    out = {"gpu_read_bytes_per_s": statistics.median(alone)}
-    if together:
-        out.update({"with_cpu_gpu_read_bytes_per_s": statistics.median(together),
-                    "with_cpu_cpu_expert_bytes_per_s": statistics.median(cpu_rates)})
-    return out
+    experts = parts.family.experts(parts.model, parts.spec.moe_layers[0])
+    return host_reads_beside_cpu(parts.store, parts.family, experts, cpu_call, call_bytes, parts.device)
 
 
 def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
@@ -270,8 +241,7 @@ def model_a(args, out: dict) -> None:
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      oracle_hit_rate=p, prefetch_window=window, cpu_copy_share=share,
                                      cpu_demand_share=demand, run_ahead=ahead, host_read_share=reads)
-        label = f"{prefetch}+{on_miss}" + ("" if ahead else " (layer by layer)") + \
-            (f" (GPU reads {reads:g} of misses in host memory)" if reads else "")
+        label = f"{prefetch}+{on_miss}" + ("" if ahead else " (layer by layer)") + reads_label(reads)
         if prefetch == "oracle":
             label += f" (oracle thinned to p={p})"
         if window:
@@ -395,7 +365,7 @@ def side_by_side(args, out: dict) -> None:
                                          host_read_share=reads)
             label = f"{prefetch}+{on_miss}" + (f" (oracle p={p})" if prefetch == "oracle" else "") + \
                 (" (demand copies)" if demand is None else "") + ("" if ahead else " (layer by layer)") + \
-                (f" (GPU reads {reads:g} of misses in host memory)" if reads else "")
+                reads_label(reads)
             if prefetch == "quasi":
                 config = (dataclasses.replace(config, prefetch="current"),
                           lambda parts: router_predictor(parts.model, parts.family, parts.spec, "quasi",
@@ -493,9 +463,9 @@ def main() -> int:
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
-    p.add_argument("--host-read-shares", default="0.25,0.3125",
+    p.add_argument("--host-read-shares", default="0.25,auto",
                    help="side-by-side and quick model A: `none+cpu` rows with the GPU reading these shares of "
-                        "misses in host memory")
+                        "misses in host memory (auto: measured at start)")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
@@ -506,7 +476,7 @@ def main() -> int:
     args = p.parse_args()
     args.budgets = [b for b in args.budgets.split(",") if b]
     args.hit_rates = [float(x) for x in args.hit_rates.split(",") if x]
-    args.host_read_shares = [float(x) for x in args.host_read_shares.split(",") if x]
+    args.host_read_shares = [None if x == "auto" else float(x) for x in args.host_read_shares.split(",") if x]
     out = {"command": "python benchmarks/runtime_decode.py " + " ".join(sys.argv[1:]),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     # Each part's results are written as soon as it ends: a run stopped later keeps them.

@@ -65,6 +65,54 @@ def copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, repeats: int 
     return nbytes / statistics.median(times)
 
 
+def host_reads_beside_cpu(store, family, experts_module, cpu_call, call_bytes: int, device: torch.device,
+                          calls: int = 6, rounds: int = 5) -> dict:
+    """Bytes of expert weights per second that the GPU computes from the pinned store in place
+    (the indexed kernel reading over PCIe, 8 experts per call, as `host_read_share` runs it):
+    alone, and while the host runs `cpu_call` (`call_bytes` of experts each) in a loop, with
+    the CPU's rate then. Medians of `rounds` rounds of each (CUDA only)."""
+    from specmoe.moe_block import routed_output
+
+    from .host_store import device_view
+
+    stack = store.layout.views(device_view(store.blocks))
+    hidden = stack["gate_up_proj"].shape[-1 if not family.weights_in_out else -2]
+    s = torch.randn(1, hidden, device=device).to(store.layout.dtype)
+    w = torch.ones(1, 8, device=device)
+    n_blocks = store.blocks.shape[0]
+    total = 2 * rounds + 2
+    rows = [torch.tensor([[(n_blocks // 3 + (r * calls + c) * 8 + j) % n_blocks for j in range(8)]], device=device)
+            for r in range(total) for c in range(calls)]
+    nbytes = calls * 8 * store.layout.tensor_bytes
+    alone, beside, cpu_rates = [], [], []
+    for r in range(total):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for c in range(calls):
+            routed_output(family, experts_module, s, stack, rows[r * calls + c], w, strategy="indexed")
+        end.record()
+        with_cpu = r % 2 == 1
+        t0, n = time.perf_counter(), 0
+        while with_cpu and not end.query():
+            cpu_call()
+            n += 1
+        cpu_s = time.perf_counter() - t0
+        end.synchronize()
+        if r < 2:   # warm-up: the kernels' first calls
+            continue
+        rate = nbytes / (start.elapsed_time(end) / 1e3)
+        if not with_cpu:
+            alone.append(rate)
+        elif n:
+            beside.append(rate)
+            cpu_rates.append(n * call_bytes / cpu_s)
+    out = {"gpu_read_bytes_per_s": statistics.median(alone)}
+    if beside:
+        out.update({"with_cpu_gpu_read_bytes_per_s": statistics.median(beside),
+                    "with_cpu_cpu_expert_bytes_per_s": statistics.median(cpu_rates)})
+    return out
+
+
 def record_exact(parts: ModelParts, base: RuntimeConfig, prompt: torch.Tensor, new_tokens: int,
                  forced: list[int] | None = None):
     """Greedy continuation and true routing of every position, from an exact on-demand pass.

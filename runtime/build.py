@@ -169,7 +169,9 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
             setattr(moe, name, value if value is not None else measured if streams.cuda else off_cuda)
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
         moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
-    if config.host_read_share:
+    if config.host_read_share is None and cpu is not None and streams.cuda and config.device_table:
+        moe.set_host_reads(_host_read_split(moe, device), whole=True)
+    elif config.host_read_share:
         if not config.device_table:
             raise SpecmoeError("host_read_share needs the device table (device_table: true)")
         moe.set_host_reads(config.host_read_share)
@@ -183,7 +185,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
-                 "prefetch_window": config.prefetch_window, "host_read_share": config.host_read_share,
+                 "prefetch_window": config.prefetch_window, "host_read_share": moe.host_read_share,
                  "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None,
                  "cpu_demand_share": moe.cpu_demand_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,
@@ -219,6 +221,33 @@ def _copy_share(moe, device: torch.device) -> float:
     moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
     cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
     return copy_bw / (copy_bw + cpu_bw)
+
+
+def _host_read_split(moe, device: torch.device) -> float:
+    """The GPU's part of the two channels' rate when both run at once: the GPU reading experts
+    in host memory over PCIe and the CPU computing others, measured now on the store."""
+    from .bench import host_reads_beside_cpu
+
+    layer = moe.spec.moe_layers[0]
+    experts = moe._experts[layer]
+    n = min(8, moe.spec.num_experts)
+    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
+    layers = moe.spec.moe_layers
+    turn = [0]
+
+    def cpu_call():
+        # Another layer's experts each time: weights come from memory, as misses' do.
+        l = layers[turn[0] % len(layers)]
+        turn[0] += 1
+        moe.cpu.compute(moe._experts[l], l, x, [(0, e, 1.0) for e in range(n)])
+
+    rates = host_reads_beside_cpu(moe.store, moe.family, experts, cpu_call, n * moe.store.layout.tensor_bytes,
+                                  device, calls=4, rounds=3)
+    moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
+    gpu, cpu = rates.get("with_cpu_gpu_read_bytes_per_s"), rates.get("with_cpu_cpu_expert_bytes_per_s")
+    if not gpu or not cpu:
+        return 0.0
+    return gpu / (gpu + cpu)
 
 
 def parts_random(hf_config, config: RuntimeConfig, *, seed: int = 0, distinct_experts: int = 64,

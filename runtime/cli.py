@@ -26,6 +26,15 @@ _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype",
                     "cpu_copy_share", "cpu_demand_share", "prefetch_window", "host_read_share")
 
 
+def _share_or_auto(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help=f"YAML settings (default: {DEFAULT_CONFIG_PATH.name} in configs/)")
     p.add_argument("--model", default=None, help="hub id or local directory (default: the bundled demo model)")
@@ -55,9 +64,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-demand-share", type=float, default=None,
                    help="--on-miss cpu: share of a layer's missed experts copied as soon as its routing is read and "
                         "computed by the GPU while the CPU computes the rest (default: 0, the CPU computes every miss)")
-    p.add_argument("--host-read-share", type=float, default=None,
+    p.add_argument("--host-read-share", type=_share_or_auto, default=None,
                    help="exact decode: share of a layer's missed experts the GPU computes by reading their weights "
-                        "in place in host memory over PCIe, beside the CPU (cpu) or the copies (fetch) (default: 0)")
+                        "in place in host memory over PCIe, beside the CPU (cpu) or the copies (fetch); auto: "
+                        "with --on-miss cpu, measured at start (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

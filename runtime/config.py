@@ -52,8 +52,10 @@ class RuntimeConfig:
     # the next layer's graphs behind a gate while the CPU computes this layer's misses (CUDA)
     run_ahead: bool = True
     # exact decode (graphed, device table): share of a layer's misses the GPU computes by reading their
-    # weights in place in host memory over PCIe, beside the CPU (`cpu`) or the copies (`fetch`)
-    host_read_share: float = 0.0
+    # weights in place in host memory over PCIe, beside the CPU (`cpu`) or the copies (`fetch`); None
+    # (`auto` on the command line): `cpu` on CUDA measures both channels at start and gives the GPU
+    # as many whole misses as it finishes no later than the CPU the rest; otherwise 0
+    host_read_share: float | None = 0.0
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:
@@ -66,8 +68,11 @@ class RuntimeConfig:
             raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
         if self.lookahead is not None and self.lookahead < 1:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
-        if not 0.0 <= self.host_read_share <= 1.0:
-            raise SpecmoeError(f"host_read_share must be in [0, 1] (got {self.host_read_share})")
+        if self.host_read_share == "auto":
+            self.host_read_share = None
+        if self.host_read_share is not None and not (isinstance(self.host_read_share, (int, float))
+                                                     and 0.0 <= self.host_read_share <= 1.0):
+            raise SpecmoeError(f"host_read_share must be in [0, 1] or auto (got {self.host_read_share})")
         if self.host_read_share and self.on_miss == "speculate":
             raise SpecmoeError("host_read_share applies to exact decode (on_miss fetch or cpu), not speculate")
         for name in ("cpu_copy_share", "cpu_demand_share"):

@@ -104,6 +104,7 @@ class OffloadedMoE:
         # GPU computes by reading their weights in place in host memory, over PCIe, while the CPU
         # (`cpu`) computes or the copy engine brings (`fetch`) the others. Set with set_host_reads.
         self.host_read_share = 0.0
+        self._reads_whole = False
         self._host_reads = None   # (host stack, {layer: expert -> store row}, {layer: take table}) on the device
         self._share_carry = {"ahead": 0.0, "demand": 0.0}
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
@@ -133,10 +134,13 @@ class OffloadedMoE:
         self._pending: dict = {}
         self._numpy_views: dict = {}
 
-    def set_host_reads(self, share: float) -> None:
+    def set_host_reads(self, share: float, whole: bool = False) -> None:
         """Let the experts graph of exact decode read `share` of each layer's misses (the first
-        ones in routing order) from the host store in place."""
+        ones in routing order) from the host store in place. `whole`: of n misses, floor(share
+        * n) at every layer (share measured as the GPU's part of both channels' rate: the GPU
+        never finishes after the CPU); else the share alternates over layers."""
         self.host_read_share = float(share)
+        self._reads_whole = whole
         if not share:
             self._host_reads = None
             return
@@ -146,6 +150,9 @@ class OffloadedMoE:
         rows = {l: torch.tensor([self.store.row(l, e) for e in range(self.spec.num_experts)], dtype=torch.long,
                                 device=self.device) for l in self.spec.moe_layers}
         self._read_counts = {l: self.host_read_counts(l) for l in self.spec.moe_layers}
+        if not any(any(c) for c in self._read_counts.values()):   # too small a share to take one
+            self.host_read_share, self._host_reads = 0.0, None
+            return
         takes = {l: torch.tensor(c, dtype=torch.long, device=self.device) for l, c in self._read_counts.items()}
         self._host_reads = (self.store.layout.views(blocks), rows, takes)
 
@@ -153,6 +160,8 @@ class OffloadedMoE:
         """How many of n table misses the GPU reads from host memory at `layer`, for n = 0..top_k.
         A fractional share alternates over layers (0.3125 of 8: 2, 3, 2, 3, ...): the counts of
         the first i layers add up to share * n * i, rounded half up."""
+        if self._reads_whole:
+            return [int(self.host_read_share * n) for n in range(self.spec.top_k + 1)]
         i = self._rows[layer]
 
         def upto(m: int, n: int) -> int:

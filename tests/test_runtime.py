@@ -148,7 +148,32 @@ def test_a_resident_layer_replays_the_experts_graph_without_host_reads(budget):
         assert not any(chosen[l] is graphs._plain_posts[l] for l in chosen) and reads > 0
 
 
+def test_a_measured_host_read_split_gives_the_gpu_whole_misses_it_finishes_first():
+    """`host_read_share: null` (auto) sets the split measured at start with whole=True: of n
+    misses the GPU takes floor(split * n) at every layer (never the slower channel), exact; a
+    split too small to take one miss turns the reads off; off CUDA auto means none."""
+    ref = tiny_model("qwen3_moe")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0",
+                                                             host_read_share=None))
+    assert engine.moe.host_reads(engine.spec.moe_layers[0]) is None   # on the CPU: measured as nothing
+    k = engine.spec.top_k
+    engine.moe.set_host_reads(0.6, whole=True)
+    for l in engine.spec.moe_layers:
+        assert engine.moe.host_read_counts(l) == [int(0.6 * n) for n in range(k + 1)]
+    engine.use_graphs = True
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    reads = engine.telemetry.host_read_experts
+    engine.moe.set_host_reads(0.9 / k, whole=True)
+    off = engine.moe.host_reads(engine.spec.moe_layers[0])
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert reads > 0 and off is None
+
+
 def test_host_read_share_is_checked():
+    assert cfg(host_read_share="auto").validate().host_read_share is None
     for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
         with pytest.raises(SpecmoeError, match=match):

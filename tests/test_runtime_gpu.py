@@ -142,6 +142,21 @@ def test_gpu_reads_experts_in_host_memory_and_stays_exact(family, on_miss, budge
     assert (tel.host_read_experts > 0) == (budget == "0")
 
 
+def test_auto_host_reads_measure_the_split_and_stay_exact():
+    """`host_read_share: null` with `cpu` on CUDA: the split is measured at start (both channels
+    at once on this store) and the GPU takes whole misses by it; the stock forward's logits."""
+    ref = tiny_model("qwen3_moe").cuda()
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids.cuda())
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0",
+                                                             host_read_share=None))
+    share = engine.moe.host_read_share
+    assert 0.0 <= share < 1.0 and engine.info["host_read_share"] == share
+    got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
 def test_run_ahead_step_that_fails_leaves_the_stream_running():
     """An error in the CPU's part of a run-ahead step reaches the caller, and the gate it left
     closed is opened: the device does not wait forever on the queued next layer."""
