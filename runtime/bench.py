@@ -75,7 +75,7 @@ def host_reads_beside_cpu(store, family, experts_module, cpu_call, call_bytes: i
 
     from .host_store import device_view
 
-    stack = store.layout.views(device_view(store.blocks))
+    stack = store.layout.views(device_view(store.blocks, device))
     hidden = stack["gate_up_proj"].shape[-1 if not family.weights_in_out else -2]
     s = torch.randn(1, hidden, device=device).to(store.layout.dtype)
     w = torch.ones(1, 8, device=device)

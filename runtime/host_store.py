@@ -92,10 +92,11 @@ class HostExpertStore:
                     bar.update(1)
 
 
-def device_view(t: torch.Tensor) -> torch.Tensor:
+def device_view(t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """A CUDA tensor over the same page-locked host memory as `t` (same shape, strides and
     dtype): a kernel that reads it fetches the bytes over PCIe as it goes, with no copy and no
-    GPU memory. Raises SpecmoeError where the memory is not mapped for the device."""
+    GPU memory. Raises SpecmoeError where the memory is not mapped for the device, or where
+    the CUDA runtime files it under another device than `device`."""
     import ctypes
 
     from .streams import cudart_function
@@ -113,5 +114,12 @@ def device_view(t: torch.Tensor) -> torch.Tensor:
         __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr.value, False),
                                     "version": 3, "strides": None}
 
-    flat = torch.as_tensor(_Interface(), device="cuda")
+    # No device argument: torch places the view where the runtime files the memory, and never
+    # copies it (asked for another device, as_tensor would copy the whole store there).
+    flat = torch.as_tensor(_Interface())
+    want = torch.device(device) if device is not None else None
+    if want is not None and flat.device.index != (want.index if want.index is not None
+                                                  else torch.cuda.current_device()):
+        raise SpecmoeError(f"the host store is mapped for {flat.device}, not {device}: the GPU cannot read it "
+                           "in place there; use host_read_share 0")
     return flat.view(t.dtype).as_strided(t.shape, t.stride())

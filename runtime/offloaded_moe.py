@@ -146,7 +146,7 @@ class OffloadedMoE:
             return
         from .host_store import device_view
 
-        blocks = device_view(self.store.blocks) if self.streams.cuda else self.store.blocks
+        blocks = device_view(self.store.blocks, self.device) if self.streams.cuda else self.store.blocks
         rows = {l: torch.tensor([self.store.row(l, e) for e in range(self.spec.num_experts)], dtype=torch.long,
                                 device=self.device) for l in self.spec.moe_layers}
         self._read_counts = {l: self.host_read_counts(l) for l in self.spec.moe_layers}
