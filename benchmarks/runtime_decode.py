@@ -293,10 +293,15 @@ def model_a(args, out: dict) -> None:
     add("oracle", "speculate", "0")
     add("none", "fetch", "100%")        # every expert resident: the GPU's own time per token
     add("quasi", "fetch", "100%")       # ... plus the predictor: its cost per layer
+    add("none", "cpu", "0")
+    for r in args.host_read_shares:
+        add("none", "cpu", "0", reads=r)
     for b in args.budgets:
         add("none", "fetch", b)
         add("none", "cpu", b)
         add("none", "cpu", b, ahead=False)
+        for r in args.host_read_shares:
+            add("none", "cpu", b, reads=r)
     for p in args.hit_rates:
         add("oracle", "speculate", "0", p)
         add("oracle", "fetch", "0", p)
@@ -464,8 +469,8 @@ def main() -> int:
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
     p.add_argument("--host-read-shares", default="0.25,auto",
-                   help="side-by-side and quick model A: `none+cpu` rows with the GPU reading these shares of "
-                        "misses in host memory (auto: measured at start)")
+                   help="`none+cpu` rows with the GPU reading these shares of misses in host memory (auto: "
+                        "measured at start)")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
     p.add_argument("--planned", action="store_true", help="exact decode planned by the host (no device-side slot table)")
     p.add_argument("--long-context", type=int, default=8192, help="also run model A at this context (0: skip)")
