@@ -68,8 +68,6 @@ class RuntimeConfig:
             raise SpecmoeError(f"max_context must be at least 2 (got {self.max_context})")
         if self.lookahead is not None and self.lookahead < 1:
             raise SpecmoeError(f"lookahead must be at least 1 (got {self.lookahead})")
-        if self.host_read_share == "auto":
-            self.host_read_share = None
         if self.host_read_share is not None and not (isinstance(self.host_read_share, (int, float))
                                                      and 0.0 <= self.host_read_share <= 1.0):
             raise SpecmoeError(f"host_read_share must be in [0, 1] or auto (got {self.host_read_share})")

@@ -68,6 +68,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("infer: error:") and message in err[0], err
 
 
+def test_host_read_share_auto_on_the_command_line(capsys):
+    """`--host-read-share auto` is the YAML's null: measured at start on CUDA, none on the CPU."""
+    from runtime.cli import build_parser, runtime_config
+
+    args = build_parser().parse_args(["generate", "hi", "--device", "cpu", "--on-miss", "cpu",
+                                      "--host-read-share", "auto"])
+    assert runtime_config(args).host_read_share is None
+    assert main(["generate", "hi", "--device", "cpu", "--on-miss", "cpu", "--prefetch", "none",
+                 "--host-read-share", "auto", "--max-new-tokens", "2", "--quiet"]) == 0
+
+
 def test_cuda_without_cuda_is_exit_2(capsys):
     import torch
 

@@ -173,7 +173,6 @@ def test_a_measured_host_read_split_gives_the_gpu_whole_misses_it_finishes_first
 
 
 def test_host_read_share_is_checked():
-    assert cfg(host_read_share="auto").validate().host_read_share is None
     for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
         with pytest.raises(SpecmoeError, match=match):
