@@ -115,14 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def runtime_config(args: argparse.Namespace):
-    options = {k: getattr(args, k) for k in _RUNTIME_OPTIONS}
-    auto = options.get("host_read_share") == "auto"   # null in the YAML; None here means "not given"
-    if auto:
-        del options["host_read_share"]
-    config = load_config(args.config, **options)
-    if auto:
-        config.host_read_share = None
-    return config.validate()
+    return load_config(args.config, **{k: getattr(args, k) for k in _RUNTIME_OPTIONS})
 
 
 def read_prompt(args: argparse.Namespace) -> str:

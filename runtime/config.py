@@ -100,6 +100,14 @@ class RuntimeConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
+    """The YAML at `path` (default: configs/infer.yaml), then `overrides` (None: not given).
+    `host_read_share="auto"` stands for the YAML's null, which an override cannot say."""
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
-    return load_dataclass_yaml(RuntimeConfig, path, "infer config", **overrides).validate()
+    auto = overrides.get("host_read_share") == "auto"
+    if auto:
+        del overrides["host_read_share"]
+    config = load_dataclass_yaml(RuntimeConfig, path, "infer config", **overrides)
+    if auto:
+        config.host_read_share = None
+    return config.validate()

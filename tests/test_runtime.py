@@ -173,6 +173,10 @@ def test_a_measured_host_read_split_gives_the_gpu_whole_misses_it_finishes_first
 
 
 def test_host_read_share_is_checked():
+    from runtime.config import load_config
+
+    assert load_config(host_read_share="auto").host_read_share is None   # the YAML's null
+    assert load_config(host_read_share=0.25).host_read_share == 0.25
     for bad, match in ((dict(host_read_share=1.5), "host_read_share must be in"),
                        (dict(host_read_share=0.5, on_miss="speculate", prefetch="current"), "exact decode")):
         with pytest.raises(SpecmoeError, match=match):
