@@ -567,6 +567,20 @@ def summary_line(row: dict) -> str:
 
 # --- results ----------------------------------------------------------------------------------
 
+def host_floor_ms(doc: dict, row: dict) -> float | None:
+    """A row's host floor (see markdown): specmoe's rows carry theirs; llama.cpp's CPU reads
+    top-k experts in each layer whose experts stay in CPU memory."""
+    if row.get("floor_ms") is not None:
+        return row["floor_ms"]
+    rate = (doc.get("host_limits") or {}).get("cpu_expert_bytes_per_s")
+    m = doc.get("model") or {}
+    if row.get("system") != SYSTEM or not rate or not m.get("experts") or row.get("gpu_expert_layers") is None:
+        return None
+    per_expert = m["expert_bytes_per_layer"] / m["experts"]
+    cpu_layers = row["layers"] - row["gpu_expert_layers"]
+    return 1e3 * cpu_layers * m["top_k"] * per_expert / rate
+
+
 def markdown(doc: dict) -> str:
     lines = ["# llama.cpp beside specmoe: decode with experts partly in CPU memory", ""]
     m, v, b = doc.get("model", {}), doc.get("llama_cpp", {}), doc.get("bench", {})
@@ -590,11 +604,18 @@ def markdown(doc: dict) -> str:
         lines.append(f"Command: `{doc['command']}`")
     for system, command in sorted(doc.get("commands", {}).items()):
         lines.append(f"Command for the {system} rows: `{command}`")
+    limits = doc.get("host_limits") or {}
+    rate = limits.get("cpu_expert_bytes_per_s")
     lines += ["", "`setting` is each system's own knob; for llama.cpp it is `--n-cpu-moe N`: the experts of the "
-              "first N layers stay in CPU memory, all else is on the GPU. ms/layer = ms/token / layers.", "",
-              "| system | setting | layers | layers' experts on GPU | expert GB on GPU | context | tokens/s "
-              "| ms/token | ms/layer | status |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "first N layers stay in CPU memory, all else is on the GPU. ms/layer = ms/token / layers."]
+    if rate:
+        lines.append(f"Host floor: the expert bytes the CPU reads per token over the CPU expert rate measured with "
+                     f"these rows ({rate / 1e9:.1f} GB/s, specmoe's kernels, 8 experts per call), and for specmoe "
+                     "the larger of that and its bytes over PCIe (copied or read in place) over the copy bandwidth; "
+                     "GPU work is not in it.")
+    lines += ["", "| system | setting | layers | layers' experts on GPU | expert GB on GPU | context | tokens/s "
+              "| ms/token | ms/layer | host floor ms | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt):
         return format(x, fmt) if isinstance(x, (int, float)) else "-"
@@ -607,7 +628,7 @@ def markdown(doc: dict) -> str:
                      f"{r.get('gpu_expert_layers', '-')} | {f(gb / 1e9 if gb is not None else None, '.2f')} | "
                      f"{r.get('context', '-')} | {f(r.get('tokens_per_s'), '.1f')} | "
                      f"{f(r.get('ms_per_token'), '.3f')} | {f(r.get('ms_per_layer'), '.4f')} | "
-                     f"{r.get('status', 'ok')} |")
+                     f"{f(host_floor_ms(doc, r), '.2f')} | {r.get('status', 'ok')} |")
     notes = [f"- {r.get('system')} {r.get('setting')}: {r.get('status')}: {(r.get('error') or '').splitlines()[0]}"
              for r in rows if r.get("status", "ok") != "ok" and r.get("error")]
     if notes:
@@ -661,10 +682,14 @@ def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
     return path
 
 
-def merge_rows(path: Path, rows: list[dict], command: str | None = None) -> dict:
+def merge_rows(path: Path, rows: list[dict], command: str | None = None, host_limits: dict | None = None) -> dict:
     """Adds rows (any system, the row format above) to a results JSON: a row with the same
-    system, setting and layers replaces the old one. Rewrites the JSON, its .md and its plot."""
+    system, setting and layers replaces the old one. Rewrites the JSON, its .md and its plot.
+    `host_limits`: the host's rates measured with these rows (runtime_decode.host_limits),
+    kept for the floors of every row."""
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    if host_limits:
+        doc["host_limits"] = host_limits
     key = lambda r: (r.get("system"), r.get("setting"), r.get("layers"))  # noqa: E731
     new = {key(r) for r in rows}
     doc["rows"] = [r for r in doc.get("rows", []) if key(r) not in new] + list(rows)

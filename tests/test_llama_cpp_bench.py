@@ -234,8 +234,24 @@ def test_markdown_failed_and_skipped_rows():
             {"system": "llama.cpp", "setting": "ncmoe=6", "ncmoe": 6, "layers": 8, "gpu_expert_layers": 2,
              "gpu_expert_bytes": lcb.expert_bytes_on_gpu(6, 8), "status": "skipped", "error": "out of time"}]
     md = lcb.markdown(_doc(rows))
-    assert "| 4.83 | - | - | - | - | timeout |" in md and "skipped" in md
+    assert "| 4.83 | - | - | - | - | - | timeout |" in md and "skipped" in md
     assert "timeout: no result" in lcb.summary_line(rows[0])
+
+
+def test_host_floor_of_each_system():
+    """llama.cpp's CPU reads top-k experts (3 * hidden * expert hidden bf16 weights each) in every
+    layer whose experts stay in CPU memory, at the rate the host measured; a specmoe row brings
+    its own floor; without measured rates there is none."""
+    llama = {"system": "llama.cpp", "setting": "ncmoe=6", "layers": 8, "gpu_expert_layers": 2, "status": "ok"}
+    ours = {"system": "specmoe", "setting": "none+cpu", "layers": 8, "floor_ms": 3.25, "status": "ok"}
+    doc = _doc([llama, ours])
+    assert lcb.host_floor_ms(doc, llama) is None
+    doc["host_limits"] = {"cpu_expert_bytes_per_s": 100e9}
+    expert = 3 * 2048 * 768 * 2
+    assert lcb.host_floor_ms(doc, llama) == pytest.approx(1e3 * 6 * 8 * expert / 100e9)
+    assert lcb.host_floor_ms(doc, ours) == 3.25
+    md = lcb.markdown(doc)
+    assert f"| {1e3 * 6 * 8 * expert / 100e9:.2f} | ok |" in md and "| 3.25 | ok |" in md
 
 
 def test_model_shape():
