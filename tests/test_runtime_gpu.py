@@ -97,6 +97,16 @@ def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
     gate.open(seq)
     x.add_(1)
     assert x.tolist() == [2.0] * 4
+    # Near the counter's end: the stream drains and counting starts over, still gating.
+    gate._seq = 1 << 30
+    seq = gate.close()
+    assert seq == 1
+    x.add_(1)
+    done = streams.host_event()
+    time.sleep(0.02)
+    assert not done.query()
+    gate.open(seq)
+    assert x.tolist() == [3.0] * 4
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
