@@ -184,8 +184,7 @@ def main() -> int:
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
                         "(auto: measured, then adapted)")
     args = p.parse_args()
-    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
-                         )
+    base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True)
     parts = parts_random(qwen3_30b_shape(args.layers, args.hidden), base, progress=False, embedding_std=EMBEDDING_STD)
     gen = torch.Generator().manual_seed(0)
     vocab = parts.model.config.vocab_size

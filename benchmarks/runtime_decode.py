@@ -157,7 +157,8 @@ def host_reads_alone_and_with_cpu(parts, cpu_call, call_bytes: int) -> dict:
     from runtime.bench import host_reads_beside_cpu
 
     experts = parts.family.experts(parts.model, parts.spec.moe_layers[0])
-    return host_reads_beside_cpu(parts.store, parts.family, experts, cpu_call, call_bytes, parts.device)
+    return host_reads_beside_cpu(parts.store, parts.family, experts, parts.spec.hidden_size, cpu_call, call_bytes,
+                                 parts.device)
 
 
 def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
@@ -357,7 +358,6 @@ def side_by_side(args, out: dict) -> None:
                                      spec.expert_intermediate_size)
         budget = str(on_gpu) if on_gpu else "0"
         hit = args.hit_rates[0] if args.hit_rates else 0.85
-        # (prefetch, on_miss, oracle recall, demand share: None follows the host, run ahead)
         # (prefetch, on_miss, oracle recall, demand share: None follows the host, run ahead, host reads)
         for prefetch, on_miss, p, demand, ahead, reads in (
                 ("none", "fetch", 1.0, 0.0, True, 0.0), ("quasi", "fetch", 1.0, 0.0, True, 0.0),

@@ -65,8 +65,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, repeats: int 
     return nbytes / statistics.median(times)
 
 
-def host_reads_beside_cpu(store, family, experts_module, cpu_call, call_bytes: int, device: torch.device,
-                          calls: int = 6, rounds: int = 5) -> dict:
+def host_reads_beside_cpu(store, family, experts_module, hidden: int, cpu_call, call_bytes: int,
+                          device: torch.device, calls: int = 6, rounds: int = 5) -> dict:
     """Bytes of expert weights per second that the GPU computes from the pinned store in place
     (the indexed kernel reading over PCIe, 8 experts per call, as `host_read_share` runs it):
     alone, and while the host runs `cpu_call` (`call_bytes` of experts each) in a loop, with
@@ -76,7 +76,6 @@ def host_reads_beside_cpu(store, family, experts_module, cpu_call, call_bytes: i
     from .host_store import device_view
 
     stack = store.layout.views(device_view(store.blocks, device))
-    hidden = stack["gate_up_proj"].shape[-1 if not family.weights_in_out else -2]
     s = torch.randn(1, hidden, device=device).to(store.layout.dtype)
     w = torch.ones(1, 8, device=device)
     n_blocks = store.blocks.shape[0]

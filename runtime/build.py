@@ -198,6 +198,23 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     return engine
 
 
+def _cpu_call(moe):
+    """A call of the CPU experts as decode makes it (8 experts of one token), on another layer
+    each time so that weights come from memory, as misses' do; and how many experts it computes."""
+    layers = moe.spec.moe_layers
+    n = min(8, moe.spec.num_experts)
+    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
+    work = [(0, e, 1.0) for e in range(n)]
+    turn = [0]
+
+    def call():
+        layer = layers[turn[0] % len(layers)]
+        turn[0] += 1
+        moe.cpu.compute(moe._experts[layer], layer, x, work)
+
+    return call, n
+
+
 def _copy_share(moe, device: torch.device) -> float:
     """Copy bandwidth / (copy + CPU expert bandwidth), both measured now: the split of
     predicted misses that keeps the copy engine and the CPU busy for about the same time."""
@@ -207,16 +224,11 @@ def _copy_share(moe, device: torch.device) -> float:
     from .bench import copy_bandwidth
 
     copy_bw = copy_bandwidth(device, 32 << 20, 4)
-    layers = moe.spec.moe_layers
-    n = min(8, moe.spec.num_experts)
-    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
-    work = [(0, e, 1.0) for e in range(n)]
+    call, n = _cpu_call(moe)
     times = []
-    for i in range(4):
-        # Another layer's experts each time: weights come from memory, as misses' do.
-        layer = layers[i % len(layers)]
+    for _ in range(4):
         t0 = time.perf_counter()
-        moe.cpu.compute(moe._experts[layer], layer, x, work)
+        call()
         times.append(time.perf_counter() - t0)
     moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
     cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
@@ -228,21 +240,10 @@ def _host_read_split(moe, device: torch.device) -> float:
     in host memory over PCIe and the CPU computing others, measured now on the store."""
     from .bench import host_reads_beside_cpu
 
+    call, n = _cpu_call(moe)
     layer = moe.spec.moe_layers[0]
-    experts = moe._experts[layer]
-    n = min(8, moe.spec.num_experts)
-    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
-    layers = moe.spec.moe_layers
-    turn = [0]
-
-    def cpu_call():
-        # Another layer's experts each time: weights come from memory, as misses' do.
-        l = layers[turn[0] % len(layers)]
-        turn[0] += 1
-        moe.cpu.compute(moe._experts[l], l, x, [(0, e, 1.0) for e in range(n)])
-
-    rates = host_reads_beside_cpu(moe.store, moe.family, experts, cpu_call, n * moe.store.layout.tensor_bytes,
-                                  device, calls=4, rounds=3)
+    rates = host_reads_beside_cpu(moe.store, moe.family, moe._experts[layer], moe.spec.hidden_size, call,
+                                  n * moe.store.layout.tensor_bytes, device, calls=4, rounds=3)
     moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
     gpu, cpu = rates.get("with_cpu_gpu_read_bytes_per_s"), rates.get("with_cpu_cpu_expert_bytes_per_s")
     if not gpu or not cpu:

@@ -47,7 +47,11 @@ def route(family, router, s, ids_out, w_out, wsel_out, wsel_from=None) -> None:
 
 def experts_from_slots(family, experts, shared, s, stack, slots, weights, r, x_out) -> None:
     """x = r + sum_j w_j Expert_{slot_j}(s) (+ shared(s))."""
-    out = routed_output(family, experts, s, stack, slots, weights)
+    _residual(routed_output(family, experts, s, stack, slots, weights), shared, s, r, x_out)
+
+
+def _residual(out, shared, s, r, x_out) -> None:
+    """x = r + out (+ shared(s))."""
     if shared is not None:
         out = out + shared(s).to(out.dtype)
     x_out.copy_(r + out.reshape(x_out.shape))
@@ -75,9 +79,7 @@ def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: 
     # Indexed: only the rows read cross PCIe (a dense strategy would read every expert there).
     out = out + routed_output(family, experts, s, host_stack, host_rows, weights * read.to(weights.dtype),
                               strategy="indexed")
-    if shared is not None:
-        out = out + shared(s).to(out.dtype)
-    x_out.copy_(r + out.reshape(x_out.shape))
+    _residual(out, shared, s, r, x_out)
 
 
 def add_experts(family, experts, s, stack, slots, weights, mask, x) -> None:
