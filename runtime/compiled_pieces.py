@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from specmoe.moe_block import routed_output
+from specmoe.moe_block import indexed_available, routed_output
 
 
 def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_out) -> None:
@@ -45,9 +45,9 @@ def route(family, router, s, ids_out, w_out, wsel_out, wsel_from=None) -> None:
     wsel_out.copy_(w if wsel_from is None else wsel_from)
 
 
-def experts_from_slots(family, experts, shared, s, stack, slots, weights, r, x_out) -> None:
+def experts_from_slots(family, experts, shared, s, stack, slots, weights, r, x_out, strategy: str = "auto") -> None:
     """x = r + sum_j w_j Expert_{slot_j}(s) (+ shared(s))."""
-    _residual(routed_output(family, experts, s, stack, slots, weights), shared, s, r, x_out)
+    _residual(routed_output(family, experts, s, stack, slots, weights, strategy=strategy), shared, s, r, x_out)
 
 
 def _residual(out, shared, s, r, x_out) -> None:
@@ -66,8 +66,13 @@ def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: 
     slots = table_row[ids]
     hit = slots != zero_slot
     w = weights * hit.to(weights.dtype)
+    strategy = "auto"
+    if indexed_available(s.device):
+        # A miss on the indexed kernel reads no weight (a negative slot); on the zero slot it
+        # would read a whole expert for a product weighed 0, once per miss.
+        slots, strategy = torch.where(hit, slots, torch.full_like(slots, -1)), "indexed"
     if host_reads is None:
-        experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out)
+        experts_from_slots(family, experts, shared, s, stack, slots, w, r, x_out, strategy)
         return
     host_stack, rows, take = host_reads
     miss = ~hit
@@ -75,7 +80,7 @@ def experts_from_table(family, experts, shared, s, stack, table_row, zero_slot: 
     read = miss & (rank <= take[rank[..., -1:]])
     # Rows not read are -1: the indexed kernel reads nothing for them.
     host_rows = torch.where(read, rows[ids], torch.full_like(ids, -1))
-    out = routed_output(family, experts, s, stack, slots, w)
+    out = routed_output(family, experts, s, stack, slots, w, strategy=strategy)
     # Indexed: only the rows read cross PCIe (a dense strategy would read every expert there).
     out = out + routed_output(family, experts, s, host_stack, host_rows, weights * read.to(weights.dtype),
                               strategy="indexed")
