@@ -155,7 +155,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "host_read_auto": config.host_read_share is None,
-            "packed_attention": engine.model.config._attn_implementation != "sdpa",
+            "grouped_attention": engine.model.config._attn_implementation != "sdpa",
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -181,8 +181,8 @@ def main() -> int:
     p.add_argument("--host-read-share", default="0",
                    help="exact table modes: shares of misses the GPU reads in host memory, one run each: e.g. 0,0.25")
     p.add_argument("--run-ahead", default="1", help="cpu modes: 1, 0 or both (1,0): queue a layer ahead behind a gate")
-    p.add_argument("--packed-attention", default="1",
-                   help="1, 0 or both (1,0): decode attention without copying keys and values per query head")
+    p.add_argument("--grouped-attention", default="1",
+                   help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
                         "(auto: measured, then adapted)")
@@ -216,15 +216,15 @@ def main() -> int:
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
-                for pa in args.packed_attention.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, packed) in \
+                for pa in args.grouped_attention.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped) in \
             ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
                                      prefetch_window=window[0] if window else 0, cpu_threads=threads,
-                                     cpu_demand_share=demand, run_ahead=ahead, packed_attention=packed,
+                                     cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
@@ -242,7 +242,7 @@ def main() -> int:
              "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('packed_attention') is False else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")

@@ -14,7 +14,7 @@ from specmoe.paths import display_path
 from .budget import slots_for_budget
 from .config import RuntimeConfig
 from .cpu_experts import CpuExperts
-from .decode_attention import use_packed_decode_attention
+from .decode_attention import use_grouped_decode_attention
 from .engine import Engine
 from .expert_layout import ExpertLayout
 from .host_store import HostExpertStore
@@ -136,7 +136,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     config.validate()
     model, family, spec, store, device = parts.model, parts.family, parts.spec, parts.store, parts.device
     layout = store.layout
-    use_packed_decode_attention(model, config.packed_attention)
+    use_grouped_decode_attention(model, config.grouped_attention)
     streams = Streams(device)
     prefetch = config.resolved_prefetch()
     lookahead = lookahead_of(config)

@@ -56,9 +56,9 @@ class RuntimeConfig:
     # (`auto` on the command line): `cpu` on CUDA measures both channels at start and gives the GPU
     # as many whole misses as it finishes no later than the CPU the rest; otherwise 0
     host_read_share: float | None = 0.0
-    # grouped-query attention under `sdpa`: a decoded token's query heads attend as their key/value
-    # head's rows, without the copy of the cache per query head that the stock path makes
-    packed_attention: bool = True
+    # grouped-query attention under `sdpa`: a decoded token attends with torch's grouped-query
+    # kernel, without the copy of the KV cache per query head that the stock path makes
+    grouped_attention: bool = True
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:

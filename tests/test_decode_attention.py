@@ -1,5 +1,6 @@
 """Decode attention without the per-head copy of keys and values: the same numbers as
-transformers' stock `sdpa` path (which repeats them), and only where it applies."""
+attention over keys and values repeated per head (what the stock `sdpa` path runs), and
+only where it applies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 import runtime
 from runtime.config import RuntimeConfig
-from runtime.decode_attention import NAME, packed_sdpa_attention, use_packed_decode_attention
+from runtime.decode_attention import NAME, grouped_sdpa_attention, use_grouped_decode_attention
 from runtime.kv_cache import attention_masks
 from tests.tiny_models import tiny_model
 
@@ -29,7 +30,7 @@ def _reference(query, key, value, mask, scale, groups):
 
 
 @pytest.mark.parametrize("groups", [2, 8])
-def test_packed_decode_equals_repeated_keys_with_masked_positions(groups):
+def test_grouped_decode_equals_repeated_keys_with_masked_positions(groups):
     gen = torch.Generator().manual_seed(0)
     kv_heads, d, max_len, written = 4, 16, 40, 23
     query = torch.randn(1, kv_heads * groups, 1, d, generator=gen)
@@ -37,7 +38,7 @@ def test_packed_decode_equals_repeated_keys_with_masked_positions(groups):
     value = torch.randn(1, kv_heads, max_len, d, generator=gen)
     # Positions past the token's own are unwritten garbage: the mask must hide them in every head.
     mask = attention_masks({"full"}, torch.tensor([written - 1]), max_len, None, torch.float32)["full"]
-    out, weights = packed_sdpa_attention(_Module(groups), query, key, value, mask, scaling=d ** -0.5)
+    out, weights = grouped_sdpa_attention(_Module(groups), query, key, value, mask, scaling=d ** -0.5)
     assert weights is None
     assert out.shape == (1, 1, kv_heads * groups, d)
     ref = _reference(query, key, value, mask, d ** -0.5, groups)
@@ -45,10 +46,10 @@ def test_packed_decode_equals_repeated_keys_with_masked_positions(groups):
     # A change in a hidden position changes nothing; one in a visible position does.
     key2 = key.clone()
     key2[:, :, written:] += 100.0
-    out2, _ = packed_sdpa_attention(_Module(groups), query, key2, value, mask, scaling=d ** -0.5)
+    out2, _ = grouped_sdpa_attention(_Module(groups), query, key2, value, mask, scaling=d ** -0.5)
     torch.testing.assert_close(out2, out)
     key2[:, 1, 0] += 1.0
-    out3, _ = packed_sdpa_attention(_Module(groups), query, key2, value, mask, scaling=d ** -0.5)
+    out3, _ = grouped_sdpa_attention(_Module(groups), query, key2, value, mask, scaling=d ** -0.5)
     assert not torch.allclose(out3[:, :, groups:2 * groups], out[:, :, groups:2 * groups])
     torch.testing.assert_close(out3[:, :, :groups], out[:, :, :groups])   # head group 0 reads kv head 0 only
 
@@ -61,11 +62,11 @@ def test_a_prompt_and_score_changing_arguments_go_to_the_stock_path(monkeypatch)
     monkeypatch.setattr(stock, "sdpa_attention_forward", lambda *a, **k: calls.append(k) or real(*a, **k))
     q = torch.randn(1, 4, 3, 8)
     kv = torch.randn(1, 2, 3, 8)
-    packed_sdpa_attention(_Module(2), q, kv, kv, None)            # three query tokens: a prompt
-    packed_sdpa_attention(_Module(2), q[:, :, :1], kv, kv, None, softcap=None)   # packed
+    grouped_sdpa_attention(_Module(2), q, kv, kv, None)            # three query tokens: a prompt
+    grouped_sdpa_attention(_Module(2), q[:, :, :1], kv, kv, None, softcap=None)   # grouped
     assert len(calls) == 1
     with pytest.raises(ValueError, match="softcap"):             # stock sdpa refuses it, as it would have
-        packed_sdpa_attention(_Module(2), q[:, :, :1], kv, kv, None, softcap=30.0)
+        grouped_sdpa_attention(_Module(2), q[:, :, :1], kv, kv, None, softcap=30.0)
     assert len(calls) == 2
 
 
@@ -79,8 +80,8 @@ def test_runtime_switches_sdpa_models_only_and_decodes_like_stock():
     with torch.inference_mode():
         assert list(engine.generate(prompt, 6)) == stock
     # Off again on request, and a model not on sdpa (GPT-OSS's sinks) is left as it is.
-    assert use_packed_decode_attention(model, enable=False) is False
+    assert use_grouped_decode_attention(model, enable=False) is False
     assert model.config._attn_implementation == "sdpa"
     oss = tiny_model("gpt_oss")
-    assert use_packed_decode_attention(oss) is False
+    assert use_grouped_decode_attention(oss) is False
     assert oss.config._attn_implementation == "eager"
