@@ -156,7 +156,6 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation != "sdpa",
-            "matvec_projections": config.matvec_projections,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -182,8 +181,6 @@ def main() -> int:
     p.add_argument("--host-read-share", default="0",
                    help="exact table modes: shares of misses the GPU reads in host memory, one run each: e.g. 0,0.25")
     p.add_argument("--run-ahead", default="1", help="cpu modes: 1, 0 or both (1,0): queue a layer ahead behind a gate")
-    p.add_argument("--matvec-projections", default="1",
-                   help="1, 0 or both (1,0): attention projections by the matvec kernel (0: cuBLAS)")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -215,14 +212,12 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 mv == "1")
+    variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1")
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
-                for pa in args.grouped_attention.split(",")
-                for mv in args.matvec_projections.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, matvec) in \
+                for pa in args.grouped_attention.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped) in \
             ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
@@ -230,7 +225,6 @@ def main() -> int:
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
                                      prefetch_window=window[0] if window else 0, cpu_threads=threads,
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
-                                     matvec_projections=matvec,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
@@ -248,7 +242,7 @@ def main() -> int:
              "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', cuBLAS projections' if r.get('matvec_projections') is False else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")

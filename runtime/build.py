@@ -15,7 +15,6 @@ from .budget import slots_for_budget
 from .config import RuntimeConfig
 from .cpu_experts import CpuExperts
 from .decode_attention import use_grouped_decode_attention
-from .decode_linear import use_matvec_projections
 from .engine import Engine
 from .expert_layout import ExpertLayout
 from .host_store import HostExpertStore
@@ -139,7 +138,6 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     layout = store.layout
     use_grouped_decode_attention(model, config.grouped_attention)
     streams = Streams(device)
-    use_matvec_projections(family.decoder_layers(model), config.matvec_projections and streams.cuda)
     prefetch = config.resolved_prefetch()
     lookahead = lookahead_of(config)
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:

@@ -59,8 +59,6 @@ class RuntimeConfig:
     # grouped-query attention under `sdpa`: a decoded token attends with torch's grouped-query
     # kernel, without the copy of the KV cache per query head that the stock path makes
     grouped_attention: bool = True
-    # a decoded token's attention projections by the Triton matvec kernel instead of cuBLAS (CUDA)
-    matvec_projections: bool = True
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:

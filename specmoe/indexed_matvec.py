@@ -35,17 +35,13 @@ def _kernel():
     @triton.jit
     def indexed_matvec_kernel(v_ptr, w_ptr, slot_ptr, y_ptr, N, K, share,
                               s_vrow, s_wslot, s_wn, s_wk, s_yrow,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEXED: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         p = tl.program_id(0)
         nb = tl.program_id(1)
-        if INDEXED:
-            slot = tl.load(slot_ptr + p).to(tl.int64)
-            # A negative slot is a product of zero that reads no weight: its loads are all masked off.
-            live = slot >= 0
-            slot = tl.maximum(slot, 0)
-        else:   # one weight for every row
-            slot = tl.zeros((), dtype=tl.int64)
-            live = True
+        slot = tl.load(slot_ptr + p).to(tl.int64)
+        # A negative slot is a product of zero that reads no weight: its loads are all masked off.
+        live = slot >= 0
+        slot = tl.maximum(slot, 0)
         row = (p // share).to(tl.int64)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = (n < N) & live
@@ -72,6 +68,8 @@ def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, share: int = 1, *, 
     or [S, K, N] (in_out True), any strides; slots [P] an integer tensor on v's device. A
     negative slot gives a row of zeros and reads nothing (weights that live in host memory,
     read over PCIe, are read only where they are used)."""
+    import triton
+
     if in_out:
         _, k_dim, n_dim = weight.shape
         s_wk, s_wn = weight.stride(1), weight.stride(2)
@@ -87,38 +85,8 @@ def indexed_matvec(v: Tensor, weight: Tensor, slots: Tensor, share: int = 1, *, 
     # projections, 6.4 us for 8 down projections), 2.3 TB/s for GPT-OSS's [in, out].
     if tiles is None:
         tiles = ((32, 256, 8) if k_dim >= 1024 else (32, 128, 4)) if s_wk == 1 else (32, 64, 4)
-    return _launch(v, weight, slots, y, p, n_dim, k_dim, share, weight.stride(0), s_wn, s_wk, tiles)
-
-
-def _launch(v, weight, slots, y, p, n_dim, k_dim, share, s_wslot, s_wn, s_wk, tiles):
-    import triton
-
     block_n, block_k, warps = tiles
     grid = (p, triton.cdiv(n_dim, block_n))
-    _kernel()[grid](v, weight, v if slots is None else slots, y, n_dim, k_dim, share, v.stride(0), s_wslot, s_wn,
-                    s_wk, y.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, INDEXED=slots is not None)
+    _kernel()[grid](v, weight, slots, y, n_dim, k_dim, share, v.stride(0), weight.stride(0), s_wn, s_wk, y.stride(0),
+                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
-
-
-def matvec_tiles(rows: int, n_dim: int, k_dim: int) -> tuple[int, int, int]:
-    """Tiles for `matvec`: rows of 32 outputs unless that leaves the GPU's multiprocessors
-    short of blocks (a 512-output projection would be 16 blocks), then fewer rows per block."""
-    block_n = 32
-    while block_n > 8 and rows * -(-n_dim // block_n) < 256:
-        block_n //= 2
-    return (block_n, 256, 8) if k_dim >= 1024 else (block_n, 128, 4)
-
-
-def matvec(v: Tensor, weight: Tensor, *, tiles: tuple[int, int, int] | None = None) -> Tensor:
-    """[P, N] = v [P, K] times weight [N, K] (F.linear's layout, rows contiguous): the
-    batch-1 projections of a decode step, read once at close to the device's bandwidth,
-    products accumulated in float32 and rounded once to the weight's dtype."""
-    n_dim, k_dim = weight.shape
-    if weight.stride(1) != 1:
-        raise ValueError("matvec needs weight rows contiguous (F.linear's layout)")
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    p = v.shape[0]
-    y = torch.empty(p, n_dim, dtype=weight.dtype, device=v.device)
-    return _launch(v, weight, None, y, p, n_dim, k_dim, 1, 0, weight.stride(0), 1,
-                   tiles or matvec_tiles(p, n_dim, k_dim))
