@@ -674,6 +674,8 @@ def write_results(out_dir: Path, doc: dict, name: str = "llama_cpp") -> Path:
             kept = [r for r in old.get("rows", []) if r.get("system") not in ours]
             commands = {k: v for k, v in old.get("commands", {}).items() if k not in ours}
             doc = {**doc, "rows": kept + doc["rows"], **({"commands": commands} if commands else {})}
+            if "host_limits" in old and "host_limits" not in doc:   # measured with the kept rows
+                doc["host_limits"] = old["host_limits"]
         except (ValueError, AttributeError):
             pass
     path.write_text(json.dumps(doc, indent=2) + "\n")

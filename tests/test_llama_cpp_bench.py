@@ -218,11 +218,16 @@ def test_results_merge(tmp_path):
              "ms_per_token": 5.0, "ms_per_layer": 0.625}
     doc = lcb.merge_rows(path, [other])
     assert len(doc["rows"]) == 3
-    doc = lcb.merge_rows(path, [{**other, "ms_per_token": 4.0}], command="python ours.py --x")  # same key: replaced
+    limits = {"cpu_expert_bytes_per_s": 100e9}
+    doc = lcb.merge_rows(path, [{**other, "ms_per_token": 4.0}], command="python ours.py --x",   # same key: replaced
+                         host_limits=limits)
     assert len(doc["rows"]) == 3 and [r for r in doc["rows"] if r["system"] == "specmoe"][0]["ms_per_token"] == 4.0
     lcb.write_results(tmp_path, _doc(ours[:1]))                     # a new llama.cpp run keeps the other system
-    rows = json.loads(path.read_text())["rows"]
+    written = json.loads(path.read_text())
+    rows = written["rows"]
     assert {r["system"] for r in rows} == {"llama.cpp", "specmoe"} and len(rows) == 2
+    assert written["host_limits"] == limits                         # and the host rates measured with its rows
+    assert "100.0 GB/s" in path.with_suffix(".md").read_text()
     assert "| specmoe | quasi+speculate budget=0 | 8 |" in path.with_suffix(".md").read_text()
     assert "Command for the specmoe rows: `python ours.py --x`" in path.with_suffix(".md").read_text()
     assert path.with_suffix(".png").stat().st_size > 0   # the plot follows the rows, whoever wrote last
