@@ -85,3 +85,19 @@ def test_runtime_switches_sdpa_models_only_and_decodes_like_stock():
     oss = tiny_model("gpt_oss")
     assert use_grouped_decode_attention(oss) is False
     assert oss.config._attn_implementation == "eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_len", [40, 1072])
+def test_grouped_decode_on_cuda_equals_repeated_keys(max_len):
+    """The CUDA path (torch's grouped-query kernel, bf16) against the float64 reference."""
+    gen = torch.Generator().manual_seed(1)
+    kv_heads, groups, d, written = 4, 8, 128, max_len - 5
+    query = torch.randn(1, kv_heads * groups, 1, d, generator=gen)
+    key = torch.randn(1, kv_heads, max_len, d, generator=gen)
+    value = torch.randn(1, kv_heads, max_len, d, generator=gen)
+    mask = attention_masks({"full"}, torch.tensor([written - 1]), max_len, None, torch.bfloat16)["full"]
+    out, _ = grouped_sdpa_attention(_Module(groups), *(t.bfloat16().cuda() for t in (query, key, value)),
+                                    mask.cuda(), scaling=d ** -0.5)
+    ref = _reference(*(t.bfloat16() for t in (query, key, value)), mask, d ** -0.5, groups)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
