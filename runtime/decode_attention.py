@@ -40,12 +40,12 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     if not grouped:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if query.is_cuda:
+    if query.is_cuda or (attention_mask is not None and attention_mask.shape[1] != 1):
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     # On the CPU torch's grouped path is about as slow as the repeat (bf16); stacking a key/value
-    # head's query heads as its rows is the fast one there.
+    # head's query heads as its rows is the fast one there (a mask shared by all heads broadcasts).
     b, heads, _, d = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, d), key, value,
                                                            attn_mask=attention_mask, scale=scaling)
