@@ -1,22 +1,26 @@
-"""One decoded token's attention over a static KV cache: ways to run it, timed on the GPU.
+"""One decoded token's attention over a static KV cache: ways to run it, timed.
 
     python benchmarks/decode_attention.py
+    python benchmarks/decode_attention.py --device cpu --cache 1072
 
 Qwen3-30B-A3B's attention shape (32 query heads over 4 key/value heads of 128), a cache
-of `--cache` positions of which the last few are unwritten and masked, bf16. Each way
-is compiled as the runtime compiles its pieces and replayed from a CUDA graph; the time
+of `--cache` positions of which the last few are unwritten and masked, bf16. On the GPU
+each way is compiled as the runtime compiles its pieces and replayed from a CUDA graph
+(on the CPU it runs eagerly, as the runtime's CPU path does); the time
 is the median over replays, beside the floor (keys and values read once at the measured
 device bandwidth) and its error against a float64 reference.
 
-Results: benchmarks/results/decode_attention.{json,md}.
+Results: benchmarks/results/decode_attention.{json,md} (on the CPU, eager: decode_attention_cpu).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +109,29 @@ def _time(fn, args, replays: int, inner: int = 20) -> float:
     return statistics.median(times)
 
 
+def _time_cpu(fn, args, replays: int, inner: int = 5) -> float:
+    """Median us per call of fn(*args) on the host, `inner` calls per sample."""
+    for _ in range(3):
+        fn(*args)
+    times = []
+    for _ in range(replays):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn(*args)
+        times.append((time.perf_counter() - t0) * 1e6 / inner)
+    return statistics.median(times)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="1072,8200", help="KV cache lengths, one run each")
@@ -112,12 +139,16 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--out", default=str(RESULTS / "decode_attention"))
+    p.add_argument("--device", default="cuda",
+                   help="cuda (compiled, CUDA graphs) or cpu (eager, as the runtime runs on the CPU)")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/decode_attention (_cpu on the CPU)")
     args = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    timer = _time if cuda else _time_cpu
     groups = args.heads // args.kv_heads
     buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    bw = 2 * buf.numel() / (_time(lambda: buf.add_(1), (), 20, 5) / 1e6)   # read + write
+    bw = 2 * buf.numel() / (timer(lambda: buf.add_(1), (), 20, 5) / 1e6)   # read + write
     rows = []
     for n in (int(c) for c in args.cache.split(",")):
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -130,25 +161,28 @@ def main() -> int:
                             * args.head_dim ** -0.5 + mask.double(), -1) @ v.double()
         floor_us = 2 * k.numel() * k.element_size() / bw * 1e6
         for name, way in WAYS.items():
-            fn = torch.compile(lambda q, k, v, m, way=way: way(q, k, v, m, groups), dynamic=False)
+            fn = lambda q, k, v, m, way=way: way(q, k, v, m, groups)  # noqa: E731
+            if cuda:
+                fn = torch.compile(fn, dynamic=False)
             try:
                 out = fn(q, k, v, mask)
-                us = _time(fn, (q, k, v, mask), args.replays)
+                us = timer(fn, (q, k, v, mask), args.replays)
             except Exception as err:  # noqa: BLE001 - a way this build cannot run is reported, not fatal
                 rows.append({"way": name, "cache": n, "error": str(err).splitlines()[0][:200]})
                 continue
             err = (out.double().reshape(ref.shape) - ref).abs().max().item()
             rows.append({"way": name, "cache": n, "us": us, "floor_us": floor_us, "max_abs_error": err})
             print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("decode_attention" if cuda else "decode_attention_cpu"))
     result = {"command": " ".join(["python", "benchmarks/decode_attention.py", *sys.argv[1:]]),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "device_bandwidth_bytes_per_s": bw, "rows": rows}
+              "device": torch.cuda.get_device_name() if cuda else f"{_cpu_name()}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "device_bandwidth_bytes_per_s": bw, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# One decoded token's attention over a static KV cache", "", f"    {result['command']}", "",
              f"{args.heads} query heads over {args.kv_heads} key/value heads of {args.head_dim}, bf16, "
-             f"{result['device']}, torch {torch.__version__}; each way compiled and replayed from a CUDA graph. "
-             f"Floor: keys and values read once at {bw / 1e12:.2f} TB/s (a copy's read plus write).", "",
+             f"{result['device']}, torch {torch.__version__}; "
+             + ("each way compiled and replayed from a CUDA graph. " if cuda else "each way run eagerly. ") +
+             f"Floor: keys and values read once at {bw / 1e12:.3f} TB/s (a copy's read plus write).", "",
              "| way | cache | us (median) | floor us | max abs error vs float64 |", "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -10,8 +10,9 @@ decode_attention.py), one token over a 1072-position cache: 8.6 us against 18.2 
 the repeated keys, 12.7 against 87.4 us at 8200 positions, with the same error against
 a float64 reference. (Stacking a key/value head's query heads as its rows instead is
 slower there: the fused kernels then have 4 heads of work to spread over the GPU. On the
-CPU it is the other way round: for one bf16 token over 1072 positions, about 1 ms stacked
-against 10 ms for torch's grouped path and 12 ms for the repeat, so the CPU stacks.)
+CPU it is the other way round: for one bf16 token over 1072 positions, 0.57 ms stacked
+against 6.4 ms for torch's grouped path and 8.1 ms for the repeat on a 2-core EPYC,
+benchmarks/results/decode_attention_cpu.md; so the CPU stacks.)
 
 `use_grouped_decode_attention(model)` registers this as an attention implementation and
 switches the model to it when it runs `sdpa`; every other case (a prompt, no grouping,
