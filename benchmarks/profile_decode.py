@@ -36,6 +36,7 @@ from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape  # noqa: E4
 from runtime.bench import record_exact  # noqa: E402
 from runtime.build import configure, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
+from runtime.decode_attention import NAME as GROUPED_ATTENTION  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -155,7 +156,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "host_read_auto": config.host_read_share is None,
-            "grouped_attention": engine.model.config._attn_implementation != "sdpa",
+            "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,

@@ -348,9 +348,8 @@ def side_by_side(args, out: dict) -> None:
     vocab = parts.model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen)
     forced = torch.randint(0, vocab, (args.decode + 1,), generator=gen).tolist()
-    out["host_limits"] = host_limits(parts)
-    print(json.dumps(out["host_limits"]), flush=True)
-    limits = out.get("host_limits")
+    limits = out["host_limits"] = host_limits(parts)
+    print(json.dumps(limits), flush=True)
     runs, labels, settings = [], [], []
     for ncmoe in default_ncmoe(args.layers):
         spec = parts.spec
@@ -379,6 +378,7 @@ def side_by_side(args, out: dict) -> None:
             labels.append(label)
             settings.append(ncmoe)
     result = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
+    add_floors(result, limits)
     out["side_by_side"] = result
     rows = []
     for ncmoe, row in zip(settings, result["modes"]):
@@ -387,11 +387,8 @@ def side_by_side(args, out: dict) -> None:
                      "gpu_expert_layers": None, "gpu_expert_bytes": row["engine"]["gpu_expert_bytes"],
                      "context": args.context, "decode_tokens": row["decoded_tokens"], "tokens_per_s": 1e3 / ms,
                      "ms_per_token": round(ms, 4), "ms_per_layer": round(ms / args.layers, 4),
-                     "copy_floor_ms": row["copy_floor_ms"], "status": "ok"})
-        if limits:
-            cpu_bytes = (row.get("cpu_experts_per_token") or 0.0) * limits["expert_bytes"]
-            rows[-1]["cpu_floor_ms"] = 1e3 * cpu_bytes / limits["cpu_expert_bytes_per_s"]
-            rows[-1]["floor_ms"] = max(row["copy_floor_ms"], rows[-1]["cpu_floor_ms"])
+                     "copy_floor_ms": row["copy_floor_ms"], "cpu_floor_ms": row["cpu_floor_ms"],
+                     "floor_ms": row["limit_ms"], "status": "ok"})
     merge_rows(Path(args.side_by_side), rows, command=" ".join(["python", "benchmarks/runtime_decode.py", *sys.argv[1:]]),
                host_limits=limits)
     print(markdown(result, "side by side (ours)"), flush=True)
