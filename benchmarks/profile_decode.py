@@ -55,18 +55,21 @@ def _timed(obj, name: str, bucket: list) -> None:
     setattr(obj, name, wrapper)
 
 
-def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None) -> dict:
+def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
+                 native_layers: bool = True) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     try:
         moe = engine.moe
-        host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
+        host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": [], "run_ahead_layer": []}
         # finer: where the host's time per layer goes inside those two
         parts_timed = ("_prepare_layer", "_flush_table_ops", "_wait_pumping", "_graphed_misses", "_prefetch",
                        "_copy_many", "_read_all", "_copy_share_now", "_table_misses")
         host.update({name: [] for name in parts_timed if hasattr(moe, name)})
         cpu_calls: list = []
         engine.step(prompt)
+        if engine.decode_graphs is not None:
+            engine.decode_graphs.native_layers = native_layers
         cuda = engine.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -101,6 +104,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         summary.update({"cpu_experts_per_step": tel.cpu_experts / timed_steps,
                         "mib_copied_per_step": tel.bytes_copied / timed_steps / 2**20,
                         "cpu_wait_ms_per_step": 1e3 * tel.cpu_wait_seconds / timed_steps,
+                        "routing_wait_ms_per_step": 1e3 * tel.routing_wait_seconds / timed_steps,
+                        "cpu_expert_ms_per_step": 1e3 * tel.cpu_expert_seconds / timed_steps,
                         "copy_wait_ms_per_step": 1e3 * summary["gpu_copy_wait_seconds"] / timed_steps})
         walls = walls[warmup:-8] if host_profile is not None else walls[warmup:]
         if host_profile is not None:
@@ -155,6 +160,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "wall_ms_mean_p90": [1e3 * statistics.fmean(walls), 1e3 * sorted(walls)[int(0.9 * (len(walls) - 1))]],
             "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
+            "native_layers": bool(graphs.run_ahead and any(graphs._natives.values())),
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
@@ -182,6 +188,9 @@ def main() -> int:
     p.add_argument("--host-read-share", default="0",
                    help="exact table modes: shares of misses the GPU reads in host memory, one run each: e.g. 0,0.25")
     p.add_argument("--run-ahead", default="1", help="cpu modes: 1, 0 or both (1,0): queue a layer ahead behind a gate")
+    p.add_argument("--native-layers", default="1",
+                   help="run-ahead cpu modes: 1, 0 or both (1,0): a layer's CPU part as one native call that "
+                        "waits for the routing and opens the gate (0: the Python path)")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -213,12 +222,13 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
-    variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1")
+    variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
+                 n == "1")
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
-                for pa in args.grouped_attention.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped) in \
+                for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native) in \
             ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
@@ -228,7 +238,7 @@ def main() -> int:
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
-        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile)
+        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -240,13 +250,16 @@ def main() -> int:
     lines = ["# Where a decode step's time goes", "", f"    {result['command']}", "",
              f"Model A's shape with {args.layers} layers, context {args.context}, {result['device']}.", "",
              "| mode | budget | device table | compiled | wall ms | graphs alone ms | host us/layer (decide, after) "
-             "| kernels/layer | kernel busy ms | cache hit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernels/layer | kernel busy ms | cache hit | CPU expert ms | routing wait ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        after = h["after_graphed_compute"] + h["run_ahead_layer"]
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', native CPU part' if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
-                     f"| {h['graphed_layer']:.0f}, {h['after_graphed_compute']:.0f} | {r['kernels_per_moe_layer']:.0f} "
-                     f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} |")
+                     f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
+                     f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "
+                     f"| {r['telemetry']['cpu_expert_ms_per_step']:.2f} | {r['telemetry']['routing_wait_ms_per_step']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

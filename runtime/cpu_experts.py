@@ -64,7 +64,7 @@ class CpuExperts:
                     y = cpu_kernels.expert_outputs(self.family, experts_module, self.store, layer, experts,
                                                    x.expand(len(experts), -1))
                     out = (torch.tensor(weights, dtype=torch.float32) @ y).reshape(1, -1)
-            self._spent(time.perf_counter() - start)
+            self.spent(time.perf_counter() - start)
             return out
         out = torch.zeros(x.shape, dtype=torch.float32)
         tokens = Counter(e for _, e, _ in work)
@@ -77,10 +77,16 @@ class CpuExperts:
                 toks = torch.tensor([t for t, _, _ in items], dtype=torch.int64)
                 y = outputs(self.family, experts_module, self.store, layer, [e for _, e, _ in items], x[toks])
                 out.index_add_(0, toks, y * torch.tensor([w for _, _, w in items], dtype=torch.float32)[:, None])
-        self._spent(time.perf_counter() - start)
+        self.spent(time.perf_counter() - start)
         return out
 
-    def _spent(self, seconds: float) -> None:
+    def bind_table_layer(self, experts_module, layer: int, **buffers):
+        """cpu_kernels.bind_table_layer for this store's layer `layer`: the CPU's part of a
+        run-ahead decode layer as one native call, or None where it does not apply."""
+        return cpu_kernels.bind_table_layer(self.family, experts_module, self.store, layer, **buffers)
+
+    def spent(self, seconds: float) -> None:
+        """Count `seconds` of expert computation (a bound native layer call counts its own here)."""
         self.seconds += seconds
         if self.telemetry is not None:
             self.telemetry.cpu_expert_seconds += seconds

@@ -34,8 +34,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["available", "backend", "covers", "expert_outputs", "expert_sum", "gemv_batch", "load", "prepare_sum",
-           "torch_expert_outputs"]
+__all__ = ["available", "backend", "bind_table_layer", "covers", "expert_outputs", "expert_sum", "gemv_batch",
+           "load", "prepare_sum", "torch_expert_outputs"]
 
 ENV = "SPECMOE_CPU_KERNELS"
 _CSRC = Path(__file__).with_name("csrc")
@@ -294,10 +294,9 @@ def _glu_code(family, experts) -> tuple[int, float, float] | None:
     return _GLU_CODES[glu.kind], glu.alpha, glu.limit
 
 
-def prepare_sum(family, experts, store, layer: int):
-    """`expert_sum` for one layer of one store, with all but the token fixed: a function
-    (x, expert_ids, weights, out=None) -> out, or None where the native call does not apply.
-    A decode step calls it once per layer; what it fixes is not looked up again each time."""
+def _fused_static(family, experts, store, layer: int) -> tuple | None:
+    """The arguments that say where one layer's experts are and what they are, as the
+    extension's fused calls take them after their per-call ones; None where they do not apply."""
     isa = backend()
     if isa == "torch":
         return None
@@ -305,10 +304,20 @@ def prepare_sum(family, experts, store, layer: int):
     fused = _fused_layout(store.layout, bool(family.weights_in_out))
     if glu is None or fused is None:
         return None
-    layout, hidden = store.layout, fused.hidden
+    layout = store.layout
     base = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
-    static = (base, layout.block_bytes, fused.gate_up, fused.down, hidden, fused.inter, fused.dtype_code,
-              bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias, fused.down_bias, isa)
+    return (base, layout.block_bytes, fused.gate_up, fused.down, fused.hidden, fused.inter, fused.dtype_code,
+            bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias, fused.down_bias, isa)
+
+
+def prepare_sum(family, experts, store, layer: int):
+    """`expert_sum` for one layer of one store, with all but the token fixed: a function
+    (x, expert_ids, weights, out=None) -> out, or None where the native call does not apply.
+    A decode step calls it once per layer; what it fixes is not looked up again each time."""
+    static = _fused_static(family, experts, store, layer)
+    if static is None:
+        return None
+    hidden = static[4]
     native = load().expert_glu_sum
 
     def call(x: torch.Tensor, expert_ids: Sequence[int], weights: Sequence[float],
@@ -327,6 +336,56 @@ def prepare_sum(family, experts, store, layer: int):
         # Ids and weights go as they are: pybind takes any sequence of ints / floats.
         native(x.data_ptr(), x_code, out.data_ptr(), expert_ids, weights, *static)
         return out
+
+    return call
+
+
+def _host_buffer(name: str, t: torch.Tensor, dtypes: tuple, numel: int) -> None:
+    if (not isinstance(t, torch.Tensor) or not t.is_cpu or t.dtype not in dtypes or t.numel() != numel
+            or not t.is_contiguous()):
+        got = f"{t.dtype} [{t.numel()}] on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be a contiguous {want} CPU tensor of {numel} values, got {got}")
+
+
+def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor, x: torch.Tensor, present: torch.Tensor, reads: torch.Tensor | None,
+                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0):
+    """The CPU's part of one exact decode layer as one native call on fixed host buffers (see
+    `table_layer_sum` in csrc/expert_gemv.cpp): a function (expect, gate_value) -> stats that
+    waits until `ready` holds `expect` (the layer's `ids` [k], `weights` [k] and input `x` [H]
+    have landed), sums the experts that are neither marked in `present` [num_experts] nor
+    among the first `reads`[m] of the m missed into `out` [H], then writes gate_value to
+    `gate`; stats: (present, read by the GPU, computed here, seconds waited, seconds
+    computed). None where the native call does not apply. The buffers must outlive the
+    function: it keeps their addresses."""
+    static = _fused_static(family, experts, store, layer)
+    if static is None:
+        return None
+    hidden, num_experts = static[4], store.num_experts
+    k = ids.numel() if isinstance(ids, torch.Tensor) else 0
+    _host_buffer("ready", ready, (torch.int64,), 1)
+    _host_buffer("ids", ids, (torch.int64,), k)
+    _host_buffer("weights", weights, (torch.float32,), k)
+    _host_buffer("x", x, tuple(_DTYPE_CODES), hidden)
+    _host_buffer("present", present, (torch.uint8,), num_experts)
+    if reads is not None:
+        _host_buffer("reads", reads, (torch.int64,), k + 1)
+    _host_buffer("out", out, (torch.float32,), hidden)
+    _host_buffer("gate", gate, (torch.int32,), 1)
+    stats = torch.zeros(5, dtype=torch.int64)
+    native = load().table_layer_sum
+    head = (ready.data_ptr(),)
+    body = (float(timeout_s), ids.data_ptr(), weights.data_ptr(), k, x.data_ptr(), _DTYPE_CODES[x.dtype],
+            present.data_ptr(), 0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr())
+    tail = (stats.data_ptr(), *static)
+    view = stats.numpy()
+    keep = (ready, ids, weights, x, present, reads, out, gate, stats)
+
+    def call(expect: int, gate_value: int) -> tuple[int, int, int, float, float]:
+        native(*head, expect, *body, gate_value, *tail)
+        keep  # noqa: B018 - the buffers live as long as this function
+        return int(view[0]), int(view[1]), int(view[2]), view[3] * 1e-9, view[4] * 1e-9
 
     return call
 

@@ -16,10 +16,12 @@ decide something, and every piece in between is captured once and replayed:
 
 With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
 copies), the host runs a layer ahead: behind a gate on the compute stream (streams.HostGate)
-it queues the next layer's graphs, which read their routing and input into pinned memory
-themselves, then computes this layer's missed experts on the CPU and opens the gate. The
-GPU starts the next layer the moment the CPU's part is written: no launch, no copy issued,
-no Python between them.
+it queues the next layer's graphs, which copy their routing, input and the step's count into
+pinned memory themselves, then computes this layer's missed experts on the CPU and opens the
+gate. The CPU's part is one native call (cpu_kernels.bind_table_layer) that spins until the
+count lands, computes and opens the gate: from the GPU's routing to the GPU's next layer no
+launch, no copy issued and no Python. Layers with every expert on the GPU are not waited
+for at all; their hits are counted at the end of the step.
 
 Dense layers are one graph each. The step's graphs share one memory pool and are
 replayed in the order they were captured; the fix-up graph, replayed between them, has
@@ -103,7 +105,13 @@ class DecodeGraphs:
         # before this one's CPU part is added.
         self.run_ahead = bool(e.run_ahead and self.gate is not None and self.gate.available
                               and moe.runs_ahead())
-        self.staged: dict[int, tuple] = {}   # layer -> pinned (ids, s, w) its pre graph reads into
+        self.staged: dict[int, tuple] = {}   # layer -> pinned (ids, s, w, count) its pre graph reads into
+        # Counts the steps on the device (the prologue adds one); a pre graph copies it last, so
+        # the host knows the layer's staged routing is this step's once the count has landed.
+        self.step_count = torch.zeros(1, dtype=torch.long, device=dev)
+        self._count = 0
+        self.native_layers = True   # run-ahead CPU parts by the native call where it applies
+        self._natives: dict[int, object] = {}
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False
         self._capture()
@@ -119,6 +127,8 @@ class DecodeGraphs:
             self._rope = _static_like(rope)
             self._masks = {k: torch.empty_like(v) for k, v in masks.items()}
         self.x.copy_(x)
+        if self.run_ahead:
+            self.step_count.add_(1)
         _copy_into(self._rope, rope)
         for kind, m in masks.items():
             self._masks[kind].copy_(m)
@@ -180,9 +190,10 @@ class DecodeGraphs:
         if l not in self.staged:
             self._w32[l] = torch.empty(self.w[l].shape, dtype=torch.float32, device=self.w[l].device)
             self.staged[l] = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                   for t in (self.ids[l], self.s.reshape(1, -1), self._w32[l]))
+                                   for t in (self.ids[l], self.s.reshape(1, -1), self._w32[l], self.step_count))
         self._w32[l].copy_(self.w[l])
-        for host, dev in zip(self.staged[l], (self.ids[l], self.s.reshape(1, -1), self._w32[l])):
+        # The count last: copies on one stream land in order.
+        for host, dev in zip(self.staged[l], (self.ids[l], self.s.reshape(1, -1), self._w32[l], self.step_count)):
             self.moe.streams.copy_on_current(host, dev)
 
     def host_fed(self, l: int) -> bool:
@@ -277,6 +288,7 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool):
                 fn()
             self._graphs.append((kind, l, g))
+        self._count = int(self.step_count.item())   # what the warm-up passes counted
         plain_pool = torch.cuda.graph_pool_handle()   # replayed instead of a step graph, in layer order
         for l in self._reading_layers():
             g = torch.cuda.CUDAGraph()
@@ -348,6 +360,7 @@ class DecodeGraphs:
         self.pos.fill_(e.cache.length)
         moe.engine_position = e.cache.length
         moe.begin_step()
+        self._count += 1
         if self.run_ahead:
             self._step_run_ahead()
         else:
@@ -374,8 +387,17 @@ class DecodeGraphs:
                 return i, l, moe.streams.record_on_compute()
         return i, None, None
 
+    def _native(self, layer: int):
+        """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
+        if not self.native_layers:
+            return None
+        if layer not in self._natives:
+            self._natives[layer] = self.moe.bind_run_ahead(layer, self)
+        return self._natives[layer]
+
     def _step_run_ahead(self) -> None:
         moe, gate = self.moe, self.gate
+        resident = []   # (layer, event after its experts graph): counted once the step is queued
         i, layer, released = self._queue_through_post(0)
         while layer is not None:
             # The next layer's graphs wait for this layer's CPU part: queued now, started by
@@ -387,13 +409,22 @@ class DecodeGraphs:
                 if gated:
                     moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
-                self._part_written = False
-                moe.after_graphed_compute(layer, self, released=released)
-                if not gated and self._part_written:
-                    raise RuntimeError(f"layer {layer} had every expert on the GPU but the CPU computed a part")
-                if gated and not self._part_written:
-                    self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
+                native = self._native(layer) if gated else None
+                if native is not None:
+                    moe.run_ahead_layer(layer, self, released, native, self._count, seq)
+                elif gated:
+                    self._part_written = False
+                    moe.after_graphed_compute(layer, self, released=released)
+                    if not self._part_written:
+                        self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
+                else:
+                    resident.append((layer, released))
             finally:
                 if gated:
                     gate.open(seq)   # on an error too: a closed gate would hold the stream forever
             layer, released = after, after_released
+        for layer, released in resident:
+            self._part_written = False
+            moe.after_graphed_compute(layer, self, released=released)
+            if self._part_written:
+                raise RuntimeError(f"layer {layer} had every expert on the GPU but the CPU computed a part")

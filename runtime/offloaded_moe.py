@@ -106,6 +106,7 @@ class OffloadedMoE:
         self.host_read_share = 0.0
         self._reads_whole = False
         self._host_reads = None   # (host stack, {layer: expert -> store row}, {layer: take table}) on the device
+        self.read_table: torch.Tensor | None = None   # the take tables on the host [layers, top_k + 1]
         self._share_carry = {"ahead": 0.0, "demand": 0.0}
         # Exact graphed decode: at most this many predicted copies in flight (0: all at once).
         # The others wait in `_queued` and are issued as copies finish, while the host waits
@@ -123,6 +124,9 @@ class OffloadedMoE:
         self._rows = {l: i for i, l in enumerate(spec.moe_layers)}
         self.table = torch.full((len(spec.moe_layers), spec.num_experts), zero, dtype=torch.long, device=self.device)
         self._installed: dict[int, set[int]] = {l: set() for l in spec.moe_layers}
+        # The same as a 0/1 row per layer in host memory, for the native CPU part of a run-ahead step.
+        self.present = torch.zeros((len(spec.moe_layers), spec.num_experts), dtype=torch.uint8)
+        self._present_np = self.present.numpy()
         self._to_install: dict[int, dict[int, int]] = {}   # layer -> {expert: slot} copied, not yet in the table
         self._table_ops: list[tuple[int, int, int]] = []
         self._ops_staging = self._ops_device = self._ops_done = None
@@ -142,7 +146,7 @@ class OffloadedMoE:
         self.host_read_share = float(share)
         self._reads_whole = whole
         if not share:
-            self._host_reads = None
+            self._host_reads = self.read_table = None
             return
         from .host_store import device_view
 
@@ -151,8 +155,9 @@ class OffloadedMoE:
                                 device=self.device) for l in self.spec.moe_layers}
         self._read_counts = {l: self.host_read_counts(l) for l in self.spec.moe_layers}
         if not any(any(c) for c in self._read_counts.values()):   # too small a share to take one
-            self.host_read_share, self._host_reads = 0.0, None
+            self.host_read_share, self._host_reads, self.read_table = 0.0, None, None
             return
+        self.read_table = torch.tensor([self._read_counts[l] for l in self.spec.moe_layers], dtype=torch.long)
         takes = {l: torch.tensor(c, dtype=torch.long, device=self.device) for l, c in self._read_counts.items()}
         self._host_reads = (self.store.layout.views(blocks), rows, takes)
 
@@ -268,6 +273,7 @@ class OffloadedMoE:
                 waits.append(ready)
             self._table_ops.append((row, e, slot))
             self._installed[layer].add(e)
+            self._present_np[row, e] = 1
         if waits:
             before = self.streams.timed_event_on_compute()
             for ev in waits:
@@ -560,7 +566,7 @@ class OffloadedMoE:
             ids = _with_prediction(g.ids[layer], pred)
             if g.run_ahead:
                 # The graph itself copied the routing and input to pinned memory.
-                host, s_host, w_host = g.staged[layer]
+                host, s_host, w_host, _ = g.staged[layer]
                 ev = self.streams.host_event()
                 cpu_inputs = (s_host, w_host)
             elif self.on_miss == "cpu" and self.cpu is not None:
@@ -632,6 +638,42 @@ class OffloadedMoE:
         target, pred, host, ev = pending
         ev.synchronize()
         self._prefetch(target, pred, [host[0].tolist()])
+
+    def bind_run_ahead(self, layer: int, g):
+        """Layer `layer`'s CPU part of a run-ahead step as one native call on the step's pinned
+        buffers (cpu_kernels.bind_table_layer), or None where it does not apply (no native
+        kernels for this family's experts: the Python path computes it)."""
+        if self.cpu is None:
+            return None
+        ids, s_host, w_host, ready = g.staged[layer]
+        row = self._rows[layer]
+        reads = None if self._host_reads is None else self.read_table[row]
+        return self.cpu.bind_table_layer(self._experts[layer], layer, ready=ready, ids=ids.reshape(-1),
+                                         weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
+                                         reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag)
+
+    def run_ahead_layer(self, layer: int, g, released, call, expect: int, gate_value: int) -> None:
+        """The CPU's part of a run-ahead layer by its native call (bind_run_ahead), which opens
+        the gate as soon as the part is written; the bookkeeping comes after, while the GPU
+        runs the next layer."""
+        self._pending.pop(layer, None)
+        self._layer_released[layer] = released
+        hits, read, computed, waited, seconds = call(expect, gate_value)
+        tel = self.telemetry
+        k = self.spec.top_k
+        tel.count_uses(layer, k, hits)
+        tel.host_read_experts += read
+        tel.cpu_experts += computed
+        tel.cpu_wait_seconds += seconds
+        tel.routing_wait_seconds += waited
+        self.cpu.spent(seconds)
+        if hits:
+            present = self._present_np[self._rows[layer]]
+            touch = self.slots.touch
+            for e in self._as_numpy(g.staged[layer][0])[0].tolist():
+                if present[e]:
+                    touch((layer, e))
+        self._inflight.pop(layer, None)
 
     # ---------------------------------------------------------------- pieces
 
@@ -709,6 +751,7 @@ class OffloadedMoE:
             return
         layer, e = key
         self._installed[layer].discard(e)
+        self._present_np[self._rows[layer], e] = 0
         self._to_install.get(layer, {}).pop(e, None)
         self._table_ops.append((self._rows[layer], e, self.slots.zero_slot))
         self._evicted_from[slot] = layer

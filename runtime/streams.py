@@ -132,6 +132,12 @@ class HostGate:
     def available(self) -> bool:
         return self._wait is not None
 
+    @property
+    def flag(self) -> torch.Tensor:
+        """The pinned int32 the gates wait on: writing a sequence number there opens every gate
+        up to it (what `open` does; a native caller may write it itself)."""
+        return self._flag
+
     def close(self) -> int:
         """Queue a wait on the compute stream; returns what opens it."""
         if self._seq >= 1 << 30:

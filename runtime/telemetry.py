@@ -35,6 +35,7 @@ class Telemetry:
     demand_copies: int = 0
     cpu_wait_seconds: float = 0.0
     cpu_expert_seconds: float = 0.0
+    routing_wait_seconds: float = 0.0     # host waiting for a layer's routing to land (run-ahead `cpu`)
     cpu_experts: int = 0                  # (token, expert) products computed by the CPU
     host_read_experts: int = 0            # ... computed by the GPU reading weights in host memory
     uses: dict[int, int] = field(default_factory=dict)
@@ -165,6 +166,7 @@ class Telemetry:
             "demand_copies": self.demand_copies,
             "cpu_expert_seconds": self.cpu_expert_seconds,
             "cpu_wait_seconds": self.cpu_wait_seconds,
+            "routing_wait_seconds": self.routing_wait_seconds,
             "gpu_copy_wait_seconds": self.copy_wait_seconds(),
             "peak_gpu_bytes": (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None),
             "peak_host_bytes": host_peak_bytes(),

@@ -498,3 +498,82 @@ def test_prepared_sum_refuses_a_wrong_out():
                 torch.empty(parts.spec.hidden_size, 2).t()[:1]):
         with pytest.raises(ValueError, match="out must be a contiguous float32"):
             call(x, [0, 1], [0.5, 0.5], bad)
+
+
+def table_layer_buffers(hidden: int, k: int, num_experts: int, dtype=torch.bfloat16):
+    return dict(ready=torch.full((1,), -1, dtype=torch.int64), ids=torch.zeros(k, dtype=torch.int64),
+                weights=torch.zeros(k, dtype=torch.float32), x=torch.zeros(hidden, dtype=dtype),
+                present=torch.zeros(num_experts, dtype=torch.uint8), out=torch.full((hidden,), float("nan")),
+                gate=torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("reads", [None, [0, 1, 1, 2, 2]], ids=["no_reads", "reads"])
+def test_table_layer_sum_computes_what_the_gpu_did_not(backends, monkeypatch, reads):
+    """The run-ahead step's CPU part: waits for the layer's routing to land, sums exactly the
+    experts neither in the GPU's table nor read by its experts graph (the first reads[m] of
+    the m missed, in routing order), then opens the gate; a float64 reference of that sum."""
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    hidden, inter = FUSED_SIZES[1]
+    store, family, experts = swiglu_store(torch.bfloat16, False, hidden, inter), swiglu_family(False), SiluExperts()
+    buf = table_layer_buffers(hidden, 4, store.num_experts)
+    reads_t = None if reads is None else torch.tensor(reads, dtype=torch.int64)
+    call = cpu_kernels.bind_table_layer(family, experts, store, 4, reads=reads_t, **buf)
+    gen = torch.Generator().manual_seed(3)
+    for step, (ids, on_gpu) in enumerate([([7, 2, 9, 0], {2}), ([1, 3, 5, 8], {1, 3, 5, 8}), ([6, 4, 0, 2], set())]):
+        buf["ids"].copy_(torch.tensor(ids))
+        buf["weights"].copy_(torch.rand(4, generator=gen))
+        buf["x"].copy_(torch.randn(hidden, generator=gen))
+        buf["present"].zero_()
+        buf["present"][list(on_gpu)] = 1
+        buf["ready"].fill_(step)
+        hits, read, computed, waited, spent = call(step, step + 10)
+        missed = [j for j, e in enumerate(ids) if e not in on_gpu]
+        skip = 0 if reads is None else reads[len(missed)]
+        cpu = missed[skip:]
+        ref = swiglu_reference(store, 4, [ids[j] for j in cpu], buf["weights"][cpu].tolist(), buf["x"], False)
+        assert (hits, read, computed) == (len(ids) - len(missed), skip, len(cpu))
+        assert waited >= 0 and spent >= 0
+        assert int(buf["gate"]) == step + 10
+        if cpu:
+            assert rel_err(buf["out"][None], ref) < TOL
+        else:
+            assert torch.equal(buf["out"], torch.zeros(hidden))
+
+
+def test_table_layer_sum_waits_for_the_routing_and_gives_up_clearly(backends, monkeypatch):
+    """It spins until another thread (the GPU's copy, in a decode step) writes the step count,
+    and after its timeout raises without opening the gate (the caller does that)."""
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    import threading
+    import time
+
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    hidden, inter = FUSED_SIZES[1]
+    store, family, experts = swiglu_store(torch.float32, False, hidden, inter), swiglu_family(False), SiluExperts()
+    buf = table_layer_buffers(hidden, 2, store.num_experts, torch.float32)
+    buf["ids"].copy_(torch.tensor([3, 5]))
+    buf["weights"].copy_(torch.tensor([0.25, 0.75]))
+    buf["x"].copy_(torch.randn(hidden))
+    call = cpu_kernels.bind_table_layer(family, experts, store, 1, reads=None, timeout_s=5.0, **buf)
+    writer = threading.Timer(0.05, lambda: buf["ready"].fill_(41))
+    start = time.perf_counter()
+    writer.start()
+    _, _, computed, waited, _ = call(41, 1)
+    assert computed == 2 and waited >= 0.03 and time.perf_counter() - start >= 0.05
+    ref = swiglu_reference(store, 1, [3, 5], [0.25, 0.75], buf["x"], False)
+    assert rel_err(buf["out"][None], ref) < TOL
+
+    late = cpu_kernels.bind_table_layer(family, experts, store, 1, reads=None, timeout_s=0.05, **buf)
+    with pytest.raises(RuntimeError, match="did not reach host memory within"):
+        late(42, 2)
+    assert int(buf["gate"]) == 1   # not opened by a failed call
+    buf["ready"].fill_(42)
+    buf["ids"][1] = store.num_experts
+    with pytest.raises(ValueError, match=r"expert id 10 is not in \[0, 10\)"):
+        late(42, 2)
+    with pytest.raises(ValueError, match="present must be a contiguous uint8"):
+        cpu_kernels.bind_table_layer(family, experts, store, 1, reads=None,
+                                     **{**buf, "present": torch.zeros(store.num_experts, dtype=torch.bool)})

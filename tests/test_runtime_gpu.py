@@ -113,23 +113,32 @@ def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
 @pytest.mark.parametrize("budget", ["0", "60%", "100%"])
 def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget):
     """`cpu` with no predictor queues each next layer behind a gate while the CPU computes
-    (no gate for a layer whose experts are all on the GPU: at 100% none at all): the same
-    logits as the loop that waits for the CPU before queuing (bit for bit: the same
+    (no gate for a layer whose experts are all on the GPU: at 100% none at all), its CPU part
+    by the native call that waits for the routing and opens the gate, or by the Python path:
+    the same logits as the loop that waits for the CPU before queuing (bit for bit: the same
     arithmetic) and as the stock forward (dense layers between MoE layers in deepseek_v3)."""
     ref = tiny_model(family).cuda()
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
     expected = stock_logits(ref, ids.cuda())
-    got = {}
-    for ahead in (True, False):
+    got, counted = {}, {}
+    for ahead, native in ((True, True), (True, False), (False, False)):
         engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
                                                             run_ahead=ahead))
-        got[ahead] = engine_logits(engine, ids, prompt_len=len(PROMPT))
-        assert engine.decode_graphs.run_ahead == ahead
-        cpu_experts = engine.telemetry.cpu_experts
+        engine.decode_graphs.native_layers = native
+        got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        graphs = engine.decode_graphs
+        assert graphs.run_ahead == ahead
+        bound = [l for l, call in graphs._natives.items() if call is not None]
+        assert bool(bound) == (native and budget != "100%")
+        tel = engine.telemetry
+        counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts)
         engine.close()
-        assert (cpu_experts > 0) == (budget != "100%")
-    assert torch.equal(got[True], got[False])
-    torch.testing.assert_close(got[True], expected, rtol=2e-4, atol=2e-4)
+        assert (tel.cpu_experts > 0) == (budget != "100%")
+    # every use, hit and CPU expert counted alike on all three paths
+    assert counted[True, True] == counted[True, False] == counted[False, False]
+    assert torch.equal(got[True, True], got[False, False])
+    assert torch.equal(got[True, False], got[False, False])
+    torch.testing.assert_close(got[True, True], expected, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -167,21 +176,28 @@ def test_auto_host_reads_measure_the_split_and_stay_exact():
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
 
 
-def test_run_ahead_step_that_fails_leaves_the_stream_running():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_run_ahead_step_that_fails_leaves_the_stream_running(native):
     """An error in the CPU's part of a run-ahead step reaches the caller, and the gate it left
     closed is opened: the device does not wait forever on the queued next layer."""
     engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
+    graphs = engine.decode_graphs
+    graphs.native_layers = native
     engine.reset()
     engine.step(PROMPT)
     engine.step(torch.tensor([5]))
-    assert engine.decode_graphs.run_ahead
+    assert graphs.run_ahead
     calls = []
 
     def broken(*a, **k):
         calls.append(1)
         raise RuntimeError("CPU expert kernel failed")
 
-    engine.moe.cpu.compute = broken
+    if native:
+        assert graphs._natives and all(graphs._natives.values())
+        graphs._natives = {layer: broken for layer in graphs._natives}
+    else:
+        engine.moe.cpu.compute = broken
     with pytest.raises(RuntimeError, match="CPU expert kernel failed"):
         engine.step(torch.tensor([6]))
     assert calls

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -339,69 +340,185 @@ void glu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const 
   weighted_rows(isa, y.data(), weights.data(), n, hidden, out);
 }
 
+// One layer's experts in the host store, and what each expert is beside its weights.
+// Expert e's block starts at base + e * stride; in it gate_up_proj [2I, H] sits at byte
+// offset gate_up and down_proj [H, I] at down, or [H, 2I] and [I, H] with in_out; the biases
+// gate_up_proj_bias [2I] and down_proj_bias [H] (in the weights' dtype) at the form's
+// offsets, -1 where the experts have none. glu 0: silu(gate) * up with gate the first I of
+// the 2I columns, up the rest; glu 1: GPT-OSS's clamped glu (gpt_oss_glu_rows) over
+// interleaved columns.
+struct LayerExperts {
+  uintptr_t base;
+  int64_t stride, gate_up, down, hidden, inter;
+  int dtype;  // 0 float32, 1 float16, 2 bfloat16
+  bool in_out;
+  int64_t num_experts;
+  ExpertForm form;
+  int isa;
+  int64_t task_bytes;
+
+  void check(const char* who) const {
+    const std::string name(who);
+    if (hidden < 1 || inter < 1 || dtype < 0 || dtype > 2 || task_bytes < 1)
+      throw std::invalid_argument(name + ": bad sizes or dtype code");
+    if (form.glu != kSwiglu && form.glu != kGptOss)
+      throw std::invalid_argument(name + ": glu " + std::to_string(form.glu) + " is neither 0 (SwiGLU) nor 1 (GPT-OSS)");
+    if (form.glu == kGptOss && (std::isnan(form.alpha) || std::isnan(form.limit)))
+      throw std::invalid_argument(name + ": alpha and limit must be numbers");
+    const int64_t item = dtype == 0 ? 4 : 2;
+    const auto fits = [&](int64_t offset, int64_t count) { return offset >= 0 && count * item <= stride - offset; };
+    if (!fits(gate_up, 2 * inter * hidden) || !fits(down, hidden * inter))
+      throw std::invalid_argument(name + ": gate_up_proj and down_proj do not fit in a block of " +
+                                  std::to_string(stride) + " bytes");
+    if ((form.gate_up_bias != -1 && !fits(form.gate_up_bias, 2 * inter)) ||
+        (form.down_bias != -1 && !fits(form.down_bias, hidden)))
+      throw std::invalid_argument(name + ": a bias offset is neither -1 nor inside a block of " +
+                                  std::to_string(stride) + " bytes");
+  }
+
+  void check_id(const char* who, int64_t e) const {
+    if (e < 0 || e >= num_experts)
+      throw std::invalid_argument(std::string(who) + ": expert id " + std::to_string(e) + " is not in [0, " +
+                                  std::to_string(num_experts) + ")");
+  }
+
+  // out[H] = sum_i weights[i] expert_{ids[i]}(x); zeros for no experts. Each product is one
+  // parallel region as in gemv_batch; the rest (in order i = 0, 1, ... for the sum) runs on
+  // the calling thread, so the result does not depend on the thread count.
+  void sum(const float* x, float* out, const std::vector<int64_t>& ids, const std::vector<float>& weights) const {
+    if (ids.empty()) {
+      std::fill(out, out + hidden, 0.f);
+      return;
+    }
+    const auto run = [&](auto weight) {
+      using T = decltype(weight);
+      glu_sum<T>(x, out, ids, weights, base, stride, gate_up, down, hidden, inter, form, in_out, isa, task_bytes);
+    };
+    if (dtype == 0) run(float());
+    if (dtype == 1) run(c10::Half());
+    if (dtype == 2) run(c10::BFloat16());
+  }
+};
+
+// x of `hidden` values in x_dtype (coded as dtype), as float32: itself, or widened into scratch.
+const float* widened(uintptr_t x, int x_dtype, int64_t hidden) {
+  if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("bad x dtype code " + std::to_string(x_dtype));
+  if (x_dtype == 0) return reinterpret_cast<const float*>(x);
+  std::vector<float>& wide = scratch(4);
+  wide.resize(size_t(hidden));
+  if (x_dtype == 1) widen(reinterpret_cast<const c10::Half*>(x), wide.data(), hidden);
+  if (x_dtype == 2) widen(reinterpret_cast<const c10::BFloat16*>(x), wide.data(), hidden);
+  return wide.data();
+}
+
+LayerExperts layer_experts(uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
+                           int dtype, bool weights_in_out, int64_t num_experts, int glu, float alpha, float limit,
+                           int64_t gate_up_bias, int64_t down_bias, const std::string& isa, int64_t task_bytes,
+                           const char* who) {
+  const LayerExperts layer{base,          stride, gate_up, down, hidden, inter, dtype, weights_in_out, num_experts,
+                           ExpertForm{glu, alpha, limit, gate_up_bias, down_bias}, isa_code(isa), task_bytes};
+  layer.check(who);
+  return layer;
+}
+
 // out[H] = sum_i weights[i] (Down_i glu(G_i x + b_gu_i) + b_down_i) for one token x [H] and
-// the experts ids[i] of one layer. A decode step calls this once per layer, so the biases,
-// the glu, the weighted sum and widening x (x_dtype, coded as dtype) are done here rather
-// than by torch ops between the products. Expert e's block starts at base + e * stride; in
-// it gate_up_proj [2I, H] sits at byte offset gate_up and down_proj [H, I] at down, or
-// [H, 2I] and [I, H] with weights_in_out; the biases gate_up_proj_bias [2I] and
-// down_proj_bias [H] (in the weights' dtype) at gate_up_bias and down_bias, -1 where the
-// experts have none. glu 0: silu(gate) * up with gate the first I of the 2I columns, up the
-// rest; glu 1: GPT-OSS's clamped glu (gpt_oss_glu_rows) over interleaved columns. Each
-// product is one parallel region as in gemv_batch; the rest (in order i = 0, 1, ... for
-// the sum) runs on the calling thread, so the result does not depend on the thread count.
+// the experts ids[i] of one layer (LayerExperts says where they are and what they are). A
+// decode step calls this once per layer, so the biases, the glu, the weighted sum and
+// widening x (x_dtype, coded as dtype) are done here rather than by torch ops between the
+// products.
 void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<int64_t>& ids,
                     const std::vector<float>& weights, uintptr_t base, int64_t stride, int64_t gate_up,
                     int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
                     int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
                     int64_t down_bias, const std::string& isa, int64_t task_bytes) {
-  const int code = isa_code(isa);
+  const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
+                                           num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
+                                           "expert_glu_sum");
+  if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("expert_glu_sum: bad sizes or dtype code");
   if (ids.size() != weights.size())
     throw std::invalid_argument("expert_glu_sum: " + std::to_string(ids.size()) + " expert ids but " +
                                 std::to_string(weights.size()) + " weights");
-  if (hidden < 1 || inter < 1 || dtype < 0 || dtype > 2 || x_dtype < 0 || x_dtype > 2 || task_bytes < 1)
-    throw std::invalid_argument("expert_glu_sum: bad sizes or dtype code");
-  if (glu != kSwiglu && glu != kGptOss)
-    throw std::invalid_argument("expert_glu_sum: glu " + std::to_string(glu) +
-                                " is neither 0 (SwiGLU) nor 1 (GPT-OSS)");
-  if (glu == kGptOss && (std::isnan(alpha) || std::isnan(limit)))
-    throw std::invalid_argument("expert_glu_sum: alpha and limit must be numbers");
-  const int64_t item = dtype == 0 ? 4 : 2;
-  const auto fits = [&](int64_t offset, int64_t count) {
-    return offset >= 0 && count * item <= stride - offset;
-  };
-  if (!fits(gate_up, 2 * inter * hidden) || !fits(down, hidden * inter))
-    throw std::invalid_argument("expert_glu_sum: gate_up_proj and down_proj do not fit in a block of " +
-                                std::to_string(stride) + " bytes");
-  if ((gate_up_bias != -1 && !fits(gate_up_bias, 2 * inter)) || (down_bias != -1 && !fits(down_bias, hidden)))
-    throw std::invalid_argument("expert_glu_sum: a bias offset is neither -1 nor inside a block of " +
-                                std::to_string(stride) + " bytes");
-  for (int64_t e : ids)
-    if (e < 0 || e >= num_experts)
-      throw std::invalid_argument("expert_glu_sum: expert id " + std::to_string(e) + " is not in [0, " +
-                                  std::to_string(num_experts) + ")");
+  for (int64_t e : ids) layer.check_id("expert_glu_sum", e);
   auto* o = reinterpret_cast<float*>(out);
   if (ids.empty()) {
     std::fill(o, o + hidden, 0.f);
     return;
   }
-  const auto* xs = reinterpret_cast<const float*>(x);
-  if (x_dtype != 0) {
-    std::vector<float>& wide = scratch(4);
-    wide.resize(size_t(hidden));
-    if (x_dtype == 1) widen(reinterpret_cast<const c10::Half*>(x), wide.data(), hidden);
-    if (x_dtype == 2) widen(reinterpret_cast<const c10::BFloat16*>(x), wide.data(), hidden);
-    xs = wide.data();
+  layer.sum(widened(x, x_dtype, hidden), o, ids, weights);
+}
+
+// The CPU's part of one exact decode layer, from the GPU's routing to the GPU's next layer
+// with no interpreter in between: a graphed decode step calls this once per layer whose
+// experts are not all on the GPU, after queuing the next layer's graphs behind a gate.
+//
+// 1. Waits (spinning: the wait is tens of microseconds, a sleep would cost as much again)
+//    until the int64 at `ready` equals `expect`. The layer's graph copies its routing (k
+//    int64 expert ids, k float32 weights) and its input x (hidden values in x_dtype) to
+//    pinned memory and then the step's count to `ready`: copies on one stream land in order.
+//    After timeout_s seconds without it, throws (the caller opens the gate).
+// 2. Takes the ids the GPU did not compute: not marked in present[num_experts] (uint8, the
+//    layer's experts in the GPU's table), minus the first reads[m] of the m missed (the
+//    experts graph read those from host memory itself; reads = 0: none).
+// 3. out[H] = their weighted sum (zeros if none), then writes gate_value to the int32 at
+//    `gate` (the GPU's next layer waits for it: cuStreamWaitValue32) after out is written.
+// stats (int64 [5]): ids found present, ids the GPU read, experts computed here,
+// nanoseconds waited, nanoseconds computed.
+void table_layer_sum(uintptr_t ready, int64_t expect, double timeout_s, uintptr_t ids, uintptr_t weights,
+                     int64_t k, uintptr_t x, int x_dtype, uintptr_t present, uintptr_t reads, uintptr_t out,
+                     uintptr_t gate, int32_t gate_value, uintptr_t stats, uintptr_t base, int64_t stride,
+                     int64_t gate_up, int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
+                     int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
+                     int64_t down_bias, const std::string& isa, int64_t task_bytes) {
+  const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
+                                           num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
+                                           "table_layer_sum");
+  if (k < 1) throw std::invalid_argument("table_layer_sum: k must be at least 1");
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  const auto* flag = reinterpret_cast<const int64_t*>(ready);
+  for (uint64_t spins = 1; __atomic_load_n(flag, __ATOMIC_ACQUIRE) != expect; ++spins) {
+#ifdef SPECMOE_X86
+    _mm_pause();
+#endif
+    if ((spins & 0xFFF) == 0 && std::chrono::duration<double>(clock::now() - start).count() > timeout_s)
+      throw std::runtime_error("table_layer_sum: the layer's routing did not reach host memory within " +
+                               std::to_string(timeout_s) + " s");
   }
-  const ExpertForm form{glu, alpha, limit, gate_up_bias, down_bias};
-  const auto run = [&](auto weight) {
-    using T = decltype(weight);
-    glu_sum<T>(xs, o, ids, weights, base, stride, gate_up, down, hidden, inter, form, weights_in_out, code,
-               task_bytes);
-  };
-  if (dtype == 0) run(float());
-  if (dtype == 1) run(c10::Half());
-  if (dtype == 2) run(c10::BFloat16());
+  const auto arrived = clock::now();
+  const auto* id = reinterpret_cast<const int64_t*>(ids);
+  const auto* w = reinterpret_cast<const float*>(weights);
+  const auto* on_gpu = reinterpret_cast<const uint8_t*>(present);
+  std::vector<int64_t> missed;
+  int64_t hits = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    layer.check_id("table_layer_sum", id[j]);
+    if (on_gpu[id[j]])
+      ++hits;
+    else
+      missed.push_back(j);
+  }
+  const int64_t read = reads ? std::min<int64_t>(reinterpret_cast<const int64_t*>(reads)[missed.size()],
+                                                 int64_t(missed.size()))
+                             : 0;
+  std::vector<int64_t> experts;
+  std::vector<float> scale;
+  for (size_t i = size_t(read); i < missed.size(); ++i) {
+    experts.push_back(id[missed[i]]);
+    scale.push_back(w[missed[i]]);
+  }
+  auto* o = reinterpret_cast<float*>(out);
+  if (experts.empty())
+    std::fill(o, o + hidden, 0.f);
+  else
+    layer.sum(widened(x, x_dtype, hidden), o, experts, scale);
+  const auto done = clock::now();
+  __atomic_store_n(reinterpret_cast<int32_t*>(gate), gate_value, __ATOMIC_RELEASE);
+  auto* s = reinterpret_cast<int64_t*>(stats);
+  s[0] = hits;
+  s[1] = read;
+  s[2] = int64_t(experts.size());
+  s[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(arrived - start).count();
+  s[4] = std::chrono::duration_cast<std::chrono::nanoseconds>(done - arrived).count();
 }
 
 }  // namespace
@@ -420,6 +537,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("alpha") = 1.f, py::arg("limit") = std::numeric_limits<float>::infinity(),
         py::arg("gate_up_bias_offset") = -1, py::arg("down_bias_offset") = -1, py::arg("isa") = "auto",
         py::arg("task_bytes") = 256 << 10,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("table_layer_sum", &table_layer_sum,
+        "waits for a layer's routing in pinned memory, sums the experts the GPU did not, opens the gate",
+        py::arg("ready"), py::arg("expect"), py::arg("timeout_s"), py::arg("ids"), py::arg("weights"), py::arg("k"),
+        py::arg("x"), py::arg("x_dtype"), py::arg("present"), py::arg("reads"), py::arg("out"), py::arg("gate"),
+        py::arg("gate_value"), py::arg("stats"), py::arg("base"), py::arg("stride"), py::arg("gate_up_offset"),
+        py::arg("down_offset"), py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("weights_in_out"),
+        py::arg("num_experts"), py::arg("glu") = 0, py::arg("alpha") = 1.f,
+        py::arg("limit") = std::numeric_limits<float>::infinity(), py::arg("gate_up_bias_offset") = -1,
+        py::arg("down_bias_offset") = -1, py::arg("isa") = "auto", py::arg("task_bytes") = 256 << 10,
         py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }
