@@ -36,6 +36,7 @@ from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape  # noqa: E4
 from runtime.bench import record_exact  # noqa: E402
 from runtime.build import configure, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
+from runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from runtime.decode_attention import NAME as GROUPED_ATTENTION  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
 
@@ -57,6 +58,7 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
                  native_layers: bool = True) -> dict:
+    DecodeGraphs.native_layers = native_layers
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     try:
@@ -68,8 +70,6 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         host.update({name: [] for name in parts_timed if hasattr(moe, name)})
         cpu_calls: list = []
         engine.step(prompt)
-        if engine.decode_graphs is not None:
-            engine.decode_graphs.native_layers = native_layers
         cuda = engine.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()

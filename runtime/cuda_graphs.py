@@ -65,6 +65,10 @@ class _Eager:
 
 
 class DecodeGraphs:
+    # Run-ahead CPU parts by the native call where it applies (False: the Python path, for
+    # comparisons).
+    native_layers = True
+
     def __init__(self, engine):
         self.engine = e = engine
         moe = e.moe
@@ -110,7 +114,6 @@ class DecodeGraphs:
         # the host knows the layer's staged routing is this step's once the count has landed.
         self.step_count = torch.zeros(1, dtype=torch.long, device=dev)
         self._count = 0
-        self.native_layers = True   # run-ahead CPU parts by the native call where it applies
         self._natives: dict[int, object] = {}
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False
@@ -345,6 +348,7 @@ class DecodeGraphs:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+        self._count = int(self.step_count.item())   # the prologue counted these replays
         return statistics.median(times[warmup:])
 
     @property
