@@ -379,7 +379,8 @@ class DecodeGraphs:
 
     def _queue_through_post(self, i: int):
         """Replay the step's graphs from index i through the next experts graph; returns (the
-        index after it, its layer, the event after it) or (end, None, None)."""
+        index after it, its layer, the event after it: None where nothing waits for it) or
+        (end, None, None)."""
         moe = self.moe
         while i < len(self._graphs):
             kind, l, g = self._graphs[i]
@@ -388,20 +389,17 @@ class DecodeGraphs:
             if kind == "pre":
                 moe.graphed_layer(l, self)
             elif kind == "post":
-                return i, l, moe.streams.record_on_compute()
+                return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
 
-    def _native(self, layer: int):
-        """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
-        if not self.native_layers:
-            return None
-        if layer not in self._natives:
-            self._natives[layer] = self.moe.bind_run_ahead(layer, self)
-        return self._natives[layer]
+    def waits_for(self, layer: int) -> bool:
+        """Whether the host of a step waits for layer `layer` before going on (the Python path
+        of a CPU part); a run-ahead step counts its other layers once it is queued."""
+        return not self.run_ahead or (not self.moe.layer_resident(layer) and self._native(layer) is None)
 
     def _step_run_ahead(self) -> None:
         moe, gate = self.moe, self.gate
-        resident = []   # (layer, event after its experts graph): counted once the step is queued
+        later = []   # (layer, native stats or None): counted once the step is queued
         i, layer, released = self._queue_through_post(0)
         while layer is not None:
             # The next layer's graphs wait for this layer's CPU part: queued now, started by
@@ -415,20 +413,24 @@ class DecodeGraphs:
                 i, after, after_released = self._queue_through_post(i)
                 native = self._native(layer) if gated else None
                 if native is not None:
-                    moe.run_ahead_layer(layer, self, released, native, self._count, seq)
+                    later.append((layer, moe.run_ahead_layer(native, self._count, seq)))
                 elif gated:
                     self._part_written = False
                     moe.after_graphed_compute(layer, self, released=released)
                     if not self._part_written:
                         self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
                 else:
-                    resident.append((layer, released))
+                    later.append((layer, None))
             finally:
                 if gated:
                     gate.open(seq)   # on an error too: a closed gate would hold the stream forever
             layer, released = after, after_released
-        for layer, released in resident:
+        end = moe.streams.record_on_compute()   # after every experts graph of the step
+        for layer, stats in later:
+            if stats is not None:
+                moe.count_run_ahead(layer, self, end, stats)
+                continue
             self._part_written = False
-            moe.after_graphed_compute(layer, self, released=released)
+            moe.after_graphed_compute(layer, self, released=end)
             if self._part_written:
                 raise RuntimeError(f"layer {layer} had every expert on the GPU but the CPU computed a part")

@@ -565,9 +565,11 @@ class OffloadedMoE:
             # ids while it runs and adds what was missing afterwards.
             ids = _with_prediction(g.ids[layer], pred)
             if g.run_ahead:
-                # The graph itself copied the routing and input to pinned memory.
+                # The graph itself copied the routing and input to pinned memory. The host waits
+                # for them here only on the Python path (g.waits_for(layer)); otherwise the
+                # native call waits, or the layer is counted once the step is done.
                 host, s_host, w_host, _ = g.staged[layer]
-                ev = self.streams.host_event()
+                ev = self.streams.host_event() if g.waits_for(layer) else None
                 cpu_inputs = (s_host, w_host)
             elif self.on_miss == "cpu" and self.cpu is not None:
                 # The CPU computes misses from this layer's input and routing weights.
@@ -614,7 +616,7 @@ class OffloadedMoE:
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released
             _, present, host, ev, target, pred, k, cpu_inputs, count_on_host = pending
-            self._wait_pumping(ev)
+            self._wait_pumping(released if ev is None else ev)
             row = self._as_numpy(host)[0].tolist()
             if count_on_host is not None:
                 self.telemetry.count_hits_host(layer, [int(e) for e in count_on_host], [int(e) for e in row[:k]])
@@ -652,16 +654,19 @@ class OffloadedMoE:
                                          weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
                                          reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag)
 
-    def run_ahead_layer(self, layer: int, g, released, call, expect: int, gate_value: int) -> None:
+    def run_ahead_layer(self, call, expect: int, gate_value: int) -> tuple:
         """The CPU's part of a run-ahead layer by its native call (bind_run_ahead), which opens
-        the gate as soon as the part is written; the bookkeeping comes after, while the GPU
-        runs the next layer."""
+        the gate as soon as the part is written; returns its stats for `count_run_ahead`."""
+        return call(expect, gate_value)
+
+    def count_run_ahead(self, layer: int, g, released, stats: tuple) -> None:
+        """What `run_ahead_layer` did, counted once the step is queued (off the path between
+        the layers): uses, hits, experts computed, time; the hits touched in the cache."""
+        hits, read, computed, waited, seconds = stats
         self._pending.pop(layer, None)
         self._layer_released[layer] = released
-        hits, read, computed, waited, seconds = call(expect, gate_value)
         tel = self.telemetry
-        k = self.spec.top_k
-        tel.count_uses(layer, k, hits)
+        tel.count_uses(layer, self.spec.top_k, hits)
         tel.host_read_experts += read
         tel.cpu_experts += computed
         tel.cpu_wait_seconds += seconds

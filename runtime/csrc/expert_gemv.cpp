@@ -9,7 +9,8 @@
 // At batch 1 this is bound by memory reads, so the whole batch is one parallel region
 // over small runs of rows (or column lines) of every matrix at once, handed out from a
 // shared counter: all cores stream from DRAM together, and a core that is also busy
-// with something else just takes fewer of them.
+// with something else just takes fewer of them. The regions run on a pool of our own
+// (SpinPool) whose threads spin for a while between them instead of sleeping.
 //
 // The binding takes addresses and sizes, not tensors: runtime/cpu_kernels.py checks the
 // tensors, and the extension builds in seconds without the whole torch C++ API.
@@ -25,6 +26,12 @@
 #include <limits>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <pthread.h>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -198,6 +205,90 @@ Plan plan_for(int isa, bool in_out) {
   return scalar::plan<T>(in_out);
 }
 
+// Threads for the kernels' parallel regions. A decode step calls the kernels every few
+// hundred microseconds with GPU work and the interpreter between calls; OpenMP's threads
+// (torch's pool), asleep by then, cost about 0.1 ms per layer to wake on a 16-core host.
+// These spin for SPECMOE_CPU_SPIN_US microseconds (default 2000) after a region before
+// they sleep. The caller takes part in every region; regions from several threads run one
+// after another.
+class SpinPool {
+ public:
+  static SpinPool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { instance() = new SpinPool(); }); });
+    return *instance();
+  }
+
+  // fn() on `threads` threads at once, this one included; returns when all are done.
+  void run(int64_t threads, const std::function<void()>& fn) {
+    std::lock_guard<std::mutex> one_at_a_time(run_mutex_);
+    const int64_t helpers = std::max<int64_t>(0, threads - 1);
+    while (int64_t(workers_) < helpers) {
+      // It starts from the generation before this job's, whenever it gets to run.
+      std::thread(&SpinPool::work, this, int64_t(workers_), generation_.load(std::memory_order_relaxed)).detach();
+      ++workers_;
+    }
+    job_ = &fn;
+    helpers_.store(helpers, std::memory_order_relaxed);
+    remaining_.store(helpers, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+      if (sleeping_) wake_.notify_all();
+    }
+    fn();
+    while (remaining_.load(std::memory_order_acquire) > 0) pause();
+  }
+
+ private:
+  // Leaked on purpose: detached threads may still spin on it while the process exits, and a
+  // forked child (which has none of them) starts a new one.
+  static SpinPool*& instance() {
+    static SpinPool* pool = new SpinPool();
+    return pool;
+  }
+
+  SpinPool() {
+    const char* env = std::getenv("SPECMOE_CPU_SPIN_US");
+    spin_ = std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
+  }
+
+  static void pause() {
+#ifdef SPECMOE_X86
+    _mm_pause();
+#endif
+  }
+
+  void work(int64_t index, uint64_t seen) {
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (uint64_t spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        pause();
+        if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          ++sleeping_;
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          --sleeping_;
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (index < helpers_.load(std::memory_order_relaxed)) {
+        (*job_)();
+        remaining_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> helpers_{0}, remaining_{0};
+  const std::function<void()>* job_ = nullptr;
+  size_t workers_ = 0;
+  int sleeping_ = 0;
+  std::chrono::steady_clock::duration spin_;
+};
+
 // Scratch that lives as long as the calling thread: a decode step calls this every layer,
 // and fresh buffers of this size can cost page faults each time.
 std::vector<float>& scratch(int which) {
@@ -227,7 +318,7 @@ void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out
       1, std::min(task_bytes / unit_bytes, (total + 4 * threads - 1) / (4 * threads)));
   const int64_t tasks = (total + per_task - 1) / per_task;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+  SpinPool::get().run(std::min(threads, tasks), [&] {
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
       plan.run(job, t * per_task, std::min(total, (t + 1) * per_task));
   });
