@@ -392,6 +392,14 @@ class DecodeGraphs:
                 return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
 
+    def _native(self, layer: int):
+        """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
+        if not self.native_layers:
+            return None
+        if layer not in self._natives:
+            self._natives[layer] = self.moe.bind_run_ahead(layer, self)
+        return self._natives[layer]
+
     def waits_for(self, layer: int) -> bool:
         """Whether the host of a step waits for layer `layer` before going on (the Python path
         of a CPU part); a run-ahead step counts its other layers once it is queued."""

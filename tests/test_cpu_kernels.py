@@ -80,6 +80,27 @@ def test_results_do_not_depend_on_threads(backends):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+def test_many_regions_from_several_threads_give_the_same_results(backends):
+    """The kernels' own thread pool: hundreds of regions back to back, at several sizes, from
+    two Python threads at once (the kernels release the GIL; the pool runs one region at a
+    time), each result equal to the one computed alone."""
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [(matrices(n, 100, 33, torch.bfloat16, False, gen), torch.randn(n, 100, generator=gen))
+             for n in (1, 3, 8)]
+    expected = [cpu_kernels.gemv_batch(w, x) for w, x in cases]
+
+    def hammer(offset: int) -> bool:
+        return all(torch.equal(cpu_kernels.gemv_batch(*cases[(i + offset) % 3]), expected[(i + offset) % 3])
+                   for i in range(150))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(hammer, (0, 1)))
+
+
 # ---------------------------------------------------------------- experts of a real host store
 
 

@@ -209,8 +209,11 @@ Plan plan_for(int isa, bool in_out) {
 // hundred microseconds with GPU work and the interpreter between calls; OpenMP's threads
 // (torch's pool), asleep by then, cost about 0.1 ms per layer to wake on a 16-core host.
 // These spin for SPECMOE_CPU_SPIN_US microseconds (default 2000) after a region before
-// they sleep. The caller takes part in every region; regions from several threads run one
-// after another.
+// they sleep. A region is done when its tasks are: it never waits for a thread that the
+// OS has not scheduled since (with every core spinning, one may sit out a whole time
+// slice); such a thread finds the tasks taken when it runs, for a task is claimed on a
+// ticket that names its region. The caller takes part in every region; regions from
+// several threads run one after another.
 class SpinPool {
  public:
   static SpinPool& get() {
@@ -219,28 +222,39 @@ class SpinPool {
     return *instance();
   }
 
-  // fn() on `threads` threads at once, this one included; returns when all are done.
-  void run(int64_t threads, const std::function<void()>& fn) {
+  static constexpr int64_t kMaxTasks = (int64_t(1) << 20) - 1;
+
+  // task(t) for t in [0, tasks), on up to `threads` threads at once (this one included).
+  void run(int64_t threads, int64_t tasks, const std::function<void(int64_t)>& task) {
+    if (tasks <= 0) return;
+    if (tasks > kMaxTasks) throw std::invalid_argument("SpinPool: too many tasks in one region");
     std::lock_guard<std::mutex> one_at_a_time(run_mutex_);
-    const int64_t helpers = std::max<int64_t>(0, threads - 1);
+    const int64_t helpers = std::min(std::max<int64_t>(0, threads - 1), tasks - 1);
     while (int64_t(workers_) < helpers) {
-      // It starts from the generation before this job's, whenever it gets to run.
+      // It starts from the generation before this region's, whenever it gets to run.
       std::thread(&SpinPool::work, this, int64_t(workers_), generation_.load(std::memory_order_relaxed)).detach();
       ++workers_;
     }
-    job_ = &fn;
+    const uint64_t gen = (generation_.load(std::memory_order_relaxed) + 1) & kGenMask;
+    task_ = &task;
     helpers_.store(helpers, std::memory_order_relaxed);
-    remaining_.store(helpers, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store((gen << kGenShift) | (uint64_t(tasks) << kTaskBits), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);
       if (sleeping_) wake_.notify_all();
     }
-    fn();
-    while (remaining_.load(std::memory_order_acquire) > 0) pause();
+    take(gen);
+    // Every task claimed has run: no thread touches this region's task_ or done_ any more.
+    while (done_.load(std::memory_order_acquire) < tasks) pause();
   }
 
  private:
+  // A ticket: the region's generation (24 bits), its task count and the next task (20 bits each).
+  static constexpr int kTaskBits = 20, kGenShift = 40;
+  static constexpr uint64_t kTaskMask = (uint64_t(1) << kTaskBits) - 1, kGenMask = (uint64_t(1) << 24) - 1;
+
   // Leaked on purpose: detached threads may still spin on it while the process exits, and a
   // forked child (which has none of them) starts a new one.
   static SpinPool*& instance() {
@@ -259,6 +273,22 @@ class SpinPool {
 #endif
   }
 
+  // Run tasks of region `gen` while any are left. A claim succeeds only on that region's
+  // ticket, and the region cannot end before the claimed task is done: task_ is its own.
+  void take(uint64_t gen) {
+    for (;;) {
+      uint64_t ticket = ticket_.load(std::memory_order_acquire);
+      uint64_t t;
+      do {
+        if ((ticket >> kGenShift) != gen) return;   // another region: this one is over
+        t = ticket & kTaskMask;
+        if (t >= ((ticket >> kTaskBits) & kTaskMask)) return;
+      } while (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel));
+      (*task_)(int64_t(t));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
   void work(int64_t index, uint64_t seen) {
     for (;;) {
       const auto start = std::chrono::steady_clock::now();
@@ -272,18 +302,15 @@ class SpinPool {
         }
       }
       seen = generation_.load(std::memory_order_acquire);
-      if (index < helpers_.load(std::memory_order_relaxed)) {
-        (*job_)();
-        remaining_.fetch_sub(1, std::memory_order_release);
-      }
+      if (index < helpers_.load(std::memory_order_relaxed)) take(seen);
     }
   }
 
   std::mutex run_mutex_, sleep_mutex_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> helpers_{0}, remaining_{0};
-  const std::function<void()>* job_ = nullptr;
+  std::atomic<uint64_t> generation_{0}, ticket_{0};
+  std::atomic<int64_t> done_{0}, helpers_{0};
+  const std::function<void(int64_t)>* task_ = nullptr;
   size_t workers_ = 0;
   int sleeping_ = 0;
   std::chrono::steady_clock::duration spin_;
@@ -315,13 +342,11 @@ void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out
   const int64_t threads = at::get_num_threads();
   // Tasks of about task_bytes, but at least four per thread so the last ones even out.
   const int64_t per_task = std::max<int64_t>(
-      1, std::min(task_bytes / unit_bytes, (total + 4 * threads - 1) / (4 * threads)));
+      {int64_t(1), std::min(task_bytes / unit_bytes, (total + 4 * threads - 1) / (4 * threads)),
+       (total + SpinPool::kMaxTasks - 1) / SpinPool::kMaxTasks});
   const int64_t tasks = (total + per_task - 1) / per_task;
-  std::atomic<int64_t> next{0};
-  SpinPool::get().run(std::min(threads, tasks), [&] {
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;)
-      plan.run(job, t * per_task, std::min(total, (t + 1) * per_task));
-  });
+  SpinPool::get().run(threads, tasks,
+                      [&](int64_t t) { plan.run(job, t * per_task, std::min(total, (t + 1) * per_task)); });
 }
 
 int isa_code(const std::string& isa) {
