@@ -158,7 +158,8 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                                             sorted(cpu_calls)[int(0.9 * (len(cpu_calls) - 1))], max(cpu_calls))]
             if cpu_calls else None,
             "wall_ms_mean_p90": [1e3 * statistics.fmean(walls), 1e3 * sorted(walls)[int(0.9 * (len(walls) - 1))]],
-            "cpu_threads": torch.get_num_threads(), "cpu_demand_share": config.cpu_demand_share,
+            "cpu_threads": moe.cpu.threads if moe.cpu is not None else torch.get_num_threads(),
+            "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "native_layers": bool(graphs.run_ahead and any(graphs._natives.values())),
             "host_read_auto": config.host_read_share is None,

@@ -108,7 +108,7 @@ def host_limits(parts, experts_per_call: int = 8, repeats: int = 30) -> dict:
         host_reads = host_reads_alone_and_with_cpu(parts, runtime_call, nbytes)
     cpu.close()
     expert_copy = expert_copy_bandwidth(parts) if parts.device.type == "cuda" else None
-    return {"threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
+    return {"threads": cpu.threads, "torch_threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.backend(),
             "cpu_prefetch": os.environ.get(cpu_kernels.PREFETCH_ENV) or "cache",
             "expert_copy_bytes_per_s": expert_copy, "together": together, "gpu_reads_host": host_reads,
             "cpu_expert_bytes_per_s": nbytes / kernel, "torch_expert_bytes_per_s": nbytes / stock,
@@ -515,10 +515,11 @@ def write_results(out: dict, path: Path) -> None:
         h = out["host_limits"]
         copies = (f"; host-to-device copies of 8 experts, one copy each as the runtime issues them: "
                   f"{h['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s" if h.get("expert_copy_bytes_per_s") else "")
+        torch_threads = f" ({h['torch_threads']} threads)" if h.get("torch_threads", h["threads"]) != h["threads"] else ""
         md += [f"Host limits, measured on model A's store with {h['threads']} threads: CPU experts "
                f"{h['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s with the runtime's kernels ({h['cpu_kernels']}"
                f"{', non-temporal prefetch' if h.get('cpu_prefetch') == 'nta' else ''}), "
-               f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch; memory read "
+               f"{h['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s with stock torch{torch_threads}; memory read "
                f"{h['memory_read_bytes_per_s'] / 1e9:.1f} GB/s{copies}.\n"]
         if h.get("together"):
             t = h["together"]

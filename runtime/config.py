@@ -34,7 +34,7 @@ class RuntimeConfig:
     eviction: str = "lru"                 # lru | lfu
     lookahead: int | None = None          # layers ahead; None: the estimator's own (1 without one)
     max_context: int = 4096               # KV cache length (prompt + new tokens)
-    cpu_threads: int = 0                  # torch threads for CPU experts (0: torch's default)
+    cpu_threads: int = 0                  # threads for CPU experts (0: the cores but one; torch's own count kept)
     track_hits: bool = True               # count prediction hits (also in speculate, one router per layer)
     oracle_hit_rate: float = 1.0          # oracle predictor thinned to this recall (benchmarks)
     cuda_graphs: bool = True              # replay decode steps from CUDA graphs (CUDA only)
@@ -86,7 +86,7 @@ class RuntimeConfig:
         if self.prefetch_window < 0:
             raise SpecmoeError(f"prefetch_window must be 0 (no window) or positive (got {self.prefetch_window})")
         if self.cpu_threads < 0:
-            raise SpecmoeError("cpu_threads must be 0 (torch's default) or positive")
+            raise SpecmoeError("cpu_threads must be 0 (the cores but one) or positive")
         return self
 
     def resolved_prefetch(self) -> str:

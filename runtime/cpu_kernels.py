@@ -294,9 +294,10 @@ def _glu_code(family, experts) -> tuple[int, float, float] | None:
     return _GLU_CODES[glu.kind], glu.alpha, glu.limit
 
 
-def _fused_static(family, experts, store, layer: int) -> tuple | None:
-    """The arguments that say where one layer's experts are and what they are, as the
-    extension's fused calls take them after their per-call ones; None where they do not apply."""
+def _fused_static(family, experts, store, layer: int, threads: int = 0) -> tuple | None:
+    """The arguments that say where one layer's experts are and what they are (and how many
+    threads compute them: 0, torch's count), as the extension's fused calls take them after
+    their per-call ones; None where they do not apply."""
     isa = backend()
     if isa == "torch":
         return None
@@ -307,14 +308,16 @@ def _fused_static(family, experts, store, layer: int) -> tuple | None:
     layout = store.layout
     base = store.blocks.data_ptr() + store.row(layer, 0) * layout.block_bytes
     return (base, layout.block_bytes, fused.gate_up, fused.down, fused.hidden, fused.inter, fused.dtype_code,
-            bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias, fused.down_bias, isa)
+            bool(family.weights_in_out), store.num_experts, *glu, fused.gate_up_bias, fused.down_bias, isa,
+            256 << 10, int(threads))
 
 
-def prepare_sum(family, experts, store, layer: int):
+def prepare_sum(family, experts, store, layer: int, threads: int = 0):
     """`expert_sum` for one layer of one store, with all but the token fixed: a function
     (x, expert_ids, weights, out=None) -> out, or None where the native call does not apply.
-    A decode step calls it once per layer; what it fixes is not looked up again each time."""
-    static = _fused_static(family, experts, store, layer)
+    A decode step calls it once per layer; what it fixes is not looked up again each time.
+    threads: how many compute (0: torch's count)."""
+    static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
     hidden = static[4]
@@ -350,7 +353,7 @@ def _host_buffer(name: str, t: torch.Tensor, dtypes: tuple, numel: int) -> None:
 
 def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, x: torch.Tensor, present: torch.Tensor, reads: torch.Tensor | None,
-                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0):
+                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0, threads: int = 0):
     """The CPU's part of one exact decode layer as one native call on fixed host buffers (see
     `table_layer_sum` in csrc/expert_gemv.cpp): a function (expect, gate_value) -> stats that
     waits until `ready` holds `expect` (the layer's `ids` [k], `weights` [k] and input `x` [H]
@@ -358,8 +361,8 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
     among the first `reads`[m] of the m missed into `out` [H], then writes gate_value to
     `gate`; stats: (present, read by the GPU, computed here, seconds waited, seconds
     computed). None where the native call does not apply. The buffers must outlive the
-    function: it keeps their addresses."""
-    static = _fused_static(family, experts, store, layer)
+    function: it keeps their addresses. threads: how many compute (0: torch's count)."""
+    static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
     hidden, num_experts = static[4], store.num_experts

@@ -325,8 +325,9 @@ std::vector<float>& scratch(int which) {
 
 // x: n rows x_stride apart (0: one row for every matrix).
 template <class T>
+// threads: how many threads compute (0: torch's intra-op count).
 void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out, int64_t n, int64_t in,
-               int64_t outd, bool in_out, int isa, int64_t task_bytes) {
+               int64_t outd, bool in_out, int isa, int64_t task_bytes, int64_t threads = 0) {
   const Plan plan = plan_for<T>(isa, in_out);
   if (plan.arrange) {
     const int64_t rows = x_stride ? n : 1;
@@ -339,7 +340,7 @@ void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out
   const Job job{ptrs, x, out, in, outd, (outd + plan.span - 1) / plan.span, x_stride};
   const int64_t total = n * job.units;
   const int64_t unit_bytes = plan.span * in * int64_t(sizeof(T));
-  const int64_t threads = at::get_num_threads();
+  if (threads < 1) threads = at::get_num_threads();
   // Tasks of about task_bytes, but at least four per thread so the last ones even out.
   const int64_t per_task = std::max<int64_t>(
       {int64_t(1), std::min(task_bytes / unit_bytes, (total + 4 * threads - 1) / (4 * threads)),
@@ -430,7 +431,7 @@ struct ExpertForm {
 template <class T>
 void glu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const std::vector<float>& weights,
              uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
-             const ExpertForm& form, bool in_out, int isa, int64_t task_bytes) {
+             const ExpertForm& form, bool in_out, int isa, int64_t task_bytes, int64_t threads) {
   const int64_t n = int64_t(ids.size());
   std::vector<int64_t> blocks(static_cast<size_t>(n));
   std::vector<int64_t> ptrs(static_cast<size_t>(n));
@@ -444,14 +445,14 @@ void glu_sum(const float* x, float* out, const std::vector<int64_t>& ids, const 
     blocks[size_t(i)] = int64_t(base) + ids[size_t(i)] * stride;
     ptrs[size_t(i)] = blocks[size_t(i)] + gate_up;
   }
-  run_batch<T>(ptrs.data(), x, 0, g.data(), n, hidden, 2 * inter, in_out, isa, task_bytes);
+  run_batch<T>(ptrs.data(), x, 0, g.data(), n, hidden, 2 * inter, in_out, isa, task_bytes, threads);
   if (form.gate_up_bias >= 0) add_bias_rows<T>(g.data(), blocks, form.gate_up_bias, 2 * inter);
   if (form.glu == kGptOss)
     gpt_oss_glu_rows(isa, g.data(), a.data(), n, inter, form.alpha, form.limit);
   else
     swiglu_rows(isa, g.data(), a.data(), n, inter);
   for (int64_t i = 0; i < n; ++i) ptrs[size_t(i)] += down - gate_up;
-  run_batch<T>(ptrs.data(), a.data(), inter, y.data(), n, inter, hidden, in_out, isa, task_bytes);
+  run_batch<T>(ptrs.data(), a.data(), inter, y.data(), n, inter, hidden, in_out, isa, task_bytes, threads);
   if (form.down_bias >= 0) add_bias_rows<T>(y.data(), blocks, form.down_bias, hidden);
   weighted_rows(isa, y.data(), weights.data(), n, hidden, out);
 }
@@ -472,6 +473,7 @@ struct LayerExperts {
   ExpertForm form;
   int isa;
   int64_t task_bytes;
+  int64_t threads;  // 0: torch's intra-op count
 
   void check(const char* who) const {
     const std::string name(who);
@@ -508,7 +510,8 @@ struct LayerExperts {
     }
     const auto run = [&](auto weight) {
       using T = decltype(weight);
-      glu_sum<T>(x, out, ids, weights, base, stride, gate_up, down, hidden, inter, form, in_out, isa, task_bytes);
+      glu_sum<T>(x, out, ids, weights, base, stride, gate_up, down, hidden, inter, form, in_out, isa, task_bytes,
+                 threads);
     };
     if (dtype == 0) run(float());
     if (dtype == 1) run(c10::Half());
@@ -530,9 +533,9 @@ const float* widened(uintptr_t x, int x_dtype, int64_t hidden) {
 LayerExperts layer_experts(uintptr_t base, int64_t stride, int64_t gate_up, int64_t down, int64_t hidden, int64_t inter,
                            int dtype, bool weights_in_out, int64_t num_experts, int glu, float alpha, float limit,
                            int64_t gate_up_bias, int64_t down_bias, const std::string& isa, int64_t task_bytes,
-                           const char* who) {
+                           int64_t threads, const char* who) {
   const LayerExperts layer{base,          stride, gate_up, down, hidden, inter, dtype, weights_in_out, num_experts,
-                           ExpertForm{glu, alpha, limit, gate_up_bias, down_bias}, isa_code(isa), task_bytes};
+                           ExpertForm{glu, alpha, limit, gate_up_bias, down_bias}, isa_code(isa), task_bytes, threads};
   layer.check(who);
   return layer;
 }
@@ -546,10 +549,10 @@ void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<i
                     const std::vector<float>& weights, uintptr_t base, int64_t stride, int64_t gate_up,
                     int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
                     int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
-                    int64_t down_bias, const std::string& isa, int64_t task_bytes) {
+                    int64_t down_bias, const std::string& isa, int64_t task_bytes, int64_t threads) {
   const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
                                            num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
-                                           "expert_glu_sum");
+                                           threads, "expert_glu_sum");
   if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("expert_glu_sum: bad sizes or dtype code");
   if (ids.size() != weights.size())
     throw std::invalid_argument("expert_glu_sum: " + std::to_string(ids.size()) + " expert ids but " +
@@ -584,10 +587,10 @@ void table_layer_sum(uintptr_t ready, int64_t expect, double timeout_s, uintptr_
                      uintptr_t gate, int32_t gate_value, uintptr_t stats, uintptr_t base, int64_t stride,
                      int64_t gate_up, int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
                      int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
-                     int64_t down_bias, const std::string& isa, int64_t task_bytes) {
+                     int64_t down_bias, const std::string& isa, int64_t task_bytes, int64_t threads) {
   const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
                                            num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
-                                           "table_layer_sum");
+                                           threads, "table_layer_sum");
   if (k < 1) throw std::invalid_argument("table_layer_sum: k must be at least 1");
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
@@ -652,7 +655,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dtype"), py::arg("weights_in_out"), py::arg("num_experts"), py::arg("glu") = 0,
         py::arg("alpha") = 1.f, py::arg("limit") = std::numeric_limits<float>::infinity(),
         py::arg("gate_up_bias_offset") = -1, py::arg("down_bias_offset") = -1, py::arg("isa") = "auto",
-        py::arg("task_bytes") = 256 << 10,
+        py::arg("task_bytes") = 256 << 10, py::arg("threads") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("table_layer_sum", &table_layer_sum,
         "waits for a layer's routing in pinned memory, sums the experts the GPU did not, opens the gate",
@@ -663,6 +666,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_experts"), py::arg("glu") = 0, py::arg("alpha") = 1.f,
         py::arg("limit") = std::numeric_limits<float>::infinity(), py::arg("gate_up_bias_offset") = -1,
         py::arg("down_bias_offset") = -1, py::arg("isa") = "auto", py::arg("task_bytes") = 256 << 10,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }
