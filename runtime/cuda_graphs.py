@@ -40,7 +40,7 @@ import torch
 from .compiled_pieces import Pieces
 from .kv_cache import attention_masks
 from .predict import EstimatorPredictor
-from .streams import HostGate
+from .streams import HostGate, QueuedGate
 
 
 def _static_like(obj):
@@ -58,16 +58,20 @@ def _copy_into(dst, src) -> None:
 
 
 class _Eager:
-    """A piece called at each replay (a CUDA graph's stand-in off CUDA)."""
+    """A piece called at each replay (a CUDA graph's stand-in off CUDA); behind a QueuedGate
+    when a run-ahead step is emulated."""
 
-    def __init__(self, fn):
-        self.replay = fn
+    def __init__(self, fn, gate=None):
+        self.replay = fn if gate is None else (lambda: gate.submit(fn))
 
 
 class DecodeGraphs:
     # Run-ahead CPU parts by the native call where it applies (False: the Python path, for
     # comparisons).
     native_layers = True
+    # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
+    # no faster there, but the CPU test suite then covers the run-ahead step's host path.
+    emulate_gate = False
 
     def __init__(self, engine):
         self.engine = e = engine
@@ -104,9 +108,9 @@ class DecodeGraphs:
         self._host_part_dev = torch.zeros((1, H), dtype=torch.float32, device=dev)
         self._host_np = self.host_part.numpy()
         self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
-        self.gate = HostGate(moe.streams) if dev.type == "cuda" else None
         # Off CUDA a piece runs when it is "queued": running ahead would compute the next layer
-        # before this one's CPU part is added.
+        # before this one's CPU part is added, unless the pieces wait behind an emulated gate.
+        self.gate = HostGate(moe.streams) if dev.type == "cuda" else (QueuedGate() if self.emulate_gate else None)
         self.run_ahead = bool(e.run_ahead and self.gate is not None and self.gate.available
                               and moe.runs_ahead())
         self.staged: dict[int, tuple] = {}   # layer -> pinned (ids, s, w, count) its pre graph reads into
@@ -192,7 +196,7 @@ class DecodeGraphs:
         host of a run-ahead step reads them once the graph is done."""
         if l not in self.staged:
             self._w32[l] = torch.empty(self.w[l].shape, dtype=torch.float32, device=self.w[l].device)
-            self.staged[l] = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.staged[l] = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.moe.streams.cuda)
                                    for t in (self.ids[l], self.s.reshape(1, -1), self._w32[l], self.step_count))
         self._w32[l].copy_(self.w[l])
         # The count last: copies on one stream land in order.
@@ -317,8 +321,10 @@ class DecodeGraphs:
         static buffers, which lets the CPU test suite run the graphed decode path."""
         for _, _, fn in self._pieces():
             fn()
-        self._graphs = [(kind, l, _Eager(fn)) for kind, l, fn in self._pieces()]
-        self._plain_posts = {l: _Eager(lambda l=l: self._post(l, reads=False)) for l in self._reading_layers()}
+        gate = self.gate if self.run_ahead else None
+        self._graphs = [(kind, l, _Eager(fn, gate)) for kind, l, fn in self._pieces()]
+        self._plain_posts = {l: _Eager(lambda l=l: self._post(l, reads=False), gate) for l in self._reading_layers()}
+        self._count = int(self.step_count.item())
         if self._moe_table_layers():
             self.fix_w = torch.zeros_like(self.w[self.moe.spec.moe_layers[0]])
             self._fix_graph = _Eager(self._fix)
@@ -392,6 +398,12 @@ class DecodeGraphs:
                 return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
 
+    def _copy_behind_gate(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if isinstance(self.gate, QueuedGate):
+            self.gate.submit(lambda: dst.copy_(src))
+        else:
+            self.moe.streams.copy_on_compute(dst, src)
+
     def _native(self, layer: int):
         """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
         if not self.native_layers:
@@ -417,7 +429,7 @@ class DecodeGraphs:
             seq = gate.close() if gated else None
             try:
                 if gated:
-                    moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
+                    self._copy_behind_gate(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
                 native = self._native(layer) if gated else None
                 if native is not None:
@@ -433,12 +445,9 @@ class DecodeGraphs:
                 if gated:
                     gate.open(seq)   # on an error too: a closed gate would hold the stream forever
             layer, released = after, after_released
-        end = moe.streams.record_on_compute()   # after every experts graph of the step
+        end = moe.streams.host_event()   # after every experts graph of the step
         for layer, stats in later:
             if stats is not None:
                 moe.count_run_ahead(layer, self, end, stats)
-                continue
-            self._part_written = False
-            moe.after_graphed_compute(layer, self, released=end)
-            if self._part_written:
-                raise RuntimeError(f"layer {layer} had every expert on the GPU but the CPU computed a part")
+            else:
+                moe.count_resident(layer, self, end, self._count)

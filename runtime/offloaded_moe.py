@@ -680,6 +680,25 @@ class OffloadedMoE:
                     touch((layer, e))
         self._inflight.pop(layer, None)
 
+    def count_resident(self, layer: int, g, released, expect: int, timeout_s: float = 30.0) -> None:
+        """A run-ahead layer whose experts were all on the GPU: once its routing has landed in
+        pinned memory (the step's count `expect` with it), count its uses as hits and touch
+        them. The host waits for this layer only, while the GPU runs the ones after it."""
+        self._pending.pop(layer, None)
+        self._layer_released[layer] = released
+        ids, _, _, count = g.staged[layer]
+        landed = self._as_numpy(count)
+        deadline = None
+        while int(landed[0]) != expect:
+            now = time.perf_counter()
+            deadline = deadline or now + timeout_s
+            if now > deadline:
+                raise RuntimeError(f"layer {layer}'s routing did not reach host memory within {timeout_s} s")
+        missed = self._table_misses(layer, self._as_numpy(ids)[0].tolist(), self._installed[layer])
+        if missed:
+            raise RuntimeError(f"layer {layer} had every expert on the GPU but missed {len(missed)}")
+        self._inflight.pop(layer, None)
+
     # ---------------------------------------------------------------- pieces
 
     def _route(self, layer: int, s: torch.Tensor):

@@ -157,6 +157,53 @@ class HostGate:
         self._flag_np[0] = seq
 
 
+class QueuedGate:
+    """HostGate's stand-in off CUDA, where a "replayed" piece runs when it is queued: work
+    submitted while a gate is closed waits in a queue, in order, and runs once the flag
+    reaches that gate's number (written by `open`, or by a native caller, then `drain`).
+    With it the CPU test suite runs a run-ahead decode step's host path: the same order of
+    pieces, copies and CPU parts a CUDA stream would see."""
+
+    available = True
+
+    def __init__(self):
+        self._seq = 0
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._queue: list = []   # ("gate", n) or a callable, in submission order
+
+    @property
+    def flag(self) -> torch.Tensor:
+        return self._flag
+
+    def close(self) -> int:
+        self._seq += 1
+        self._queue.append(("gate", self._seq))
+        return self._seq
+
+    def submit(self, fn) -> None:
+        """Run `fn` now, or after the gates closed before it have opened."""
+        if self._queue:
+            self._queue.append(fn)
+        else:
+            fn()
+
+    def open(self, seq: int) -> None:
+        self._flag[0] = max(int(self._flag[0]), seq)
+        self.drain()
+
+    def drain(self) -> None:
+        """Run what waits behind gates the flag has opened, up to the first still closed."""
+        while self._queue:
+            head = self._queue[0]
+            if isinstance(head, tuple):
+                if head[1] > int(self._flag[0]):
+                    return
+                self._queue.pop(0)
+                continue
+            self._queue.pop(0)
+            head()
+
+
 _DEFAULT = 4   # cudaMemcpyDefault: the direction follows from the addresses (unified addressing)
 
 

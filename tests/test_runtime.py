@@ -80,6 +80,47 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("budget,reads", [("0", 0.0), ("0", 0.3), ("60%", 0.0), ("100%", 0.0)])
+def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, monkeypatch):
+    """A run-ahead `cpu` step's host path, with the pieces waiting behind an emulated gate as
+    they would in a CUDA stream: the next layer queued before this layer's CPU part, the CPU
+    part by the native call (or the Python path) that waits for the staged routing and opens
+    the gate, resident layers counted once the step is queued. The stock forward's logits,
+    and every use, hit and CPU expert counted as the layer-by-layer loop counts them."""
+    from runtime.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
+    ref = tiny_model(family)
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
+    expected = stock_logits(ref, ids)
+    got, counted = {}, {}
+    for ahead, native in ((True, True), (True, False), (False, False)):
+        monkeypatch.setattr(DecodeGraphs, "native_layers", native)
+        engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
+                                                            run_ahead=ahead, host_read_share=reads))
+        engine.use_graphs = True
+        got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        graphs = engine.decode_graphs
+        assert graphs.run_ahead == ahead
+        if ahead and budget != "100%":
+            assert any(graphs._natives.values()) == (native and cpu_kernels_native())
+        tel = engine.telemetry
+        counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts, tel.host_read_experts)
+        engine.close()
+        assert (tel.cpu_experts > 0) == (budget != "100%")
+        assert (tel.host_read_experts > 0) == (reads > 0)
+    assert counted[True, True] == counted[True, False] == counted[False, False]
+    for key, logits in got.items():
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=str(key))
+
+
+def cpu_kernels_native() -> bool:
+    from runtime import cpu_kernels
+
+    return cpu_kernels.available()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 @pytest.mark.parametrize("prefetch,on_miss", [("none", "cpu"), ("current", "cpu"), ("none", "fetch")])
 def test_host_reads_take_a_share_of_misses_and_stay_exact(family, prefetch, on_miss):
     """Graphed decode with 0.3 of each layer's misses computed by the experts graph straight
