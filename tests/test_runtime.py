@@ -642,3 +642,25 @@ def test_compile_modes_that_capture_graphs_themselves_are_refused():
     RuntimeConfig(compile_mode="max-autotune-no-cudagraphs").validate()
     with pytest.raises(SpecmoeError, match="compile_mode"):
         RuntimeConfig(compile_mode="reduce-overhead").validate()
+
+
+def test_queued_gate_runs_work_in_order_once_its_gates_open():
+    """The CPU stand-in for the GPU's gate: work submitted behind a closed gate waits, in
+    order, and runs once the flag reaches that gate, whether `open` or a native caller
+    (writing the flag, then `drain`) raised it; work with nothing closed before it runs now."""
+    from runtime.streams import QueuedGate
+
+    gate, ran = QueuedGate(), []
+    gate.submit(lambda: ran.append("a"))
+    first = gate.close()
+    gate.submit(lambda: ran.append("b"))
+    second = gate.close()
+    gate.submit(lambda: ran.append("c"))
+    assert ran == ["a"]
+    gate.flag[0] = first   # as the native call writes it
+    gate.drain()
+    assert ran == ["a", "b"]
+    gate.open(second)
+    assert ran == ["a", "b", "c"]
+    gate.submit(lambda: ran.append("d"))
+    assert ran[-1] == "d"
