@@ -21,7 +21,9 @@ pinned memory themselves, then computes this layer's missed experts on the CPU a
 gate. The CPU's part is one native call (cpu_kernels.bind_table_layer) that spins until the
 count lands, computes and opens the gate: from the GPU's routing to the GPU's next layer no
 launch, no copy issued and no Python. Layers with every expert on the GPU are not waited
-for at all; their hits are counted at the end of the step.
+for between layers; once the rest of the step is queued, the host counts their hits as each
+one's routing lands. Off CUDA the same step runs with its pieces behind an emulated gate
+(streams.QueuedGate) when a test asks for it.
 
 Dense layers are one graph each. The step's graphs share one memory pool and are
 replayed in the order they were captured; the fix-up graph, replayed between them, has
