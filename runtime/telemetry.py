@@ -192,6 +192,7 @@ def format_summary(s: dict) -> str:
         ("GPU waiting for copies", num(s["gpu_copy_wait_seconds"], ".3f") + " s"),
         ("CPU experts per decoded token", num(s["cpu_experts_per_token"], ".2f")),
         ("CPU expert time", num(s["cpu_expert_seconds"], ".3f") + " s"),
+        ("CPU waiting for routing", num(s.get("routing_wait_seconds"), ".3f") + " s"),
         ("experts read from host memory by the GPU per token", num(s["host_read_experts_per_token"], ".2f")),
         ("peak GPU memory", num(s["peak_gpu_bytes"] / 2**30 if s["peak_gpu_bytes"] else None, ".2f") + " GiB"),
         ("peak host memory", num(s["peak_host_bytes"] / 2**30, ".2f") + " GiB"),
