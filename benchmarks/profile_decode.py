@@ -58,9 +58,9 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
                  native_layers: bool = True) -> dict:
-    DecodeGraphs.native_layers = native_layers
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
+    native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
     try:
         moe = engine.moe
         host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": [], "run_ahead_layer": []}
@@ -161,7 +161,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_threads": moe.cpu.threads if moe.cpu is not None else torch.get_num_threads(),
             "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
-            "native_layers": bool(graphs.run_ahead and any(graphs._natives.values())),
+            "native_layers": bool(graphs.run_ahead and graphs.native_layer_count),
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
@@ -169,6 +169,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
         }
     finally:
+        DecodeGraphs.native_layers = native_default
         engine.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

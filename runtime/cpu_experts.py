@@ -48,8 +48,8 @@ class CpuExperts:
     def compute(self, experts_module, layer: int, x: torch.Tensor, work: list[tuple[int, int, float]],
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """The same as `submit`, on the calling thread. A decode step whose only other work
-        is already queued on the GPU calls this: no hop to the worker, and one OpenMP team
-        (two teams on the same cores slow each other down). `out` (float32 [1, H]): where one
+        is already queued on the GPU calls this: no hop to the worker thread. `out` (float32
+        [1, H]): where one
         token's sum is written when the native call computes it (the result is returned either
         way)."""
         start = time.perf_counter()

@@ -3,7 +3,8 @@
 At batch 1 an expert is two matrix-vector products, bound by how fast the cores read
 its weights from DRAM. Stock torch runs one product at a time, each over a handful of
 cores; the C++ kernels in csrc/expert_gemv.cpp run every product of a call in one
-parallel region (torch's thread pool, so `torch.set_num_threads` holds) and widen the
+parallel region (on the extension's own spinning thread pool, with the threads a call asks
+for, torch's count by default) and widen the
 bf16 / fp16 weights to fp32 exactly, accumulating in fp32: results match a float64
 reference up to the order of the fp32 sums.
 
@@ -65,9 +66,6 @@ def _build(verbose: bool):
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
     flags = ["-O3", f"-DSPECMOE_PREFETCH_LOCALITY={_prefetch_locality()}"]
-    # at::parallel_for is an OpenMP region in the headers: without -fopenmp it would run serially.
-    if "OpenMP" in torch.__config__.parallel_info():
-        flags.append("-fopenmp")
     digest = hashlib.sha256(f"{torch.__version__} {flags}".encode())
     for name in _SOURCES:
         digest.update((_CSRC / name).read_bytes())
@@ -75,7 +73,7 @@ def _build(verbose: bool):
     build = cache / "torch_extensions" / f"expert_gemv-{digest.hexdigest()[:16]}"
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="specmoe_expert_gemv", sources=[str(_CSRC / "expert_gemv.cpp")],
-                              extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                              extra_cflags=flags,
                               build_directory=str(build),
                               verbose=verbose)
 
@@ -320,7 +318,7 @@ def prepare_sum(family, experts, store, layer: int, threads: int = 0):
     static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
-    hidden = static[4]
+    hidden = _fused_layout(store.layout, bool(family.weights_in_out)).hidden
     native = load().expert_glu_sum
 
     def call(x: torch.Tensor, expert_ids: Sequence[int], weights: Sequence[float],
@@ -365,7 +363,7 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
     static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
-    hidden, num_experts = static[4], store.num_experts
+    hidden, num_experts = _fused_layout(store.layout, bool(family.weights_in_out)).hidden, store.num_experts
     k = ids.numel() if isinstance(ids, torch.Tensor) else 0
     _host_buffer("ready", ready, (torch.int64,), 1)
     _host_buffer("ids", ids, (torch.int64,), k)

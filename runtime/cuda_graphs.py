@@ -400,6 +400,11 @@ class DecodeGraphs:
                 return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
 
+    @property
+    def native_layer_count(self) -> int:
+        """How many layers' CPU parts run as the native call (bound so far)."""
+        return sum(call is not None for call in self._natives.values())
+
     def _copy_behind_gate(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if isinstance(self.gate, QueuedGate):
             self.gate.submit(lambda: dst.copy_(src))

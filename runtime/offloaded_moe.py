@@ -616,7 +616,7 @@ class OffloadedMoE:
         if pending is not None and pending[0] == "table":
             self._layer_released[layer] = released
             _, present, host, ev, target, pred, k, cpu_inputs, count_on_host = pending
-            self._wait_pumping(released if ev is None else ev)
+            self._wait_pumping(ev)
             row = self._as_numpy(host)[0].tolist()
             if count_on_host is not None:
                 self.telemetry.count_hits_host(layer, [int(e) for e in count_on_host], [int(e) for e in row[:k]])
