@@ -63,7 +63,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
     try:
         moe = engine.moe
-        host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": [], "run_ahead_layer": []}
+        host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
         # finer: where the host's time per layer goes inside those two
         parts_timed = ("_prepare_layer", "_flush_table_ops", "_wait_pumping", "_graphed_misses", "_prefetch",
                        "_copy_many", "_read_all", "_copy_share_now", "_table_misses")
@@ -84,8 +84,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                     _timed(moe, name, bucket)
                 if moe.cpu is not None:
                     _timed(moe.cpu, "compute", cpu_calls)
-                host["add_host"] = []
-                _timed(engine.decode_graphs, "add_host", host["add_host"])
+                for name in ("add_host", "_drive"):   # _drive: the host waiting for a queued step's CPU parts
+                    host[name] = []
+                    _timed(engine.decode_graphs, name, host[name])
                 engine.telemetry.reset_counters()
             t0 = time.perf_counter()
             if i >= len(tokens) - 8 and host_profile is not None:
@@ -256,7 +257,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
-        after = h["after_graphed_compute"] + h["run_ahead_layer"]
+        after = h["after_graphed_compute"] + h.get("_drive", 0.0)
         lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', native CPU part' if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "

@@ -35,8 +35,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["available", "backend", "bind_table_layer", "covers", "expert_outputs", "expert_sum", "gemv_batch",
-           "load", "prepare_sum", "torch_expert_outputs"]
+__all__ = ["LayerQueue", "TableLayer", "available", "backend", "bind_table_layer", "covers", "expert_outputs",
+           "expert_sum", "gemv_batch", "load", "prepare_sum", "torch_expert_outputs"]
 
 ENV = "SPECMOE_CPU_KERNELS"
 _CSRC = Path(__file__).with_name("csrc")
@@ -351,15 +351,15 @@ def _host_buffer(name: str, t: torch.Tensor, dtypes: tuple, numel: int) -> None:
 
 def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, x: torch.Tensor, present: torch.Tensor, reads: torch.Tensor | None,
-                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0, threads: int = 0):
-    """The CPU's part of one exact decode layer as one native call on fixed host buffers (see
-    `table_layer_sum` in csrc/expert_gemv.cpp): a function (expect, gate_value) -> stats that
-    waits until `ready` holds `expect` (the layer's `ids` [k], `weights` [k] and input `x` [H]
-    have landed), sums the experts that are neither marked in `present` [num_experts] nor
-    among the first `reads`[m] of the m missed into `out` [H], then writes gate_value to
-    `gate`; stats: (present, read by the GPU, computed here, seconds waited, seconds
-    computed). None where the native call does not apply. The buffers must outlive the
-    function: it keeps their addresses. threads: how many compute (0: torch's count)."""
+                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0,
+                     threads: int = 0) -> "TableLayer | None":
+    """The CPU's part of one exact decode layer as one native call on fixed host buffers
+    (`TableLayer` in csrc/expert_gemv.cpp): it waits until `ready` holds the step's count (the
+    layer's `ids` [k], `weights` [k] and input `x` [H] have landed), sums the experts that are
+    neither marked in `present` [num_experts] nor among the first `reads`[m] of the m missed
+    into `out` [H], then writes the gate's value to `gate`. None where the native call does
+    not apply. The buffers must outlive the result: it keeps their addresses. threads: how
+    many compute (0: torch's count)."""
     static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
@@ -375,20 +375,51 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
     _host_buffer("out", out, (torch.float32,), hidden)
     _host_buffer("gate", gate, (torch.int32,), 1)
     stats = torch.zeros(5, dtype=torch.int64)
-    native = load().table_layer_sum
-    head = (ready.data_ptr(),)
-    body = (float(timeout_s), ids.data_ptr(), weights.data_ptr(), k, x.data_ptr(), _DTYPE_CODES[x.dtype],
-            present.data_ptr(), 0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr())
-    tail = (stats.data_ptr(), *static)
-    view = stats.numpy()
-    keep = (ready, ids, weights, x, present, reads, out, gate, stats)
+    native = load().table_layer(ready.data_ptr(), float(timeout_s), ids.data_ptr(), weights.data_ptr(), k,
+                                x.data_ptr(), _DTYPE_CODES[x.dtype], present.data_ptr(),
+                                0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr(),
+                                stats.data_ptr(), *static)
+    return TableLayer(native, stats, (ready, ids, weights, x, present, reads, out, gate))
 
-    def call(expect: int, gate_value: int) -> tuple[int, int, int, float, float]:
-        native(*head, expect, *body, gate_value, *tail)
-        keep  # noqa: B018 - the buffers live as long as this function
-        return int(view[0]), int(view[1]), int(view[2]), view[3] * 1e-9, view[4] * 1e-9
 
-    return call
+class TableLayer:
+    """One layer's bound CPU part (bind_table_layer): called on this thread, or submitted to
+    a LayerQueue; `stats()` reads what its last run did."""
+
+    def __init__(self, native, stats: torch.Tensor, buffers: tuple):
+        self.native = native
+        self._stats = stats
+        self._view = stats.numpy()
+        self._buffers = buffers   # the addresses the native side keeps must stay valid
+
+    def __call__(self, expect: int, gate_value: int) -> tuple[int, int, int, float, float]:
+        """Run it now; returns its stats."""
+        self.native.run(expect, gate_value)
+        return self.stats()
+
+    def stats(self) -> tuple[int, int, int, float, float]:
+        """(ids present on the GPU, ids the GPU read, experts computed here, seconds waited for
+        the routing, seconds computed) of the last run."""
+        v = self._view
+        return int(v[0]), int(v[1]), int(v[2]), v[3] * 1e-9, v[4] * 1e-9
+
+
+class LayerQueue:
+    """A thread of the extension's that runs submitted TableLayers in order (the CPU parts of
+    one decode step) while the caller goes on; `wait()` returns once they have run and raises
+    the first failure. A failed part and those behind it still open their gates."""
+
+    def __init__(self):
+        self._native = load().LayerQueue()
+
+    def submit(self, layer: TableLayer, expect: int, gate_value: int) -> None:
+        self._native.submit(layer.native, expect, gate_value)
+
+    def wait(self) -> None:
+        self._native.wait()
+
+    def idle(self) -> bool:
+        return self._native.idle()
 
 
 def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], weights: Sequence[float],

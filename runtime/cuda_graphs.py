@@ -15,15 +15,17 @@ decide something, and every piece in between is captured once and replayed:
     epilogue        final norm, LM head
 
 With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
-copies), the host runs a layer ahead: behind a gate on the compute stream (streams.HostGate)
-it queues the next layer's graphs, which copy their routing, input and the step's count into
-pinned memory themselves, then computes this layer's missed experts on the CPU and opens the
-gate. The CPU's part is one native call (cpu_kernels.bind_table_layer) that spins until the
-count lands, computes and opens the gate: from the GPU's routing to the GPU's next layer no
-launch, no copy issued and no Python. Layers with every expert on the GPU are not waited
-for between layers; once the rest of the step is queued, the host counts their hits as each
-one's routing lands. Off CUDA the same step runs with its pieces behind an emulated gate
-(streams.QueuedGate) when a test asks for it.
+copies), the host runs ahead: each layer's graphs copy their routing, input and the step's
+count into pinned memory themselves, and the graphs after a layer with a CPU part wait
+behind a gate on the compute stream (streams.HostGate). Where every MoE layer has native
+kernels the whole step is queued at once: each layer's CPU part (cpu_kernels.TableLayer)
+goes to a thread of the extension's (cpu_kernels.LayerQueue) that spins until the layer's
+count lands, computes and opens the gate, so from the GPU's routing to the GPU's next layer
+there is no launch, no copy issued, no Python, and the host's own queuing is off that path.
+Elsewhere the Python path queues one layer ahead and computes the part itself. Layers with
+every expert on the GPU are not waited for; the host counts their hits once the step has
+run. Off CUDA the same step runs with its pieces behind an emulated gate
+(streams.QueuedGate), this thread playing the stream, when a test asks for it.
 
 Dense layers are one graph each. The step's graphs share one memory pool and are
 replayed in the order they were captured; the fix-up graph, replayed between them, has
@@ -40,6 +42,7 @@ import statistics
 import torch
 
 from .compiled_pieces import Pieces
+from .cpu_kernels import LayerQueue
 from .kv_cache import attention_masks
 from .predict import EstimatorPredictor
 from .streams import HostGate, QueuedGate
@@ -68,8 +71,8 @@ class _Eager:
 
 
 class DecodeGraphs:
-    # Run-ahead CPU parts by the native call where it applies (False: the Python path, for
-    # comparisons).
+    # Run-ahead steps queued whole, their CPU parts on the native queue's thread, where every
+    # MoE layer has native kernels (False: the Python path, for comparisons).
     native_layers = True
     # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
     # no faster there, but the CPU test suite then covers the run-ahead step's host path.
@@ -121,6 +124,7 @@ class DecodeGraphs:
         self.step_count = torch.zeros(1, dtype=torch.long, device=dev)
         self._count = 0
         self._natives: dict[int, object] = {}
+        self._queue = None
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False
         self._capture()
@@ -405,6 +409,12 @@ class DecodeGraphs:
         """How many layers' CPU parts run as the native call (bound so far)."""
         return sum(call is not None for call in self._natives.values())
 
+    @property
+    def cpu_parts_queued(self) -> bool:
+        """Whether run-ahead steps queue the whole step, the CPU parts running on the native
+        queue's thread (set at the first such step)."""
+        return self._queue is not None
+
     def _copy_behind_gate(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if isinstance(self.gate, QueuedGate):
             self.gate.submit(lambda: dst.copy_(src))
@@ -413,48 +423,91 @@ class DecodeGraphs:
 
     def _native(self, layer: int):
         """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
-        if not self.native_layers:
-            return None
         if layer not in self._natives:
             self._natives[layer] = self.moe.bind_run_ahead(layer, self)
         return self._natives[layer]
 
+    def _layer_queue(self):
+        """The thread that runs a run-ahead step's CPU parts (cpu_kernels.LayerQueue), or None:
+        the Python path (native parts switched off, or not available for every MoE layer)."""
+        if self._queue is None and self.run_ahead and self.native_layers:
+            if all(self._native(l) is not None for l in self.moe.spec.moe_layers):
+                self._queue = LayerQueue()
+            else:
+                self.native_layers = False   # decided once for this engine
+        return self._queue
+
     def waits_for(self, layer: int) -> bool:
         """Whether the host of a step waits for layer `layer` before going on (the Python path
         of a CPU part); a run-ahead step counts its other layers once it is queued."""
-        return not self.run_ahead or (not self.moe.layer_resident(layer) and self._native(layer) is None)
+        return not self.run_ahead or (not self.moe.layer_resident(layer) and self._layer_queue() is None)
 
     def _step_run_ahead(self) -> None:
+        if self._layer_queue() is not None:
+            self._step_queued()
+        else:
+            self._step_layer_ahead()
+
+    def _step_queued(self) -> None:
+        """The whole step queued at once: each layer with a CPU part gets a gate before the
+        graphs after it, and its native part goes to the queue's thread, which waits for the
+        layer's routing, computes and opens the gate while this thread queues the rest."""
+        moe, gate, queue = self.moe, self.gate, self._queue
+        parts = []   # (layer, its native part or None: every expert on the GPU)
+        try:
+            i, layer, _ = self._queue_through_post(0)
+            while layer is not None:
+                native = None
+                if not moe.layer_resident(layer):
+                    seq = gate.close()
+                    self._copy_behind_gate(self._host_part_dev, self.host_part)
+                    native = self._native(layer)
+                    queue.submit(native, self._count, seq)   # it opens the gate, failed or not
+                parts.append((layer, native))
+                i, layer, _ = self._queue_through_post(i)
+        finally:
+            self._drive(queue)
+        end = moe.streams.host_event()   # after every experts graph of the step
+        for layer, native in parts:
+            if native is not None:
+                moe.count_run_ahead(layer, self, end, native.stats())
+            else:
+                moe.count_resident(layer, self, end, self._count)
+
+    def _drive(self, queue) -> None:
+        """Wait for the queue's thread to finish the step's CPU parts. Behind an emulated gate
+        this thread also plays the stream: it runs each piece once the flag opens its gate."""
+        if isinstance(self.gate, QueuedGate):
+            while not (queue.idle() and self.gate.empty):
+                self.gate.drain()
+        queue.wait()
+
+    def _step_layer_ahead(self) -> None:
+        """The Python path: the next layer's graphs queued behind a gate while this thread
+        computes this layer's CPU part (OffloadedMoE.after_graphed_compute), then opens it."""
         moe, gate = self.moe, self.gate
-        later = []   # (layer, native stats or None): counted once the step is queued
+        resident = []   # counted once the step is queued
         i, layer, released = self._queue_through_post(0)
         while layer is not None:
-            # The next layer's graphs wait for this layer's CPU part: queued now, started by
-            # the flag the host writes once the part is in pinned memory. A layer whose every
-            # expert is on the GPU has no CPU part: nothing waits for the host there.
+            # A layer whose every expert is on the GPU has no CPU part: nothing waits for the
+            # host there.
             gated = not moe.layer_resident(layer)
             seq = gate.close() if gated else None
             try:
                 if gated:
                     self._copy_behind_gate(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
-                native = self._native(layer) if gated else None
-                if native is not None:
-                    later.append((layer, moe.run_ahead_layer(native, self._count, seq)))
-                elif gated:
+                if gated:
                     self._part_written = False
                     moe.after_graphed_compute(layer, self, released=released)
                     if not self._part_written:
                         self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
                 else:
-                    later.append((layer, None))
+                    resident.append(layer)
             finally:
                 if gated:
                     gate.open(seq)   # on an error too: a closed gate would hold the stream forever
             layer, released = after, after_released
         end = moe.streams.host_event()   # after every experts graph of the step
-        for layer, stats in later:
-            if stats is not None:
-                moe.count_run_ahead(layer, self, end, stats)
-            else:
-                moe.count_resident(layer, self, end, self._count)
+        for layer in resident:
+            moe.count_resident(layer, self, end, self._count)

@@ -654,14 +654,10 @@ class OffloadedMoE:
                                          weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
                                          reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag)
 
-    def run_ahead_layer(self, call, expect: int, gate_value: int) -> tuple:
-        """The CPU's part of a run-ahead layer by its native call (bind_run_ahead), which opens
-        the gate as soon as the part is written; returns its stats for `count_run_ahead`."""
-        return call(expect, gate_value)
-
     def count_run_ahead(self, layer: int, g, released, stats: tuple) -> None:
-        """What `run_ahead_layer` did, counted once the step is queued (off the path between
-        the layers): uses, hits, experts computed, time; the hits touched in the cache."""
+        """What a layer's native CPU part did (its stats), counted once the step has run (off
+        the path between the layers): uses, hits, experts computed, time; the hits touched in
+        the cache."""
         hits, read, computed, waited, seconds = stats
         self._pending.pop(layer, None)
         self._layer_released[layer] = released

@@ -160,7 +160,8 @@ class HostGate:
 class QueuedGate:
     """HostGate's stand-in off CUDA, where a "replayed" piece runs when it is queued: work
     submitted while a gate is closed waits in a queue, in order, and runs once the flag
-    reaches that gate's number (written by `open`, or by a native caller, then `drain`).
+    reaches that gate's number (written by `open`, or by a native caller, then `drain`, which
+    the thread playing the stream calls).
     With it the CPU test suite runs a run-ahead decode step's host path: the same order of
     pieces, copies and CPU parts a CUDA stream would see."""
 
@@ -179,6 +180,11 @@ class QueuedGate:
         self._seq += 1
         self._queue.append(("gate", self._seq))
         return self._seq
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing waits behind a gate."""
+        return not self._queue
 
     def submit(self, fn) -> None:
         """Run `fn` now, or after the gates closed before it have opened."""

@@ -598,3 +598,53 @@ def test_table_layer_sum_waits_for_the_routing_and_gives_up_clearly(backends, mo
     with pytest.raises(ValueError, match="present must be a contiguous uint8"):
         cpu_kernels.bind_table_layer(family, experts, store, 1, reads=None,
                                      **{**buf, "present": torch.zeros(store.num_experts, dtype=torch.bool)})
+
+
+def test_layer_queue_runs_a_steps_parts_in_order_and_opens_every_gate(backends, monkeypatch):
+    """A decode step's CPU parts on the queue's thread: each waits for its own routing (written
+    here later, as the GPU's copies would land), computes, and opens its gate, in order, while
+    the submitting thread goes on. A part that fails (an expert id out of range) and the parts
+    behind it still open their gates; `wait` raises the failure once, and the queue runs the
+    next step's parts."""
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    import time
+
+    monkeypatch.setenv(cpu_kernels.ENV, backends[0])
+    hidden, inter = FUSED_SIZES[1]
+    store, family, experts = swiglu_store(torch.bfloat16, False, hidden, inter), swiglu_family(False), SiluExperts()
+    gate = torch.zeros(1, dtype=torch.int32)
+    layers, bufs = [], []
+    gen = torch.Generator().manual_seed(5)
+    stored = [1, 4, 1]   # the store's layers; a step's parts are bound each to buffers of its own
+    for layer in stored:
+        buf = {**table_layer_buffers(hidden, 2, store.num_experts), "gate": gate}
+        layers.append(cpu_kernels.bind_table_layer(family, experts, store, layer, reads=None, **buf))
+        bufs.append(buf)
+    queue = cpu_kernels.LayerQueue()
+    for step in (1, 2):
+        for layer, buf in enumerate(bufs):
+            buf["ids"].copy_(torch.tensor([layer, 9 - layer]))
+            buf["weights"].copy_(torch.rand(2, generator=gen))
+            buf["x"].copy_(torch.randn(hidden, generator=gen))
+        bad = step == 1
+        if bad:
+            bufs[1]["ids"][0] = store.num_experts
+        for layer, part in enumerate(layers):
+            queue.submit(part, step, 3 * step + layer)
+        for layer, buf in enumerate(bufs):
+            time.sleep(0.01)
+            if not (bad and layer == 2):   # behind a failure a part only opens its gate
+                assert int(gate) < 3 * step + layer   # nothing opened before its routing landed
+            buf["ready"].fill_(step)
+        if bad:
+            with pytest.raises(RuntimeError, match=r"expert id 10 is not in \[0, 10\)"):
+                queue.wait()
+            assert int(gate) == 3 * step + 2
+            continue
+        queue.wait()
+        assert queue.idle() and int(gate) == 3 * step + 2
+        for layer, (part, buf) in enumerate(zip(layers, bufs)):
+            ref = swiglu_reference(store, stored[layer], buf["ids"].tolist(), buf["weights"].tolist(), buf["x"], False)
+            assert rel_err(buf["out"][None], ref) < TOL
+            assert part.stats()[2] == 2

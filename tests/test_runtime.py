@@ -84,9 +84,10 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
 @pytest.mark.parametrize("budget,reads", [("0", 0.0), ("0", 0.3), ("60%", 0.0), ("100%", 0.0)])
 def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, monkeypatch):
     """A run-ahead `cpu` step's host path, with the pieces waiting behind an emulated gate as
-    they would in a CUDA stream: the next layer queued before this layer's CPU part, the CPU
-    part by the native call (or the Python path) that waits for the staged routing and opens
-    the gate, resident layers counted once the step is queued. The stock forward's logits,
+    they would in a CUDA stream: the whole step queued, each CPU part by the native part on the
+    queue's thread that waits for the staged routing and opens the gate (this thread playing
+    the stream), or the next layer queued before this layer's CPU part by the Python path;
+    resident layers counted once the step is queued. The stock forward's logits,
     and every use, hit and CPU expert counted as the layer-by-layer loop counts them."""
     from runtime.cuda_graphs import DecodeGraphs
 
@@ -105,6 +106,7 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
         assert graphs.run_ahead == ahead
         if ahead and budget != "100%":
             assert bool(graphs.native_layer_count) == (native and cpu_kernels.available())
+        assert graphs.cpu_parts_queued == (ahead and native and cpu_kernels.available())
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts, tel.host_read_experts)
         engine.close()
@@ -113,6 +115,32 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
     assert counted[True, True] == counted[True, False] == counted[False, False]
     for key, logits in got.items():
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=str(key))
+
+
+def test_queued_step_whose_cpu_part_fails_raises_it_and_leaves_nothing_waiting(monkeypatch):
+    """A queued run-ahead step whose native CPU part fails for real (its routing never lands
+    where it looks): the step raises that failure, the parts behind it opened their gates and
+    every piece queued behind them ran, as a stream would drain."""
+    if not cpu_kernels.available():
+        pytest.skip("the native kernels are not built here")
+    from runtime.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
+    real = cpu_kernels.bind_table_layer
+
+    def never_ready(*a, **k):
+        return real(*a, **{**k, "ready": torch.zeros(1, dtype=torch.int64), "timeout_s": 0.2})
+
+    monkeypatch.setattr(cpu_kernels, "bind_table_layer", never_ready)
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
+    engine.use_graphs = True
+    engine.reset()
+    engine.step(PROMPT)
+    with pytest.raises(RuntimeError, match="did not reach host memory within 0.2"):
+        engine.step(torch.tensor([6]))
+    graphs = engine.decode_graphs
+    assert graphs.cpu_parts_queued and graphs.gate.empty
+    engine.close()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import runtime
+from runtime import cpu_kernels
 from runtime.config import RuntimeConfig
 from runtime.cuda_graphs import DecodeGraphs
 from tests.test_runtime import PROMPT, engine_logits, stock_logits
@@ -115,7 +116,8 @@ def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
 def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget, monkeypatch):
     """`cpu` with no predictor queues each next layer behind a gate while the CPU computes
     (no gate for a layer whose experts are all on the GPU: at 100% none at all), its CPU part
-    by the native call that waits for the routing and opens the gate, or by the Python path:
+    by the native part that waits for the routing and opens the gate (the whole step queued,
+    the parts on the native queue's thread), or by the Python path:
     the same logits as the loop that waits for the CPU before queuing (bit for bit: the same
     arithmetic) and as the stock forward (dense layers between MoE layers in deepseek_v3)."""
     ref = tiny_model(family).cuda()
@@ -131,6 +133,7 @@ def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, bu
         assert graphs.run_ahead == ahead
         if budget != "100%":
             assert bool(graphs.native_layer_count) == native
+        assert graphs.cpu_parts_queued == (ahead and native)
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts)
         engine.close()
@@ -199,29 +202,33 @@ def test_auto_host_reads_measure_the_split_and_stay_exact():
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 def test_run_ahead_step_that_fails_leaves_the_stream_running(native, monkeypatch):
-    """An error in the CPU's part of a run-ahead step reaches the caller, and the gate it left
-    closed is opened: the device does not wait forever on the queued next layer."""
+    """An error in the CPU's part of a run-ahead step reaches the caller, and the gates it left
+    closed are opened: the device does not wait forever on the queued layers. The native
+    part fails for real: its routing never lands where it looks."""
     monkeypatch.setattr(DecodeGraphs, "native_layers", native)
+    if native:
+        real = cpu_kernels.bind_table_layer
+
+        def never_ready(*a, **k):
+            return real(*a, **{**k, "ready": torch.zeros(1, dtype=torch.int64), "timeout_s": 0.2})
+
+        monkeypatch.setattr(cpu_kernels, "bind_table_layer", never_ready)
     engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
     engine.reset()
     engine.step(PROMPT)
-    engine.step(torch.tensor([5]))
     graphs = engine.decode_graphs
-    assert graphs.run_ahead
     calls = []
 
     def broken(*a, **k):
         calls.append(1)
         raise RuntimeError("CPU expert kernel failed")
 
-    if native:
-        assert graphs._natives and all(graphs._natives.values())
-        graphs._natives = {layer: broken for layer in graphs._natives}
-    else:
+    if not native:
         engine.moe.cpu.compute = broken
-    with pytest.raises(RuntimeError, match="CPU expert kernel failed"):
+    with pytest.raises(RuntimeError, match="did not reach host memory" if native else "CPU expert kernel failed"):
         engine.step(torch.tensor([6]))
-    assert calls
+    assert graphs.run_ahead and graphs.cpu_parts_queued == native
+    assert native or calls
     done = engine.streams.host_event()
     import time
 

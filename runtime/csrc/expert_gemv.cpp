@@ -28,6 +28,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <deque>
+#include <memory>
 #include <functional>
 #include <mutex>
 #include <pthread.h>
@@ -567,14 +569,15 @@ void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<i
 }
 
 // The CPU's part of one exact decode layer, from the GPU's routing to the GPU's next layer
-// with no interpreter in between: a graphed decode step calls this once per layer whose
-// experts are not all on the GPU, after queuing the next layer's graphs behind a gate.
+// with no interpreter in between, on fixed host buffers given by address. A graphed decode
+// step runs it once per layer whose experts are not all on the GPU, after queuing the
+// layer's graphs: on the calling thread (`run`) or on a LayerQueue's thread.
 //
 // 1. Waits (spinning: the wait is tens of microseconds, a sleep would cost as much again)
 //    until the int64 at `ready` equals `expect`. The layer's graph copies its routing (k
 //    int64 expert ids, k float32 weights) and its input x (hidden values in x_dtype) to
 //    pinned memory and then the step's count to `ready`: copies on one stream land in order.
-//    After timeout_s seconds without it, throws (the caller opens the gate).
+//    After timeout_s seconds without it, throws (the gate stays closed: see `open`).
 // 2. Takes the ids the GPU did not compute: not marked in present[num_experts] (uint8, the
 //    layer's experts in the GPU's table), minus the first reads[m] of the m missed (the
 //    experts graph read those from host memory itself; reads = 0: none).
@@ -582,63 +585,197 @@ void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<i
 //    `gate` (the GPU's next layer waits for it: cuStreamWaitValue32) after out is written.
 // stats (int64 [5]): ids found present, ids the GPU read, experts computed here,
 // nanoseconds waited, nanoseconds computed.
-void table_layer_sum(uintptr_t ready, int64_t expect, double timeout_s, uintptr_t ids, uintptr_t weights,
-                     int64_t k, uintptr_t x, int x_dtype, uintptr_t present, uintptr_t reads, uintptr_t out,
-                     uintptr_t gate, int32_t gate_value, uintptr_t stats, uintptr_t base, int64_t stride,
-                     int64_t gate_up, int64_t down, int64_t hidden, int64_t inter, int dtype, bool weights_in_out,
-                     int64_t num_experts, int glu, float alpha, float limit, int64_t gate_up_bias,
-                     int64_t down_bias, const std::string& isa, int64_t task_bytes, int64_t threads) {
+struct TableLayer {
+  LayerExperts layer;
+  uintptr_t ready;
+  double timeout_s;
+  uintptr_t ids, weights;
+  int64_t k;
+  uintptr_t x;
+  int x_dtype;
+  uintptr_t present, reads, out, gate, stats;
+
+  void run(int64_t expect, int32_t gate_value) const {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    const auto* flag = reinterpret_cast<const int64_t*>(ready);
+    for (uint64_t spins = 1; __atomic_load_n(flag, __ATOMIC_ACQUIRE) != expect; ++spins) {
+#ifdef SPECMOE_X86
+      _mm_pause();
+#endif
+      if ((spins & 0xFFF) == 0 && std::chrono::duration<double>(clock::now() - start).count() > timeout_s)
+        throw std::runtime_error("table_layer_sum: the layer's routing did not reach host memory within " +
+                                 std::to_string(timeout_s) + " s");
+    }
+    const auto arrived = clock::now();
+    const auto* id = reinterpret_cast<const int64_t*>(ids);
+    const auto* w = reinterpret_cast<const float*>(weights);
+    const auto* on_gpu = reinterpret_cast<const uint8_t*>(present);
+    std::vector<int64_t> missed;
+    int64_t hits = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      layer.check_id("table_layer_sum", id[j]);
+      if (on_gpu[id[j]])
+        ++hits;
+      else
+        missed.push_back(j);
+    }
+    const int64_t read = reads ? std::min<int64_t>(reinterpret_cast<const int64_t*>(reads)[missed.size()],
+                                                   int64_t(missed.size()))
+                               : 0;
+    std::vector<int64_t> experts;
+    std::vector<float> scale;
+    for (size_t i = size_t(read); i < missed.size(); ++i) {
+      experts.push_back(id[missed[i]]);
+      scale.push_back(w[missed[i]]);
+    }
+    auto* o = reinterpret_cast<float*>(out);
+    if (experts.empty())
+      std::fill(o, o + layer.hidden, 0.f);
+    else
+      layer.sum(widened(x, x_dtype, layer.hidden), o, experts, scale);
+    const auto done = clock::now();
+    auto* s = reinterpret_cast<int64_t*>(stats);
+    s[0] = hits;
+    s[1] = read;
+    s[2] = int64_t(experts.size());
+    s[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(arrived - start).count();
+    s[4] = std::chrono::duration_cast<std::chrono::nanoseconds>(done - arrived).count();
+    open(gate_value);
+  }
+
+  // What a failed run leaves to its caller: the GPU's next layer must not wait forever.
+  void open(int32_t gate_value) const {
+    __atomic_store_n(reinterpret_cast<int32_t*>(gate), gate_value, __ATOMIC_RELEASE);
+  }
+};
+
+std::shared_ptr<TableLayer> table_layer(uintptr_t ready, double timeout_s, uintptr_t ids, uintptr_t weights, int64_t k,
+                                        uintptr_t x, int x_dtype, uintptr_t present, uintptr_t reads, uintptr_t out,
+                                        uintptr_t gate, uintptr_t stats, uintptr_t base, int64_t stride,
+                                        int64_t gate_up, int64_t down, int64_t hidden, int64_t inter, int dtype,
+                                        bool weights_in_out, int64_t num_experts, int glu, float alpha, float limit,
+                                        int64_t gate_up_bias, int64_t down_bias, const std::string& isa,
+                                        int64_t task_bytes, int64_t threads) {
   const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
                                            num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
                                            threads, "table_layer_sum");
   if (k < 1) throw std::invalid_argument("table_layer_sum: k must be at least 1");
-  using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
-  const auto* flag = reinterpret_cast<const int64_t*>(ready);
-  for (uint64_t spins = 1; __atomic_load_n(flag, __ATOMIC_ACQUIRE) != expect; ++spins) {
-#ifdef SPECMOE_X86
-    _mm_pause();
-#endif
-    if ((spins & 0xFFF) == 0 && std::chrono::duration<double>(clock::now() - start).count() > timeout_s)
-      throw std::runtime_error("table_layer_sum: the layer's routing did not reach host memory within " +
-                               std::to_string(timeout_s) + " s");
-  }
-  const auto arrived = clock::now();
-  const auto* id = reinterpret_cast<const int64_t*>(ids);
-  const auto* w = reinterpret_cast<const float*>(weights);
-  const auto* on_gpu = reinterpret_cast<const uint8_t*>(present);
-  std::vector<int64_t> missed;
-  int64_t hits = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    layer.check_id("table_layer_sum", id[j]);
-    if (on_gpu[id[j]])
-      ++hits;
-    else
-      missed.push_back(j);
-  }
-  const int64_t read = reads ? std::min<int64_t>(reinterpret_cast<const int64_t*>(reads)[missed.size()],
-                                                 int64_t(missed.size()))
-                             : 0;
-  std::vector<int64_t> experts;
-  std::vector<float> scale;
-  for (size_t i = size_t(read); i < missed.size(); ++i) {
-    experts.push_back(id[missed[i]]);
-    scale.push_back(w[missed[i]]);
-  }
-  auto* o = reinterpret_cast<float*>(out);
-  if (experts.empty())
-    std::fill(o, o + hidden, 0.f);
-  else
-    layer.sum(widened(x, x_dtype, hidden), o, experts, scale);
-  const auto done = clock::now();
-  __atomic_store_n(reinterpret_cast<int32_t*>(gate), gate_value, __ATOMIC_RELEASE);
-  auto* s = reinterpret_cast<int64_t*>(stats);
-  s[0] = hits;
-  s[1] = read;
-  s[2] = int64_t(experts.size());
-  s[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(arrived - start).count();
-  s[4] = std::chrono::duration_cast<std::chrono::nanoseconds>(done - arrived).count();
+  if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("table_layer_sum: bad x dtype code");
+  return std::make_shared<TableLayer>(
+      TableLayer{layer, ready, timeout_s, ids, weights, k, x, x_dtype, present, reads, out, gate, stats});
 }
+
+// A whole decode step's CPU parts, run in order on a thread of their own while the host
+// goes on queuing the step's graphs: the host is then off the path from a layer's routing
+// to its CPU part (queuing a layer's graphs costs about as long as the GPU takes to reach
+// the next routing). Each part opens its own gate; after a failure the parts behind it
+// only open theirs, and `wait` throws the first failure.
+class LayerQueue {
+ public:
+  LayerQueue() : thread_([this] { loop(); }) {
+    const char* env = std::getenv("SPECMOE_CPU_SPIN_US");
+    spin_ = std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
+  }
+
+  ~LayerQueue() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    posted_.fetch_add(1, std::memory_order_release);
+    wake_.notify_all();
+    thread_.join();
+  }
+
+  void submit(std::shared_ptr<TableLayer> layer, int64_t expect, int32_t gate_value) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      items_.push_back(Item{std::move(layer), expect, gate_value});
+      ++pending_;
+    }
+    posted_.fetch_add(1, std::memory_order_release);
+    wake_.notify_one();
+  }
+
+  // Until every part submitted has run; throws the first failure since the last wait.
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    idle_.wait(lock, [&] { return pending_ == 0; });
+    if (!error_.empty()) {
+      std::string error;
+      error.swap(error_);
+      throw std::runtime_error(error);
+    }
+  }
+
+  bool idle() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return pending_ == 0;
+  }
+
+ private:
+  struct Item {
+    std::shared_ptr<TableLayer> layer;
+    int64_t expect;
+    int32_t gate_value;
+  };
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin a while for the next part (the host submits them tens of microseconds apart),
+      // then sleep.
+      const auto start = std::chrono::steady_clock::now();
+      for (uint64_t spins = 1; posted_.load(std::memory_order_acquire) == seen; ++spins) {
+#ifdef SPECMOE_X86
+        _mm_pause();
+#endif
+        if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = posted_.load(std::memory_order_acquire);
+      for (;;) {
+        Item item;
+        bool failed;
+        {
+          std::lock_guard<std::mutex> lock(mutex_);
+          if (stop_) return;
+          if (items_.empty()) break;
+          item = std::move(items_.front());
+          items_.pop_front();
+          failed = !error_.empty();
+        }
+        std::string error;
+        if (failed) {
+          item.layer->open(item.gate_value);
+        } else {
+          try {
+            item.layer->run(item.expect, item.gate_value);
+          } catch (const std::exception& e) {
+            error = e.what();
+            item.layer->open(item.gate_value);
+          }
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error.empty() && error_.empty()) error_ = error;
+        if (--pending_ == 0) idle_.notify_all();
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, idle_;
+  std::deque<Item> items_;
+  std::atomic<uint64_t> posted_{0};
+  int64_t pending_ = 0;
+  bool stop_ = false;
+  std::string error_;
+  std::chrono::steady_clock::duration spin_;
+  std::thread thread_;   // last: it starts once everything above is built
+};
 
 }  // namespace
 
@@ -657,15 +794,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_up_bias_offset") = -1, py::arg("down_bias_offset") = -1, py::arg("isa") = "auto",
         py::arg("task_bytes") = 256 << 10, py::arg("threads") = 0,
         py::call_guard<py::gil_scoped_release>());
-  m.def("table_layer_sum", &table_layer_sum,
-        "waits for a layer's routing in pinned memory, sums the experts the GPU did not, opens the gate",
-        py::arg("ready"), py::arg("expect"), py::arg("timeout_s"), py::arg("ids"), py::arg("weights"), py::arg("k"),
-        py::arg("x"), py::arg("x_dtype"), py::arg("present"), py::arg("reads"), py::arg("out"), py::arg("gate"),
-        py::arg("gate_value"), py::arg("stats"), py::arg("base"), py::arg("stride"), py::arg("gate_up_offset"),
-        py::arg("down_offset"), py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("weights_in_out"),
-        py::arg("num_experts"), py::arg("glu") = 0, py::arg("alpha") = 1.f,
-        py::arg("limit") = std::numeric_limits<float>::infinity(), py::arg("gate_up_bias_offset") = -1,
-        py::arg("down_bias_offset") = -1, py::arg("isa") = "auto", py::arg("task_bytes") = 256 << 10,
-        py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>());
+  py::class_<TableLayer, std::shared_ptr<TableLayer>>(m, "TableLayer")
+      .def("run", &TableLayer::run, "wait for the layer's routing, sum the experts the GPU did not, open the gate",
+           py::arg("expect"), py::arg("gate_value"), py::call_guard<py::gil_scoped_release>())
+      .def("open", &TableLayer::open, py::arg("gate_value"));
+  m.def("table_layer", &table_layer, "one layer's CPU part of a graphed decode step, on buffers given by address",
+        py::arg("ready"), py::arg("timeout_s"), py::arg("ids"), py::arg("weights"), py::arg("k"), py::arg("x"),
+        py::arg("x_dtype"), py::arg("present"), py::arg("reads"), py::arg("out"), py::arg("gate"), py::arg("stats"),
+        py::arg("base"), py::arg("stride"), py::arg("gate_up_offset"), py::arg("down_offset"), py::arg("hidden"),
+        py::arg("inter"), py::arg("dtype"), py::arg("weights_in_out"), py::arg("num_experts"), py::arg("glu") = 0,
+        py::arg("alpha") = 1.f, py::arg("limit") = std::numeric_limits<float>::infinity(),
+        py::arg("gate_up_bias_offset") = -1, py::arg("down_bias_offset") = -1, py::arg("isa") = "auto",
+        py::arg("task_bytes") = 256 << 10, py::arg("threads") = 0);
+  py::class_<LayerQueue>(m, "LayerQueue")
+      .def(py::init<>())
+      .def("submit", &LayerQueue::submit, py::arg("layer"), py::arg("expect"), py::arg("gate_value"))
+      .def("wait", &LayerQueue::wait, py::call_guard<py::gil_scoped_release>())
+      .def("idle", &LayerQueue::idle, py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }
