@@ -216,7 +216,6 @@ def test_run_ahead_step_that_fails_leaves_the_stream_running(native, monkeypatch
     engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
     engine.reset()
     engine.step(PROMPT)
-    graphs = engine.decode_graphs
     calls = []
 
     def broken(*a, **k):
@@ -227,6 +226,7 @@ def test_run_ahead_step_that_fails_leaves_the_stream_running(native, monkeypatch
         engine.moe.cpu.compute = broken
     with pytest.raises(RuntimeError, match="did not reach host memory" if native else "CPU expert kernel failed"):
         engine.step(torch.tensor([6]))
+    graphs = engine.decode_graphs
     assert graphs.run_ahead and graphs.cpu_parts_queued == native
     assert native or calls
     done = engine.streams.host_event()
