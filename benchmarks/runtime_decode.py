@@ -261,6 +261,32 @@ def model_a(args, out: dict) -> None:
         runs.append(config)
         labels.append(label)
 
+    def long_context(exact_cpu: bool) -> None:
+        """The same model at a long context: attention reads more; copies do not change."""
+        nonlocal runs, labels
+        if not args.long_context:
+            return
+        long_base = dataclasses.replace(base, max_context=args.long_context + args.decode + 8)
+        long_prompt = torch.randint(0, parts.model.config.vocab_size, (args.long_context,),
+                                    generator=torch.Generator().manual_seed(1))
+        runs, labels = [], []
+        add("none", "fetch", "0")
+        add("quasi", "speculate", "0")
+        if exact_cpu:
+            b = args.budgets[0] if args.budgets else "25%"
+            add("none", "cpu", b)
+            for r in args.host_read_shares:
+                add("none", "cpu", b, reads=r)
+        else:
+            add("oracle", "fetch", args.budgets[0] if args.budgets else "25%",
+                args.hit_rates[0] if args.hit_rates else 1.0)
+        runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
+                else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
+        out["model_a_long_context"] = bench(parts, long_base, runs, long_prompt, args.decode, args.warmup,
+                                            progress=False, labels=labels, forced=forced)
+        add_floors(out["model_a_long_context"], limits)
+        print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
+
     if args.quick:   # a check of the main numbers in a fraction of the time
         add("none", "fetch", "0")
         add("none", "fetch", "100%")
@@ -286,6 +312,7 @@ def model_a(args, out: dict) -> None:
                                forced=forced)
         add_floors(out["model_a"], limits)
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
+        long_context(exact_cpu=True)
         return
     add("none", "fetch", "0")
     add("quasi", "speculate", "0")
@@ -312,21 +339,7 @@ def model_a(args, out: dict) -> None:
             add("oracle", "cpu", b, p)
             add("oracle", "cpu", b, p, window=args.window)
     merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
-    if args.long_context:
-        # The same model at a long context: attention reads more; copies do not change.
-        long_base = dataclasses.replace(base, max_context=args.long_context + args.decode + 8)
-        long_prompt = torch.randint(0, parts.model.config.vocab_size, (args.long_context,),
-                                    generator=torch.Generator().manual_seed(1))
-        runs, labels = [], []
-        add("none", "fetch", "0")
-        add("quasi", "speculate", "0")
-        add("oracle", "fetch", args.budgets[0] if args.budgets else "25%", args.hit_rates[0] if args.hit_rates else 1.0)
-        runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
-                else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
-        out["model_a_long_context"] = bench(parts, long_base, runs, long_prompt, args.decode, args.warmup,
-                                            progress=False, labels=labels, forced=forced)
-        add_floors(out["model_a_long_context"], limits)
-        print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
+    long_context(exact_cpu=False)
     add_floors(merged, limits)
     if parts.device.type == "cuda":
         merged["gpu_ms_per_token_all_resident"] = gpu_time_alone(parts, base, prompt, forced)
@@ -469,7 +482,8 @@ def main() -> int:
                    help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run)")
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
-    p.add_argument("--quick", action="store_true", help="model A: the main modes only, no long context")
+    p.add_argument("--quick", action="store_true",
+                   help="model A: the main modes only (at --long-context: on-demand, speculation and exact cpu)")
     p.add_argument("--host-read-shares", default="0.25,auto",
                    help="`none+cpu` rows with the GPU reading these shares of misses in host memory (auto: "
                         "measured at start)")
