@@ -214,7 +214,9 @@ def add_floors(result: dict, limits: dict) -> None:
                 limits["expert_copy_bytes_per_s"]
 
 
-def model_a(args, out: dict) -> None:
+def model_a(args, out: dict, save=lambda: None) -> None:
+    """Model A's modes (`--quick`: the main ones), then its long context (`--only long`: that
+    alone); `save` writes what is measured so far after each part."""
     base = RuntimeConfig(device=args.device, dtype="bf16", max_context=args.context + args.decode + 8, track_hits=True,
                          device_table=not args.planned)
     t0 = time.perf_counter()
@@ -287,6 +289,9 @@ def model_a(args, out: dict) -> None:
         add_floors(out["model_a_long_context"], limits)
         print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
 
+    if args.only == "long":
+        long_context(exact_cpu=True)
+        return
     if args.quick:   # a check of the main numbers in a fraction of the time
         add("none", "fetch", "0")
         add("none", "fetch", "100%")
@@ -312,6 +317,7 @@ def model_a(args, out: dict) -> None:
                                forced=forced)
         add_floors(out["model_a"], limits)
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
+        save()
         long_context(exact_cpu=True)
         return
     add("none", "fetch", "0")
@@ -478,8 +484,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--budgets", default="25%,50%")
     p.add_argument("--hit-rates", default="0.85,0.95")
-    p.add_argument("--only", choices=("a", "b", "baseline", "side"), default=None,
-                   help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run)")
+    p.add_argument("--only", choices=("a", "b", "baseline", "side", "long"), default=None,
+                   help="one part; `side` runs our rows of the llama.cpp comparison (not part of the default run); "
+                        "`long`: model A at --long-context only (on-demand, speculation, exact cpu)")
     p.add_argument("--side-by-side", default=str(RESULTS / "llama_cpp.json"),
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true",
@@ -507,8 +514,8 @@ def main() -> int:
     if args.only in (None, "baseline"):
         accelerate_baseline(args, out)
         write_results(out, Path(args.out))
-    if args.only in (None, "a"):
-        model_a(args, out)
+    if args.only in (None, "a", "long"):
+        model_a(args, out, save=lambda: write_results(out, Path(args.out)))
         write_results(out, Path(args.out))
     if args.only == "side":
         side_by_side(args, out)   # its rows go to the llama.cpp results file
