@@ -459,10 +459,13 @@ class DecodeGraphs:
             while layer is not None:
                 native = None
                 if not moe.layer_resident(layer):
-                    seq = gate.close()
-                    self._copy_behind_gate(self._host_part_dev, self.host_part)
                     native = self._native(layer)
-                    queue.submit(native, self._count, seq)   # it opens the gate, failed or not
+                    # Submitted as soon as the gate is queued: the part opens it, failed or not.
+                    # The copy behind it may be queued after the part has run: the next part
+                    # writes only once this layer's successor has staged its routing, later
+                    # on the same stream.
+                    queue.submit(native, self._count, gate.close())
+                    self._copy_behind_gate(self._host_part_dev, self.host_part)
                 parts.append((layer, native))
                 i, layer, _ = self._queue_through_post(i)
         finally:
