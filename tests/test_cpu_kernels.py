@@ -648,3 +648,32 @@ def test_layer_queue_runs_a_steps_parts_in_order_and_opens_every_gate(backends, 
             ref = swiglu_reference(store, stored[layer], buf["ids"].tolist(), buf["weights"].tolist(), buf["x"], False)
             assert rel_err(buf["out"][None], ref) < TOL
             assert part.stats()[2] == 2
+
+
+def test_layer_queue_refuses_a_forked_child_clearly(backends):
+    """A child forked after the queue was made has the object but not its thread: submitting
+    there is one clear error, not a step that waits forever."""
+    if backends[0] == "torch":
+        pytest.skip("no native kernels")
+    import multiprocessing
+
+    hidden, inter = FUSED_SIZES[1]
+    store, family, experts = swiglu_store(torch.float32, False, hidden, inter), swiglu_family(False), SiluExperts()
+    part = cpu_kernels.bind_table_layer(family, experts, store, 1, reads=None,
+                                        **table_layer_buffers(hidden, 2, store.num_experts, torch.float32))
+    queue = cpu_kernels.LayerQueue()
+    ctx = multiprocessing.get_context("fork")
+    said = ctx.Queue()
+
+    def child():
+        try:
+            queue.submit(part, 0, 1)
+            said.put("submitted")
+        except RuntimeError as e:
+            said.put(str(e))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    proc.join(30)
+    assert "forked" in said.get(timeout=5)
+    assert queue.idle()

@@ -33,6 +33,7 @@
 #include <functional>
 #include <mutex>
 #include <pthread.h>
+#include <unistd.h>
 #include <thread>
 #include <stdexcept>
 #include <string>
@@ -207,6 +208,13 @@ Plan plan_for(int isa, bool in_out) {
   return scalar::plan<T>(in_out);
 }
 
+// How long an idle thread of ours spins before it sleeps: SPECMOE_CPU_SPIN_US microseconds
+// (default 2000).
+std::chrono::steady_clock::duration spin_time() {
+  const char* env = std::getenv("SPECMOE_CPU_SPIN_US");
+  return std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
+}
+
 // Threads for the kernels' parallel regions. A decode step calls the kernels every few
 // hundred microseconds with GPU work and the interpreter between calls; OpenMP's threads
 // (torch's pool), asleep by then, cost about 0.1 ms per layer to wake on a 16-core host.
@@ -264,10 +272,7 @@ class SpinPool {
     return pool;
   }
 
-  SpinPool() {
-    const char* env = std::getenv("SPECMOE_CPU_SPIN_US");
-    spin_ = std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
-  }
+  SpinPool() : spin_(spin_time()) {}
 
   static void pause() {
 #ifdef SPECMOE_X86
@@ -673,10 +678,7 @@ std::shared_ptr<TableLayer> table_layer(uintptr_t ready, double timeout_s, uintp
 // only open theirs, and `wait` throws the first failure.
 class LayerQueue {
  public:
-  LayerQueue() : thread_([this] { loop(); }) {
-    const char* env = std::getenv("SPECMOE_CPU_SPIN_US");
-    spin_ = std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
-  }
+  LayerQueue() : spin_(spin_time()), pid_(getpid()), thread_([this] { loop(); }) {}
 
   ~LayerQueue() {
     {
@@ -689,6 +691,8 @@ class LayerQueue {
   }
 
   void submit(std::shared_ptr<TableLayer> layer, int64_t expect, int32_t gate_value) {
+    // A forked child has the object but not its thread: its parts would never run.
+    if (getpid() != pid_) throw std::runtime_error("LayerQueue: made before this process was forked; make a new one");
     {
       std::lock_guard<std::mutex> lock(mutex_);
       items_.push_back(Item{std::move(layer), expect, gate_value});
@@ -773,7 +777,8 @@ class LayerQueue {
   int64_t pending_ = 0;
   bool stop_ = false;
   std::string error_;
-  std::chrono::steady_clock::duration spin_;
+  const std::chrono::steady_clock::duration spin_;
+  const pid_t pid_;
   std::thread thread_;   // last: it starts once everything above is built
 };
 
