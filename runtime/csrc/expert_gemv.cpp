@@ -609,7 +609,7 @@ struct TableLayer {
       _mm_pause();
 #endif
       if ((spins & 0xFFF) == 0 && std::chrono::duration<double>(clock::now() - start).count() > timeout_s)
-        throw std::runtime_error("table_layer_sum: the layer's routing did not reach host memory within " +
+        throw std::runtime_error("TableLayer: the layer's routing did not reach host memory within " +
                                  std::to_string(timeout_s) + " s");
     }
     const auto arrived = clock::now();
@@ -619,7 +619,7 @@ struct TableLayer {
     std::vector<int64_t> missed;
     int64_t hits = 0;
     for (int64_t j = 0; j < k; ++j) {
-      layer.check_id("table_layer_sum", id[j]);
+      layer.check_id("TableLayer", id[j]);
       if (on_gpu[id[j]])
         ++hits;
       else
@@ -664,9 +664,9 @@ std::shared_ptr<TableLayer> table_layer(uintptr_t ready, double timeout_s, uintp
                                         int64_t task_bytes, int64_t threads) {
   const LayerExperts layer = layer_experts(base, stride, gate_up, down, hidden, inter, dtype, weights_in_out,
                                            num_experts, glu, alpha, limit, gate_up_bias, down_bias, isa, task_bytes,
-                                           threads, "table_layer_sum");
-  if (k < 1) throw std::invalid_argument("table_layer_sum: k must be at least 1");
-  if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("table_layer_sum: bad x dtype code");
+                                           threads, "TableLayer");
+  if (k < 1) throw std::invalid_argument("TableLayer: k must be at least 1");
+  if (x_dtype < 0 || x_dtype > 2) throw std::invalid_argument("TableLayer: bad x dtype code");
   return std::make_shared<TableLayer>(
       TableLayer{layer, ready, timeout_s, ids, weights, k, x, x_dtype, present, reads, out, gate, stats});
 }
