@@ -409,6 +409,13 @@ class DecodeGraphs:
         """How many layers' CPU parts run as the native call (bound so far)."""
         return sum(call is not None for call in self._natives.values())
 
+    def close(self) -> None:
+        """Stop the thread of queued steps' CPU parts (it would stay until the garbage collector
+        found this object)."""
+        if self._queue is not None:
+            self._queue.wait()   # nothing it runs may outlive the buffers it writes
+            self._queue = None
+
     @property
     def cpu_parts_queued(self) -> bool:
         """Whether run-ahead steps queue the whole step, the CPU parts running on the native

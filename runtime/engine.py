@@ -144,10 +144,12 @@ class Engine:
             yield token
 
     def close(self) -> None:
-        """Stop the CPU expert thread and drop the captured graphs (they and the engine refer
+        """Stop the CPU expert threads and drop the captured graphs (they and the engine refer
         to each other, so without this their memory waits for the garbage collector)."""
         if self.moe.cpu is not None:
             self.moe.cpu.close()
+        if self._graphs is not None:
+            self._graphs.close()
         self._graphs = None
         self.moe.slots.on_evict = None
 

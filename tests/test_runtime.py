@@ -117,6 +117,29 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=str(key))
 
 
+def test_closing_the_engine_stops_the_queued_steps_thread(monkeypatch):
+    """The thread that runs queued steps' CPU parts ends with the engine's close, not whenever
+    the garbage collector gets to the graphs."""
+    if not cpu_kernels.available():
+        pytest.skip("the native kernels are not built here")
+    import os
+
+    from runtime.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
+    engine.use_graphs = True
+    engine.reset()
+    engine.step(PROMPT)
+    engine.step(torch.tensor([6]))
+    graphs = engine.decode_graphs
+    assert graphs.cpu_parts_queued
+    threads = len(os.listdir("/proc/self/task"))
+    engine.close()
+    assert not graphs.cpu_parts_queued
+    assert len(os.listdir("/proc/self/task")) == threads - 1
+
+
 def test_queued_step_whose_cpu_part_fails_raises_it_and_leaves_nothing_waiting(monkeypatch):
     """A queued run-ahead step whose native CPU part fails for real (its routing never lands
     where it looks): the step raises that failure, the parts behind it opened their gates and
