@@ -263,6 +263,14 @@ def model_a(args, out: dict, save=lambda: None) -> None:
         runs.append(config)
         labels.append(label)
 
+    def saving(key: str):
+        """bench's on_row: each row saved, with its floors, as soon as it is measured."""
+        def on_row(result: dict) -> None:
+            out[key] = result
+            add_floors(result, limits)
+            save()
+        return on_row
+
     def long_context(exact_cpu: bool) -> None:
         """The same model at a long context: attention reads more; copies do not change."""
         nonlocal runs, labels
@@ -284,16 +292,8 @@ def model_a(args, out: dict, save=lambda: None) -> None:
             add("oracle", "fetch", b, args.hit_rates[0] if args.hit_rates else 1.0)
         runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
                 else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
-        # One mode at a time, saved after each: at this context a mode takes a while.
-        for run, label in zip(runs, labels):
-            r = bench(parts, long_base, [run], long_prompt, args.decode, args.warmup, progress=False, labels=[label],
-                      forced=forced)
-            if "model_a_long_context" in out:
-                out["model_a_long_context"]["modes"] += r["modes"]
-            else:
-                out["model_a_long_context"] = r
-            add_floors(out["model_a_long_context"], limits)
-            save()
+        bench(parts, long_base, runs, long_prompt, args.decode, args.warmup, progress=False, labels=labels,
+              forced=forced, on_row=saving("model_a_long_context"))
         print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
 
     if args.only == "long":
@@ -320,11 +320,9 @@ def model_a(args, out: dict, save=lambda: None) -> None:
             add("none", "cpu", b, ahead=False)
             for r in args.host_read_shares:
                 add("none", "cpu", b, reads=r)
-        out["model_a"] = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels,
-                               forced=forced)
-        add_floors(out["model_a"], limits)
+        bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced,
+              on_row=saving("model_a"))
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
-        save()
         long_context(exact_cpu=True)
         return
     add("none", "fetch", "0")
@@ -351,7 +349,8 @@ def model_a(args, out: dict, save=lambda: None) -> None:
             add("oracle", "fetch", b, p)
             add("oracle", "cpu", b, p)
             add("oracle", "cpu", b, p, window=args.window)
-    merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced)
+    merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced,
+                   on_row=saving("model_a"))
     long_context(exact_cpu=False)
     add_floors(merged, limits)
     if parts.device.type == "cuda":
@@ -462,7 +461,7 @@ def accelerate_baseline(args, out: dict) -> None:
     del model
 
 
-def model_b(args, out: dict) -> None:
+def model_b(args, out: dict, save=lambda: None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
@@ -475,8 +474,11 @@ def model_b(args, out: dict) -> None:
     modes = [("none", "fetch"), ("current", "fetch"), ("quasi", "fetch"), ("hybrid", "fetch"), ("hybrid", "cpu"),
              ("quasi", "speculate"), ("hybrid", "speculate"), ("oracle", "speculate")]
     runs = [dataclasses.replace(base, prefetch=p, on_miss=m, gpu_expert_budget=b) for p, m in modes for b in ("0", "25%")]
-    r = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False)
-    out["model_b"] = r
+    def on_row(result: dict) -> None:
+        out["model_b"] = result
+        save()
+
+    r = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, on_row=on_row)
     print(markdown(r, "model B"), flush=True)
 
 
@@ -516,7 +518,7 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     # Each part's results are written as soon as it ends: a run stopped later keeps them.
     if args.only in (None, "b"):
-        model_b(args, out)
+        model_b(args, out, save=lambda: write_results(out, Path(args.out)))
         write_results(out, Path(args.out))
     if args.only in (None, "baseline"):
         accelerate_baseline(args, out)

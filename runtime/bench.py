@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -180,16 +181,20 @@ def mode_runs(base: RuntimeConfig, modes: list[tuple[str, str]], budgets: list[s
 
 def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], prompt: torch.Tensor,
           decode_tokens: int, warmup: int, progress: bool = True, labels: list[str] | None = None,
-          forced: list[int] | None = None) -> dict:
+          forced: list[int] | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
     """Run every config in `runs` on the same prompt and decoded tokens; one row each. An item
     may also be (config, make_predictor), make_predictor(parts) giving the run's predictor.
-    `forced` replaces the greedy continuation by given tokens (see `record_exact`)."""
+    `forced` replaces the greedy continuation by given tokens (see `record_exact`). `on_row`
+    gets the result so far after each row (a long benchmark can save what it has)."""
     if decode_tokens <= warmup:
         raise SpecmoeError(f"--decode-tokens ({decode_tokens}) must exceed --warmup ({warmup})")
     bandwidth = copy_bandwidth(parts.device)
     continuation, recorded = record_exact(parts, base, prompt, decode_tokens + 1, forced=forced)
     feed = continuation[:decode_tokens]
     rows = []
+    result = {"copy_bandwidth_bytes_per_s": bandwidth, "prompt_tokens": int(prompt.numel()),
+              "decode_tokens": decode_tokens, "warmup": warmup, "device": str(parts.device),
+              "model": parts.info.get("model"), "modes": rows}
     for i, config in enumerate(tqdm(runs, desc="infer bench", unit="mode", disable=not progress)):
         config, make = config if isinstance(config, tuple) else (config, None)
         s = run_mode(parts, config, prompt, feed, warmup, recorded, make)
@@ -201,9 +206,9 @@ def bench(parts: ModelParts, base: RuntimeConfig, runs: list[RuntimeConfig], pro
         s["pcie_bytes_per_token"] = per_token
         s["copy_floor_ms"] = 1e3 * per_token / bandwidth
         rows.append(s)
-    return {"copy_bandwidth_bytes_per_s": bandwidth, "prompt_tokens": int(prompt.numel()),
-            "decode_tokens": decode_tokens, "warmup": warmup, "device": str(parts.device),
-            "model": parts.info.get("model"), "modes": rows}
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def markdown(result: dict, command: str) -> str:

@@ -6,6 +6,8 @@ its host store and copied or computed on demand."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -710,3 +712,18 @@ def test_queued_gate_runs_work_in_order_once_its_gates_open():
     assert ran == ["a", "b", "c"]
     gate.submit(lambda: ran.append("d"))
     assert ran[-1] == "d"
+
+
+def test_bench_hands_over_each_row_as_it_is_measured():
+    """`on_row` sees the result grow one row at a time, the same result bench returns: a
+    benchmark stopped part way keeps the rows it measured."""
+    from runtime.bench import bench
+
+    base = RuntimeConfig(device="cpu", max_context=64)
+    parts = runtime.parts_from_model(tiny_model("qwen3_moe"), base)
+    runs = [dataclasses.replace(base, prefetch="none", on_miss=m, gpu_expert_budget="0") for m in ("fetch", "cpu")]
+    seen = []
+    result = bench(parts, base, runs, PROMPT, 6, 2, progress=False,
+                   on_row=lambda r: seen.append((id(r), [row["mode"] for row in r["modes"]])))
+    assert [rows for _, rows in seen] == [["none+fetch"], ["none+fetch", "none+cpu"]]
+    assert {ident for ident, _ in seen} == {id(result)}
