@@ -49,7 +49,8 @@ class RuntimeConfig:
     cpu_demand_share: float | None = 0.0
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
     # graphed `cpu` decode with nothing copied during decode (no predictor, no demand copies): queue
-    # the next layer's graphs behind a gate while the CPU computes this layer's misses (CUDA)
+    # the graphs after a layer behind a gate while the CPU computes its misses (CUDA); with native
+    # CPU kernels the whole step is queued and the CPU's parts run on a thread of their own
     run_ahead: bool = True
     # exact decode (graphed, device table): share of a layer's misses the GPU computes by reading their
     # weights in place in host memory over PCIe, beside the CPU (`cpu`) or the copies (`fetch`); None
