@@ -192,8 +192,9 @@ def main() -> int:
                    help="exact table modes: shares of misses the GPU reads in host memory, one run each: e.g. 0,0.25")
     p.add_argument("--run-ahead", default="1", help="cpu modes: 1, 0 or both (1,0): queue a layer ahead behind a gate")
     p.add_argument("--native-layers", default="1",
-                   help="run-ahead cpu modes: 1, 0 or both (1,0): a layer's CPU part as one native call that "
-                        "waits for the routing and opens the gate (0: the Python path)")
+                   help="run-ahead cpu modes: 1, 0 or both (1,0): the step queued whole, each layer's CPU part "
+                        "a native call on a thread of its own that waits for the routing and opens the gate "
+                        "(0: the Python path, a layer ahead)")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -258,7 +259,7 @@ def main() -> int:
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', native CPU part' if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued, native CPU parts' if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "
