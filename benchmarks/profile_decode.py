@@ -162,7 +162,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_threads": moe.cpu.threads if moe.cpu is not None else torch.get_num_threads(),
             "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
-            "native_layers": bool(graphs.run_ahead and graphs.native_layer_count),
+            "native_layers": graphs.cpu_parts_queued,
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,

@@ -352,7 +352,6 @@ def model_a(args, out: dict, save=lambda: None) -> None:
     merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced,
                    on_row=saving("model_a"))
     long_context(exact_cpu=False)
-    add_floors(merged, limits)
     if parts.device.type == "cuda":
         merged["gpu_ms_per_token_all_resident"] = gpu_time_alone(parts, base, prompt, forced)
         print(f"GPU time per token, every expert resident, graphs alone: "

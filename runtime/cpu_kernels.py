@@ -379,7 +379,7 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
                                 x.data_ptr(), _DTYPE_CODES[x.dtype], present.data_ptr(),
                                 0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr(),
                                 stats.data_ptr(), *static)
-    return TableLayer(native, stats, (ready, ids, weights, x, present, reads, out, gate))
+    return TableLayer(native, stats, (ready, ids, weights, x, present, reads, out, gate, stats))
 
 
 class TableLayer:
@@ -388,7 +388,6 @@ class TableLayer:
 
     def __init__(self, native, stats: torch.Tensor, buffers: tuple):
         self.native = native
-        self._stats = stats
         self._view = stats.numpy()
         self._buffers = buffers   # the addresses the native side keeps must stay valid
 

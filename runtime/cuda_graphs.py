@@ -404,11 +404,6 @@ class DecodeGraphs:
                 return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
 
-    @property
-    def native_layer_count(self) -> int:
-        """How many layers' CPU parts run as the native call (bound so far)."""
-        return sum(call is not None for call in self._natives.values())
-
     def close(self) -> None:
         """Stop the thread of queued steps' CPU parts (it would stay until the garbage collector
         found this object)."""
@@ -421,12 +416,6 @@ class DecodeGraphs:
         """Whether run-ahead steps queue the whole step, the CPU parts running on the native
         queue's thread (set at the first such step)."""
         return self._queue is not None
-
-    def _copy_behind_gate(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if isinstance(self.gate, QueuedGate):
-            self.gate.submit(lambda: dst.copy_(src))
-        else:
-            self.moe.streams.copy_on_compute(dst, src)
 
     def _native(self, layer: int):
         """Layer `layer`'s bound native CPU part (OffloadedMoE.bind_run_ahead), or None."""
@@ -472,7 +461,7 @@ class DecodeGraphs:
                     # writes only once this layer's successor has staged its routing, later
                     # on the same stream.
                     queue.submit(native, self._count, gate.close())
-                    self._copy_behind_gate(self._host_part_dev, self.host_part)
+                    self.gate.copy_behind(self._host_part_dev, self.host_part)
                 parts.append((layer, native))
                 i, layer, _ = self._queue_through_post(i)
         finally:
@@ -485,11 +474,9 @@ class DecodeGraphs:
                 moe.count_resident(layer, self, end, self._count)
 
     def _drive(self, queue) -> None:
-        """Wait for the queue's thread to finish the step's CPU parts. Behind an emulated gate
-        this thread also plays the stream: it runs each piece once the flag opens its gate."""
-        if isinstance(self.gate, QueuedGate):
-            while not (queue.idle() and self.gate.empty):
-                self.gate.drain()
+        """Wait for the queue's thread to finish the step's CPU parts (behind an emulated gate
+        this thread plays the stream meanwhile)."""
+        self.gate.run_until(queue.idle)
         queue.wait()
 
     def _step_layer_ahead(self) -> None:
@@ -505,7 +492,7 @@ class DecodeGraphs:
             seq = gate.close() if gated else None
             try:
                 if gated:
-                    self._copy_behind_gate(self._host_part_dev, self.host_part)
+                    self.gate.copy_behind(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
                 if gated:
                     self._part_written = False

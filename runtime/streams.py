@@ -156,6 +156,14 @@ class HostGate:
         # visible to the GPU once it sees the flag.
         self._flag_np[0] = seq
 
+    def copy_behind(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst.copy_(src) after the gates closed so far (queued on the compute stream)."""
+        self.streams.copy_on_compute(dst, src)
+
+    def run_until(self, done) -> None:
+        """Nothing to do: the stream runs what the gates hold by itself (QueuedGate's host
+        plays that part)."""
+
 
 class QueuedGate:
     """HostGate's stand-in off CUDA, where a "replayed" piece runs when it is queued: work
@@ -196,6 +204,15 @@ class QueuedGate:
     def open(self, seq: int) -> None:
         self._flag[0] = max(int(self._flag[0]), seq)
         self.drain()
+
+    def copy_behind(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.submit(lambda: dst.copy_(src))
+
+    def run_until(self, done) -> None:
+        """Play the stream: run each piece once the flag (written by another thread) opens its
+        gate, until done() and nothing waits."""
+        while not (done() and self.empty):
+            self.drain()
 
     def drain(self) -> None:
         """Run what waits behind gates the flag has opened, up to the first still closed."""

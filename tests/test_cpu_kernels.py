@@ -529,7 +529,7 @@ def table_layer_buffers(hidden: int, k: int, num_experts: int, dtype=torch.bfloa
 
 
 @pytest.mark.parametrize("reads", [None, [0, 1, 1, 2, 2]], ids=["no_reads", "reads"])
-def test_table_layer_sum_computes_what_the_gpu_did_not(backends, monkeypatch, reads):
+def test_table_layer_computes_what_the_gpu_did_not(backends, monkeypatch, reads):
     """The run-ahead step's CPU part: waits for the layer's routing to land, sums exactly the
     experts neither in the GPU's table nor read by its experts graph (the first reads[m] of
     the m missed, in routing order), then opens the gate; a float64 reference of that sum."""
@@ -563,7 +563,7 @@ def test_table_layer_sum_computes_what_the_gpu_did_not(backends, monkeypatch, re
             assert torch.equal(buf["out"], torch.zeros(hidden))
 
 
-def test_table_layer_sum_waits_for_the_routing_and_gives_up_clearly(backends, monkeypatch):
+def test_table_layer_waits_for_the_routing_and_gives_up_clearly(backends, monkeypatch):
     """It spins until another thread (the GPU's copy, in a decode step) writes the step count,
     and after its timeout raises without opening the gate (the caller does that)."""
     if backends[0] == "torch":

@@ -106,8 +106,6 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
         got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
-        if ahead and budget != "100%":
-            assert bool(graphs.native_layer_count) == (native and cpu_kernels.available())
         assert graphs.cpu_parts_queued == (ahead and native and cpu_kernels.available())
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts, tel.host_read_experts)
@@ -142,6 +140,17 @@ def test_closing_the_engine_stops_the_queued_steps_thread(monkeypatch):
     assert len(os.listdir("/proc/self/task")) == threads - 1
 
 
+def routing_never_lands(monkeypatch) -> None:
+    """Make every native CPU part bound from now on wait for a routing that never lands where
+    it looks, and give up after 0.2 s: a real failure of the queued step's native side."""
+    real = cpu_kernels.bind_table_layer
+
+    def never_ready(*a, **k):
+        return real(*a, **{**k, "ready": torch.zeros(1, dtype=torch.int64), "timeout_s": 0.2})
+
+    monkeypatch.setattr(cpu_kernels, "bind_table_layer", never_ready)
+
+
 def test_queued_step_whose_cpu_part_fails_raises_it_and_leaves_nothing_waiting(monkeypatch):
     """A queued run-ahead step whose native CPU part fails for real (its routing never lands
     where it looks): the step raises that failure, the parts behind it opened their gates and
@@ -151,12 +160,7 @@ def test_queued_step_whose_cpu_part_fails_raises_it_and_leaves_nothing_waiting(m
     from runtime.cuda_graphs import DecodeGraphs
 
     monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
-    real = cpu_kernels.bind_table_layer
-
-    def never_ready(*a, **k):
-        return real(*a, **{**k, "ready": torch.zeros(1, dtype=torch.int64), "timeout_s": 0.2})
-
-    monkeypatch.setattr(cpu_kernels, "bind_table_layer", never_ready)
+    routing_never_lands(monkeypatch)
     engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
     engine.use_graphs = True
     engine.reset()

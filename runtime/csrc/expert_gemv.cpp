@@ -208,6 +208,13 @@ Plan plan_for(int isa, bool in_out) {
   return scalar::plan<T>(in_out);
 }
 
+// One step of a spin-wait: tells the core it is spinning (cheaper for its sibling thread).
+inline void cpu_pause() {
+#ifdef SPECMOE_X86
+  _mm_pause();
+#endif
+}
+
 // How long an idle thread of ours spins before it sleeps: SPECMOE_CPU_SPIN_US microseconds
 // (default 2000).
 std::chrono::steady_clock::duration spin_time() {
@@ -257,7 +264,7 @@ class SpinPool {
     }
     take(gen);
     // Every task claimed has run: no thread touches this region's task_ or done_ any more.
-    while (done_.load(std::memory_order_acquire) < tasks) pause();
+    while (done_.load(std::memory_order_acquire) < tasks) cpu_pause();
   }
 
  private:
@@ -273,12 +280,6 @@ class SpinPool {
   }
 
   SpinPool() : spin_(spin_time()) {}
-
-  static void pause() {
-#ifdef SPECMOE_X86
-    _mm_pause();
-#endif
-  }
 
   // Run tasks of region `gen` while any are left. A claim succeeds only on that region's
   // ticket, and the region cannot end before the claimed task is done: task_ is its own.
@@ -300,7 +301,7 @@ class SpinPool {
     for (;;) {
       const auto start = std::chrono::steady_clock::now();
       for (uint64_t spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
-        pause();
+        cpu_pause();
         if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
           std::unique_lock<std::mutex> lock(sleep_mutex_);
           ++sleeping_;
@@ -330,9 +331,9 @@ std::vector<float>& scratch(int which) {
   return buffers[which];
 }
 
-// x: n rows x_stride apart (0: one row for every matrix).
+// x: n rows x_stride apart (0: one row for every matrix); threads: how many threads compute
+// (0: torch's intra-op count).
 template <class T>
-// threads: how many threads compute (0: torch's intra-op count).
 void run_batch(const int64_t* ptrs, const float* x, int64_t x_stride, float* out, int64_t n, int64_t in,
                int64_t outd, bool in_out, int isa, int64_t task_bytes, int64_t threads = 0) {
   const Plan plan = plan_for<T>(isa, in_out);
@@ -605,9 +606,7 @@ struct TableLayer {
     const auto start = clock::now();
     const auto* flag = reinterpret_cast<const int64_t*>(ready);
     for (uint64_t spins = 1; __atomic_load_n(flag, __ATOMIC_ACQUIRE) != expect; ++spins) {
-#ifdef SPECMOE_X86
-      _mm_pause();
-#endif
+      cpu_pause();
       if ((spins & 0xFFF) == 0 && std::chrono::duration<double>(clock::now() - start).count() > timeout_s)
         throw std::runtime_error("TableLayer: the layer's routing did not reach host memory within " +
                                  std::to_string(timeout_s) + " s");
@@ -732,9 +731,7 @@ class LayerQueue {
       // then sleep.
       const auto start = std::chrono::steady_clock::now();
       for (uint64_t spins = 1; posted_.load(std::memory_order_acquire) == seen; ++spins) {
-#ifdef SPECMOE_X86
-        _mm_pause();
-#endif
+        cpu_pause();
         if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
           std::unique_lock<std::mutex> lock(mutex_);
           wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen; });
@@ -801,8 +798,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   py::class_<TableLayer, std::shared_ptr<TableLayer>>(m, "TableLayer")
       .def("run", &TableLayer::run, "wait for the layer's routing, sum the experts the GPU did not, open the gate",
-           py::arg("expect"), py::arg("gate_value"), py::call_guard<py::gil_scoped_release>())
-      .def("open", &TableLayer::open, py::arg("gate_value"));
+           py::arg("expect"), py::arg("gate_value"), py::call_guard<py::gil_scoped_release>());
   m.def("table_layer", &table_layer, "one layer's CPU part of a graphed decode step, on buffers given by address",
         py::arg("ready"), py::arg("timeout_s"), py::arg("ids"), py::arg("weights"), py::arg("k"), py::arg("x"),
         py::arg("x_dtype"), py::arg("present"), py::arg("reads"), py::arg("out"), py::arg("gate"), py::arg("stats"),
