@@ -176,6 +176,10 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             torch.cuda.empty_cache()
 
 
+def timeline(us: dict | None) -> str:
+    return "-" if not us else ", ".join(f"{v:.0f}" for v in us.values())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
@@ -254,8 +258,9 @@ def main() -> int:
     lines = ["# Where a decode step's time goes", "", f"    {result['command']}", "",
              f"Model A's shape with {args.layers} layers, context {args.context}, {result['device']}.", "",
              "| mode | budget | device table | compiled | wall ms | graphs alone ms | host us/layer (decide, after) "
-             "| kernels/layer | kernel busy ms | cache hit | CPU expert ms | routing wait ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernels/layer | kernel busy ms | cache hit | CPU expert ms | routing wait ms "
+             "| queued step us: to first part, through last, after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
@@ -263,7 +268,8 @@ def main() -> int:
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "
-                     f"| {r['telemetry']['cpu_expert_ms_per_step']:.2f} | {r['telemetry']['routing_wait_ms_per_step']:.2f} |")
+                     f"| {r['telemetry']['cpu_expert_ms_per_step']:.2f} | {r['telemetry']['routing_wait_ms_per_step']:.2f} "
+                     f"| {timeline(r['telemetry'].get('queued_step_us'))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -194,6 +194,16 @@ def gpu_time_alone(parts, base, prompt, forced, steps: int = 6) -> float:
         engine.close()
 
 
+STARTED = time.perf_counter()
+
+
+def said(result: dict) -> None:
+    """One line per row as it ends: a long run shows where its time goes."""
+    row = result["modes"][-1]
+    print(f"  [{time.perf_counter() - STARTED:6.0f} s] {row['mode']} at {row['gpu_expert_budget']}: "
+          f"{row['ms_per_token_median']:.2f} ms/token (prefill {row['prefill_seconds']:.1f} s)", flush=True)
+
+
 def add_floors(result: dict, limits: dict) -> None:
     """Beside each row: its CPU floor (expert bytes the CPU computed per token over the CPU
     expert throughput, and over the memory read bandwidth) and the mode's limit: the larger
@@ -269,6 +279,7 @@ def model_a(args, out: dict, save=lambda: None) -> None:
             out[key] = result
             add_floors(result, limits)
             save()
+            said(result)
         return on_row
 
     def long_context(exact_cpu: bool) -> None:
@@ -476,6 +487,7 @@ def model_b(args, out: dict, save=lambda: None) -> None:
     def on_row(result: dict) -> None:
         out["model_b"] = result
         save()
+        said(result)
 
     r = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, on_row=on_row)
     print(markdown(r, "model B"), flush=True)

@@ -374,7 +374,7 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
         _host_buffer("reads", reads, (torch.int64,), k + 1)
     _host_buffer("out", out, (torch.float32,), hidden)
     _host_buffer("gate", gate, (torch.int32,), 1)
-    stats = torch.zeros(5, dtype=torch.int64)
+    stats = torch.zeros(7, dtype=torch.int64)
     native = load().table_layer(ready.data_ptr(), float(timeout_s), ids.data_ptr(), weights.data_ptr(), k,
                                 x.data_ptr(), _DTYPE_CODES[x.dtype], present.data_ptr(),
                                 0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr(),
@@ -402,6 +402,10 @@ class TableLayer:
         v = self._view
         return int(v[0]), int(v[1]), int(v[2]), v[3] * 1e-9, v[4] * 1e-9
 
+    def span(self) -> tuple[int, int]:
+        """When its last run began and ended, in time.monotonic_ns()'s nanoseconds."""
+        return int(self._view[5]), int(self._view[6])
+
 
 class LayerQueue:
     """A thread of the extension's that runs submitted TableLayers in order (the CPU parts of
@@ -411,14 +415,24 @@ class LayerQueue:
     def __init__(self):
         self._native = load().LayerQueue()
 
-    def submit(self, layer: TableLayer, expect: int, gate_value: int) -> None:
-        self._native.submit(layer.native, expect, gate_value)
+    def submit(self, layer: TableLayer, expect: int, gate_value: int) -> int:
+        """Queue `layer` to run with (expect, gate_value); returns its ticket for wait_for."""
+        return self._native.submit(layer.native, expect, gate_value)
 
     def wait(self) -> None:
         self._native.wait()
 
+    def wait_for(self, ticket: int) -> bool:
+        """Until the part of `ticket` and those before it have run; False if one has failed
+        since the last wait() (which raises it)."""
+        return self._native.wait_for(ticket)
+
     def idle(self) -> bool:
         return self._native.idle()
+
+    def ran(self, ticket: int) -> bool:
+        """Whether the part of `ticket` has run (without waiting)."""
+        return self._native.ran(ticket)
 
 
 def expert_sum(family, experts, store, layer: int, expert_ids: Sequence[int], weights: Sequence[float],

@@ -38,6 +38,7 @@ this path's host decisions.
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -447,31 +448,53 @@ class DecodeGraphs:
     def _step_queued(self) -> None:
         """The whole step queued at once: each layer with a CPU part gets a gate before the
         graphs after it, and its native part goes to the queue's thread, which waits for the
-        layer's routing, computes and opens the gate while this thread queues the rest."""
+        layer's routing, computes and opens the gate while this thread queues the rest, then
+        counts each layer as its part finishes."""
         moe, gate, queue = self.moe, self.gate, self._queue
-        parts = []   # (layer, its native part or None: every expert on the GPU)
+        parts = []   # (layer, its part's ticket or None: every expert on the GPU)
+        begin = time.monotonic_ns()
         try:
             i, layer, _ = self._queue_through_post(0)
             while layer is not None:
-                native = None
+                ticket = None
                 if not moe.layer_resident(layer):
-                    native = self._native(layer)
                     # Submitted as soon as the gate is queued: the part opens it, failed or not.
                     # The copy behind it may be queued after the part has run: the next part
                     # writes only once this layer's successor has staged its routing, later
                     # on the same stream.
-                    queue.submit(native, self._count, gate.close())
+                    ticket = queue.submit(self._native(layer), self._count, gate.close())
                     self.gate.copy_behind(self._host_part_dev, self.host_part)
-                parts.append((layer, native))
+                parts.append((layer, ticket))
                 i, layer, _ = self._queue_through_post(i)
+        except BaseException:
+            self._drive(queue)   # the parts queued so far run and open their gates
+            raise
+        self._count_as_parts_finish(queue, parts, begin)
+
+    def _count_as_parts_finish(self, queue, parts: list, begin: int) -> None:
+        """Count each layer (uses, hits, the cache's order) as soon as its CPU part has run,
+        while the thread computes the next: only the last layer's counting is left after the
+        step's last part."""
+        moe, count = self.moe, self._count
+        end = moe.streams.host_event()   # after every experts graph of the step
+        first = last = None
+        try:
+            for layer, ticket in parts:
+                if ticket is None:
+                    self.gate.run_until(lambda layer=layer: moe.routing_landed(layer, self, count))
+                    moe.count_resident(layer, self, end, count)
+                    continue
+                self.gate.run_until(lambda ticket=ticket: queue.ran(ticket))
+                if not queue.wait_for(ticket):
+                    break   # a part failed: wait() raises it
+                native = self._native(layer)
+                moe.count_run_ahead(layer, self, end, native.stats())
+                start, done = native.span()
+                first, last = first or start, done
         finally:
             self._drive(queue)
-        end = moe.streams.host_event()   # after every experts graph of the step
-        for layer, native in parts:
-            if native is not None:
-                moe.count_run_ahead(layer, self, end, native.stats())
-            else:
-                moe.count_resident(layer, self, end, self._count)
+        if first is not None:
+            moe.telemetry.count_queued_step(begin, first, last, time.monotonic_ns())
 
     def _drive(self, queue) -> None:
         """Wait for the queue's thread to finish the step's CPU parts (behind an emulated gate

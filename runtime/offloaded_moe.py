@@ -676,21 +676,24 @@ class OffloadedMoE:
                     touch((layer, e))
         self._inflight.pop(layer, None)
 
+    def routing_landed(self, layer: int, g, expect: int) -> bool:
+        """Whether a run-ahead step's layer `layer` has staged its routing in pinned memory
+        (the step's count `expect` lands after it)."""
+        return int(self._as_numpy(g.staged[layer][3])[0]) == expect
+
     def count_resident(self, layer: int, g, released, expect: int, timeout_s: float = 30.0) -> None:
         """A run-ahead layer whose experts were all on the GPU: once its routing has landed in
         pinned memory (the step's count `expect` with it), count its uses as hits and touch
         them. The host waits for this layer only, while the GPU runs the ones after it."""
         self._pending.pop(layer, None)
         self._layer_released[layer] = released
-        ids, _, _, count = g.staged[layer]
-        landed = self._as_numpy(count)
         deadline = None
-        while int(landed[0]) != expect:
+        while not self.routing_landed(layer, g, expect):
             now = time.perf_counter()
             deadline = deadline or now + timeout_s
             if now > deadline:
                 raise RuntimeError(f"layer {layer}'s routing did not reach host memory within {timeout_s} s")
-        missed = self._table_misses(layer, self._as_numpy(ids)[0].tolist(), self._installed[layer])
+        missed = self._table_misses(layer, self._as_numpy(g.staged[layer][0])[0].tolist(), self._installed[layer])
         if missed:
             raise RuntimeError(f"layer {layer} had every expert on the GPU but missed {len(missed)}")
         self._inflight.pop(layer, None)

@@ -210,9 +210,10 @@ class QueuedGate:
 
     def run_until(self, done) -> None:
         """Play the stream: run each piece once the flag (written by another thread) opens its
-        gate, until done() and nothing waits."""
-        while not (done() and self.empty):
+        gate, until done(), and then what the gates opened by then let through."""
+        while not done():
             self.drain()
+        self.drain()
 
     def drain(self) -> None:
         """Run what waits behind gates the flag has opened, up to the first still closed."""

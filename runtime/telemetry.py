@@ -40,6 +40,9 @@ class Telemetry:
     host_read_experts: int = 0            # ... computed by the GPU reading weights in host memory
     uses: dict[int, int] = field(default_factory=dict)
     cache_hits: dict[int, int] = field(default_factory=dict)
+    # Per queued step (monotonic ns): its start, its first CPU part's start, its last part's
+    # end, and when the host had counted its layers.
+    queued_steps: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.moe_layers)
@@ -129,6 +132,19 @@ class Telemetry:
 
     # -------------------------------------------------------------- report
 
+    def count_queued_step(self, begin: int, first_part: int, last_part: int, end: int) -> None:
+        self.queued_steps.append((begin, first_part, last_part, end))
+
+    def queued_step_us(self) -> dict | None:
+        """Medians over queued steps, in microseconds: from the step's start to its first CPU
+        part, from there to the end of its last part, and from there until the host had
+        counted every layer."""
+        if not self.queued_steps:
+            return None
+        spans = [(a - b, c - a, d - c) for b, a, c, d in self.queued_steps]
+        return {name: statistics.median(v[i] for v in spans) / 1e3
+                for i, name in enumerate(("to_first_part", "through_last_part", "after_last_part"))}
+
     def summary(self) -> dict:
         hits = [a + b for a, b in zip(self._pred_hits.tolist(), self._host_hits)]
         exact = [a + b for a, b in zip(self._pred_exact.tolist(), self._host_exact)]
@@ -168,6 +184,7 @@ class Telemetry:
             "cpu_wait_seconds": self.cpu_wait_seconds,
             "routing_wait_seconds": self.routing_wait_seconds,
             "gpu_copy_wait_seconds": self.copy_wait_seconds(),
+            "queued_step_us": self.queued_step_us(),
             "peak_gpu_bytes": (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None),
             "peak_host_bytes": host_peak_bytes(),
             "per_layer": per_layer,

@@ -630,20 +630,28 @@ def test_layer_queue_runs_a_steps_parts_in_order_and_opens_every_gate(backends, 
         bad = step == 1
         if bad:
             bufs[1]["ids"][0] = store.num_experts
-        for layer, part in enumerate(layers):
-            queue.submit(part, step, 3 * step + layer)
+        began = time.monotonic_ns()
+        tickets = [queue.submit(part, step, 3 * step + layer) for layer, part in enumerate(layers)]
+        assert tickets == list(range(3 * step - 2, 3 * step + 1))   # one count over the queue's life
         for layer, buf in enumerate(bufs):
             time.sleep(0.01)
             if not (bad and layer == 2):   # behind a failure a part only opens its gate
                 assert int(gate) < 3 * step + layer   # nothing opened before its routing landed
+                assert not queue.ran(tickets[layer])
             buf["ready"].fill_(step)
+            if not bad:   # the host counts each layer as its part finishes
+                assert queue.wait_for(tickets[layer]) and int(gate) >= 3 * step + layer
         if bad:
+            assert not queue.wait_for(tickets[2])   # the host stops counting at a failure
             with pytest.raises(RuntimeError, match=r"expert id 10 is not in \[0, 10\)"):
                 queue.wait()
             assert int(gate) == 3 * step + 2
             continue
         queue.wait()
         assert queue.idle() and int(gate) == 3 * step + 2
+        spans = [part.span() for part in layers]
+        assert began <= spans[0][0] and all(a <= b for a, b in spans) and spans[-1][1] <= time.monotonic_ns()
+        assert all(spans[i][1] <= spans[i + 1][0] for i in range(2))   # in order, one at a time
         for layer, (part, buf) in enumerate(zip(layers, bufs)):
             ref = swiglu_reference(store, stored[layer], buf["ids"].tolist(), buf["weights"].tolist(), buf["x"], False)
             assert rel_err(buf["out"][None], ref) < TOL

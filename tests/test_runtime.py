@@ -106,12 +106,19 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
         got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
-        assert graphs.cpu_parts_queued == (ahead and native and cpu_kernels.available())
+        queued = graphs.cpu_parts_queued
+        assert queued == (ahead and native and cpu_kernels.available())
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts, tel.host_read_experts)
         engine.close()
         assert (tel.cpu_experts > 0) == (budget != "100%")
         assert (tel.host_read_experts > 0) == (reads > 0)
+        timeline = tel.queued_step_us()   # where a queued step's time went, one entry per step
+        if queued and budget != "100%":
+            assert 0 < len(tel.queued_steps) <= len(ids) - len(PROMPT)
+            assert all(v >= 0 for v in timeline.values())
+        else:
+            assert timeline is None
     assert counted[True, True] == counted[True, False] == counted[False, False]
     for key, logits in got.items():
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=str(key))

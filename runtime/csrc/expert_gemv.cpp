@@ -589,8 +589,9 @@ void expert_glu_sum(uintptr_t x, int x_dtype, uintptr_t out, const std::vector<i
 //    experts graph read those from host memory itself; reads = 0: none).
 // 3. out[H] = their weighted sum (zeros if none), then writes gate_value to the int32 at
 //    `gate` (the GPU's next layer waits for it: cuStreamWaitValue32) after out is written.
-// stats (int64 [5]): ids found present, ids the GPU read, experts computed here,
-// nanoseconds waited, nanoseconds computed.
+// stats (int64 [7]): ids found present, ids the GPU read, experts computed here,
+// nanoseconds waited, nanoseconds computed, then when the run began and ended (nanoseconds of
+// the monotonic clock, Python's time.monotonic_ns): where a step's time goes between parts.
 struct TableLayer {
   LayerExperts layer;
   uintptr_t ready;
@@ -645,6 +646,8 @@ struct TableLayer {
     s[2] = int64_t(experts.size());
     s[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(arrived - start).count();
     s[4] = std::chrono::duration_cast<std::chrono::nanoseconds>(done - arrived).count();
+    s[5] = std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count();
+    s[6] = std::chrono::duration_cast<std::chrono::nanoseconds>(done.time_since_epoch()).count();
     open(gate_value);
   }
 
@@ -689,16 +692,29 @@ class LayerQueue {
     thread_.join();
   }
 
-  void submit(std::shared_ptr<TableLayer> layer, int64_t expect, int32_t gate_value) {
+  // Returns the part's ticket: wait_for(ticket) returns once it has run.
+  int64_t submit(std::shared_ptr<TableLayer> layer, int64_t expect, int32_t gate_value) {
     // A forked child has the object but not its thread: its parts would never run.
     if (getpid() != pid_) throw std::runtime_error("LayerQueue: made before this process was forked; make a new one");
+    int64_t ticket;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       items_.push_back(Item{std::move(layer), expect, gate_value});
       ++pending_;
+      ticket = ++submitted_;
     }
     posted_.fetch_add(1, std::memory_order_release);
     wake_.notify_one();
+    return ticket;
+  }
+
+  // Until the part with this ticket (and every one before it) has run; false if a part has
+  // failed since the last wait (wait() throws it). The host counts each layer here while the
+  // thread computes the next.
+  bool wait_for(int64_t ticket) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    idle_.wait(lock, [&] { return finished_ >= ticket; });
+    return error_.empty();
   }
 
   // Until every part submitted has run; throws the first failure since the last wait.
@@ -715,6 +731,11 @@ class LayerQueue {
   bool idle() {
     std::lock_guard<std::mutex> lock(mutex_);
     return pending_ == 0;
+  }
+
+  bool ran(int64_t ticket) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return finished_ >= ticket;
   }
 
  private:
@@ -762,7 +783,9 @@ class LayerQueue {
         }
         std::lock_guard<std::mutex> lock(mutex_);
         if (!error.empty() && error_.empty()) error_ = error;
-        if (--pending_ == 0) idle_.notify_all();
+        ++finished_;
+        --pending_;
+        idle_.notify_all();
       }
     }
   }
@@ -771,7 +794,7 @@ class LayerQueue {
   std::condition_variable wake_, idle_;
   std::deque<Item> items_;
   std::atomic<uint64_t> posted_{0};
-  int64_t pending_ = 0;
+  int64_t pending_ = 0, submitted_ = 0, finished_ = 0;
   bool stop_ = false;
   std::string error_;
   const std::chrono::steady_clock::duration spin_;
@@ -811,6 +834,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def("submit", &LayerQueue::submit, py::arg("layer"), py::arg("expect"), py::arg("gate_value"))
       .def("wait", &LayerQueue::wait, py::call_guard<py::gil_scoped_release>())
-      .def("idle", &LayerQueue::idle, py::call_guard<py::gil_scoped_release>());
+      .def("wait_for", &LayerQueue::wait_for, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def("idle", &LayerQueue::idle, py::call_guard<py::gil_scoped_release>())
+      .def("ran", &LayerQueue::ran, py::arg("ticket"), py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "instruction sets this CPU runs, best first");
 }
