@@ -71,6 +71,55 @@ class _Eager:
         self.replay = fn if gate is None else (lambda: gate.submit(fn))
 
 
+class _Tally:
+    """A queued step's counting (uses, hits, the cache's order, CPU time) of its layers, in
+    order, each once its CPU part has run (a resident layer: once its routing has landed)."""
+
+    def __init__(self, graphs, queue, begin: int):
+        self.graphs, self.queue, self.begin = graphs, queue, begin
+        self.parts: list = []   # (layer, its part's ticket or None: every expert on the GPU)
+        self.counted = 0
+        self.failed = False
+        self.first = self.last = None   # the first part's start, the last counted part's end
+
+    def _ready(self, layer: int, ticket):
+        g = self.graphs
+        if ticket is None:
+            return lambda: g.moe.routing_landed(layer, g, g._count)
+        return lambda: self.queue.ran(ticket)
+
+    def count(self, block: bool) -> None:
+        """Count the layers whose parts have run (block: every layer, playing an emulated
+        gate's stream meanwhile); stops at a failed part (the step's wait raises it)."""
+        g, moe = self.graphs, self.graphs.moe
+        released = None
+        while not self.failed and self.counted < len(self.parts):
+            layer, ticket = self.parts[self.counted]
+            ready = self._ready(layer, ticket)
+            if block:
+                g.gate.run_until(ready)
+            elif not ready():
+                return
+            # One event after every experts graph queued so far: the counted layers' slots
+            # are free for reuse once it has passed.
+            released = released or moe.streams.host_event()
+            if ticket is None:
+                moe.count_resident(layer, g, released, g._count)
+            elif not self.queue.wait_for(ticket):
+                self.failed = True
+                return
+            else:
+                native = g._native(layer)
+                moe.count_run_ahead(layer, g, released, native.stats())
+                start, self.last = native.span()
+                self.first = self.first or start
+            self.counted += 1
+
+    def record(self) -> None:
+        if self.first is not None:
+            self.graphs.moe.telemetry.count_queued_step(self.begin, self.first, self.last, time.monotonic_ns())
+
+
 class DecodeGraphs:
     # Run-ahead steps queued whole, their CPU parts on the native queue's thread, where every
     # MoE layer has native kernels (False: the Python path, for comparisons).
@@ -390,10 +439,10 @@ class DecodeGraphs:
         e.cache.length += 1
         return self.logits.clone()
 
-    def _queue_through_post(self, i: int):
+    def _queue_through_post(self, i: int, routed=None):
         """Replay the step's graphs from index i through the next experts graph; returns (the
         index after it, its layer, the event after it: None where nothing waits for it) or
-        (end, None, None)."""
+        (end, None, None). `routed(layer)` runs once the layer's routing graph is queued."""
         moe = self.moe
         while i < len(self._graphs):
             kind, l, g = self._graphs[i]
@@ -401,6 +450,8 @@ class DecodeGraphs:
             (self._experts_graph(l, g) if kind == "post" else g).replay()
             if kind == "pre":
                 moe.graphed_layer(l, self)
+                if routed is not None:
+                    routed(l)
             elif kind == "post":
                 return i, l, moe.streams.record_on_compute() if self.waits_for(l) else None
         return i, None, None
@@ -448,53 +499,37 @@ class DecodeGraphs:
     def _step_queued(self) -> None:
         """The whole step queued at once: each layer with a CPU part gets a gate before the
         graphs after it, and its native part goes to the queue's thread, which waits for the
-        layer's routing, computes and opens the gate while this thread queues the rest, then
-        counts each layer as its part finishes."""
+        layer's routing, computes and opens the gate while this thread queues the rest. This
+        thread counts each layer once its part has run, between its launches and then as the
+        last parts finish: little of it is left after the step's last part."""
         moe, gate, queue = self.moe, self.gate, self._queue
-        parts = []   # (layer, its part's ticket or None: every expert on the GPU)
-        begin = time.monotonic_ns()
-        try:
-            i, layer, _ = self._queue_through_post(0)
-            while layer is not None:
-                ticket = None
-                if not moe.layer_resident(layer):
-                    # Submitted as soon as the gate is queued: the part opens it, failed or not.
-                    # The copy behind it may be queued after the part has run: the next part
-                    # writes only once this layer's successor has staged its routing, later
-                    # on the same stream.
-                    ticket = queue.submit(self._native(layer), self._count, gate.close())
-                    self.gate.copy_behind(self._host_part_dev, self.host_part)
-                parts.append((layer, ticket))
-                i, layer, _ = self._queue_through_post(i)
-        except BaseException:
-            self._drive(queue)   # the parts queued so far run and open their gates
-            raise
-        self._count_as_parts_finish(queue, parts, begin)
+        tally = _Tally(self, queue, time.monotonic_ns())
+        submitted = {}   # layer: (its part's ticket, the number that opens its gate)
 
-    def _count_as_parts_finish(self, queue, parts: list, begin: int) -> None:
-        """Count each layer (uses, hits, the cache's order) as soon as its CPU part has run,
-        while the thread computes the next: only the last layer's counting is left after the
-        step's last part."""
-        moe, count = self.moe, self._count
-        end = moe.streams.host_event()   # after every experts graph of the step
-        first = last = None
+        def submit(layer: int) -> None:
+            # Submitted once the layer's routing is queued, before its experts graph: the part
+            # can start the moment the routing lands (the step's first, above all). It opens
+            # its gate, failed or not; if that comes before the gate is queued, the gate passes.
+            if not moe.layer_resident(layer):
+                seq = gate.reserve()
+                submitted[layer] = (queue.submit(self._native(layer), self._count, seq), seq)
+
         try:
-            for layer, ticket in parts:
-                if ticket is None:
-                    self.gate.run_until(lambda layer=layer: moe.routing_landed(layer, self, count))
-                    moe.count_resident(layer, self, end, count)
-                    continue
-                self.gate.run_until(lambda ticket=ticket: queue.ran(ticket))
-                if not queue.wait_for(ticket):
-                    break   # a part failed: wait() raises it
-                native = self._native(layer)
-                moe.count_run_ahead(layer, self, end, native.stats())
-                start, done = native.span()
-                first, last = first or start, done
+            i, layer, _ = self._queue_through_post(0, submit)
+            while layer is not None:
+                ticket, seq = submitted.pop(layer, (None, None))
+                if ticket is not None:
+                    gate.close(seq)
+                    # The copy may be queued after the part has run: the next part writes only
+                    # once this layer's successor has staged its routing, later on the stream.
+                    gate.copy_behind(self._host_part_dev, self.host_part)
+                tally.parts.append((layer, ticket))
+                i, layer, _ = self._queue_through_post(i, submit)
+                tally.count(block=False)
+            tally.count(block=True)
         finally:
-            self._drive(queue)
-        if first is not None:
-            moe.telemetry.count_queued_step(begin, first, last, time.monotonic_ns())
+            self._drive(queue)   # every part queued has run and opened its gate; raises a failure
+        tally.record()
 
     def _drive(self, queue) -> None:
         """Wait for the queue's thread to finish the step's CPU parts (behind an emulated gate

@@ -245,12 +245,16 @@ class OffloadedMoE:
 
         # One read for both: this layer's ids and the prediction's.
         k, kp = ids.shape[1], (pred[0].shape[1] if pred is not None else 0)
-        rows = self._to_host(_with_prediction(ids, pred))
-        host_ids = [row[:k] for row in rows]
+        both = _with_prediction(ids, pred)
+        if T == 1:
+            rows = self._to_host(both)
+            host_ids, pred_host = [row[:k] for row in rows], [row[k:k + kp] for row in rows]
+        else:   # a prefill's many rows stay one tensor (_compute_many plans per expert)
+            rows = both.cpu()
+            host_ids, pred_host = rows[:, :k], rows[:, k:k + kp].tolist()
         then = None
         if pred is not None:
-            pred_host = [row[k:k + kp] for row in rows]
-            current = {(layer, int(e)) for row in host_ids for e in row}
+            current = {(layer, int(e)) for e in torch.as_tensor(host_ids).unique().tolist()}
             # After this layer's own copies are queued (they are needed first), before its compute.
             then = lambda copy: self._prefetch(target, pred, pred_host, current, copy)  # noqa: E731
         return self._compute(layer, s, ids, weights, host_ids, then)
@@ -882,18 +886,24 @@ class OffloadedMoE:
                 keep_row.append(0.0 if slot is None else 1.0)
             plan.slot_idx.append(slots_row)
             plan.keep.append(keep_row)
-        if waits:
+        self._compute_waits_for(waits)
+        return plan
+
+    def _compute_waits_for(self, copies: list) -> None:
+        """The compute stream waits for these copies' events."""
+        if copies:
             # Two timed events around the waits: the gap between them is the time the
             # compute stream stood still for copies.
             before = self.streams.timed_event_on_compute()
-            for ev in waits:
+            for ev in copies:
                 self.streams.compute_waits(ev)
             self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
-        return plan
 
     def _compute(self, layer: int, s: torch.Tensor, ids, weights, host_ids, then=None) -> torch.Tensor:
+        if s.shape[0] > 1:
+            return self._compute_many(layer, s, weights, host_ids, then)
         # The CPU takes misses at decode; a prefill's many tokens per expert are cheaper copied.
-        cpu_ok = self.on_miss == "cpu" and s.shape[0] == 1 and self.cpu is not None
+        cpu_ok = self.on_miss == "cpu" and self.cpu is not None
         out, future = None, None
         chunks = self._chunks(layer, host_ids)
         for chunk in chunks:
@@ -923,21 +933,77 @@ class OffloadedMoE:
             out = (out.float() + cpu_part.to(self.device, non_blocking=True)).to(out.dtype)
         return out
 
+    def _compute_many(self, layer: int, s: torch.Tensor, weights: torch.Tensor, host_ids, then=None) -> torch.Tensor:
+        """Several tokens (a prefill): every expert they use on the GPU, copied where missing, in
+        groups that fit the slots. Planned per expert, not per (token, choice): a long prompt
+        routes hundreds of thousands of those."""
+        ids = torch.as_tensor(host_ids, dtype=torch.long)   # [T, k] on the host (a tensor or rows)
+        uses = torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
+        first = torch.full((self.spec.num_experts,), ids.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, ids.reshape(-1), torch.arange(ids.numel()), reduce="amin")
+        order = sorted((e for e, n in enumerate(uses) if n), key=lambda e: int(first[e]))   # first use first
+        chunks = self._chunks(layer, [order])
+        zero = self.slots.zero_slot
+        others = {k for l, keys in self._inflight.items() if l != layer for k in keys}
+        out = None
+        for chunk in chunks:
+            protected = {(layer, e) for e in chunk} | others
+            slot_of = torch.full((self.spec.num_experts,), zero, dtype=torch.long)
+            waits, hits, used = [], 0, 0
+            for e in (e for e in order if e in chunk):
+                key = (layer, e)
+                slot = self.slots.lookup(key)
+                if slot is not None:
+                    hits += uses[e]
+                    self.slots.touch(key)
+                else:
+                    slot = self._demand_copy(key, protected)
+                used += uses[e]
+                slot_of[e] = slot
+                ready = self.slots.pending_ready(slot)
+                if ready is not None:
+                    waits.append(ready)
+            self.telemetry.count_uses(layer, used, hits)
+            if then is not None:
+                # Copies ahead only when this layer fits the slots at once (a prefill that
+                # cycles its experts through every slot leaves nothing to copy into); the
+                # prediction itself is kept either way.
+                then(len(chunks) == 1)
+                then = None
+            self._compute_waits_for(waits)
+            part = self._run_many(layer, s, weights, slot_of[ids])
+            out = part if out is None else out + part
+        self._inflight.pop(layer, None)
+        shared = self._shared[layer]
+        if shared is not None:
+            out = out + shared(s).to(out.dtype)
+        return out
+
+    def _run_many(self, layer: int, s: torch.Tensor, weights: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+        """Several tokens' experts at the slots slot_idx [T, k] (a host tensor; the zero slot
+        where a choice is left to another group: its zero weights add nothing)."""
+        zero = self.slots.zero_slot
+        # A compact stack of the slots used keeps grouped kernels within their group limits
+        # and reads no idle slot.
+        used = torch.unique(slot_idx)
+        where = torch.zeros(zero + 1, dtype=torch.long)
+        where[used] = torch.arange(used.numel())
+        index = self._to_device_tensor(used)
+        stack = {name: t.index_select(0, index) for name, t in self.slots.stack.items()}
+        out = routed_output(self.family, self._experts[layer], s, stack, self._to_device_tensor(where[slot_idx]),
+                             weights)
+        released = self.streams.record_on_compute()
+        for slot in used.tolist():
+            if slot != zero:
+                self.slots.set_released(slot, released)
+        return out
+
     def _run(self, layer: int, s: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor:
         slot_idx = self._to_device(plan.slot_idx)
         w = weights
         if any(k == 0.0 for row in plan.keep for k in row):
             w = weights * self._to_device(plan.keep, weights.dtype)
-        stack = self.slots.stack
-        if s.shape[0] > 1:
-            # A prefill multiplies through the slots this layer uses only: a compact stack of
-            # them keeps grouped kernels within their group limits and reads no idle slot.
-            used = sorted({slot for row in plan.slot_idx for slot in row})
-            where = {slot: i for i, slot in enumerate(used)}
-            index = self._to_device(used)
-            stack = {name: t.index_select(0, index) for name, t in stack.items()}
-            slot_idx = self._to_device([[where[slot] for slot in row] for row in plan.slot_idx])
-        out = routed_output(self.family, self._experts[layer], s, stack, slot_idx, w)
+        out = routed_output(self.family, self._experts[layer], s, self.slots.stack, slot_idx, w)
         released = self.streams.record_on_compute()
         zero = self.slots.zero_slot
         for row in plan.slot_idx:

@@ -138,18 +138,25 @@ class HostGate:
         up to it (what `open` does; a native caller may write it itself)."""
         return self._flag
 
-    def close(self) -> int:
-        """Queue a wait on the compute stream; returns what opens it."""
+    def reserve(self) -> int:
+        """The number that will open the next gate, before that gate is queued (a CPU part
+        may start on it early: writing it first lets the gate pass when it comes)."""
         if self._seq >= 1 << 30:
             # Every gate queued so far was opened: once the stream drains, counting starts over.
             self.streams.synchronize()
             self._seq = 0
             self._flag_np[0] = 0
         self._seq += 1
-        err = self._wait(self.streams.compute.cuda_stream, self._flag.data_ptr(), self._seq, self._GEQ)
+        return self._seq
+
+    def close(self, seq: int | None = None) -> int:
+        """Queue a wait on the compute stream (for `seq` from reserve(), else a new number);
+        returns what opens it."""
+        seq = seq or self.reserve()
+        err = self._wait(self.streams.compute.cuda_stream, self._flag.data_ptr(), seq, self._GEQ)
         if err:
             raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {err}")
-        return self._seq
+        return seq
 
     def open(self, seq: int) -> None:
         # Stores leave this core in order: what the host wrote before (the CPU's part) is
@@ -184,10 +191,14 @@ class QueuedGate:
     def flag(self) -> torch.Tensor:
         return self._flag
 
-    def close(self) -> int:
+    def reserve(self) -> int:
         self._seq += 1
-        self._queue.append(("gate", self._seq))
         return self._seq
+
+    def close(self, seq: int | None = None) -> int:
+        seq = seq or self.reserve()
+        self._queue.append(("gate", seq))
+        return seq
 
     @property
     def empty(self) -> bool:

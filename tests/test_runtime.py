@@ -58,6 +58,34 @@ def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget, tabl
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_prefill_wider_than_the_slots_runs_in_groups_and_matches_stock(family, monkeypatch):
+    """A prompt that routes to more experts per layer than the minimum budget's slots: each
+    layer's experts go through the GPU in groups, every (token, choice) counted once, with the
+    stock forward's logits."""
+    from runtime import offloaded_moe
+
+    ref = tiny_model(family)
+    ids = torch.randint(0, ref.config.vocab_size, (48,), generator=torch.Generator().manual_seed(2))
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="fetch", gpu_expert_budget="0"))
+    groups = []
+    original = offloaded_moe.OffloadedMoE._run_many
+
+    def run_many(self, layer, s, weights, slot_idx):
+        groups.append(layer)
+        return original(self, layer, s, weights, slot_idx)
+
+    monkeypatch.setattr(offloaded_moe.OffloadedMoE, "_run_many", run_many)
+    engine.reset()
+    got = engine.step(ids, all_logits=True)
+    spec, uses = engine.moe.spec, dict(engine.telemetry.uses)
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(groups) > len(spec.moe_layers)   # some layer needed more than one group
+    assert uses == {l: len(ids) * spec.top_k for l in spec.moe_layers}
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"])
 @pytest.mark.parametrize("prefetch,on_miss,budget,window", [("none", "fetch", "0", 0), ("current", "fetch", "50%", 0),
                                                             ("current", "cpu", "0", 0), ("current", "cpu", "50%", 0),
@@ -408,6 +436,16 @@ def test_eviction_never_takes_a_slot_in_use(demo_model_pair, monkeypatch):
                     checked.append(key)
         return original(self, layer, s, weights, plan)
 
+    original_many = offloaded_moe.OffloadedMoE._run_many
+
+    def run_many(self, layer, s, weights, slot_idx):   # a prefill's tokens at once
+        for slot in slot_idx.unique().tolist():
+            if slot != self.slots.zero_slot:
+                key = self.slots._slots[slot].key
+                assert key is not None and key[0] == layer, (layer, slot, key)
+                checked.append(key)
+        return original_many(self, layer, s, weights, slot_idx)
+
     table_checked = []
     original_table = offloaded_moe.OffloadedMoE.table_output
 
@@ -422,6 +460,7 @@ def test_eviction_never_takes_a_slot_in_use(demo_model_pair, monkeypatch):
         return original_table(self, layer, s, ids, weights)
 
     monkeypatch.setattr(offloaded_moe.OffloadedMoE, "_run", run)
+    monkeypatch.setattr(offloaded_moe.OffloadedMoE, "_run_many", run_many)
     monkeypatch.setattr(offloaded_moe.OffloadedMoE, "table_output", table_output)
     list(engine.generate(PROMPT, 12))
     assert len(checked) > 100 and len(table_checked) > 100
