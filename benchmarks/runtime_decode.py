@@ -206,19 +206,22 @@ def said(result: dict) -> None:
 
 def add_floors(result: dict, limits: dict) -> None:
     """Beside each row: its CPU floor (expert bytes the CPU computed per token over the CPU
-    expert throughput, and over the memory read bandwidth) and the mode's limit: the larger
-    of its copy floor and its CPU floor."""
+    expert throughput of the runtime's kernels; also over stock torch's and over the memory
+    read bandwidth), its shared-memory floor, and the mode's limit: the largest of its copy
+    floor, its CPU floor and its shared-memory floor (each a time no schedule of that split
+    of work can beat)."""
     for row in result["modes"]:
         per_token = (row.get("cpu_experts_per_token") or 0.0) * limits["expert_bytes"]
         row["cpu_floor_ms"] = 1e3 * per_token / limits["cpu_expert_bytes_per_s"]
+        row["cpu_floor_torch_ms"] = 1e3 * per_token / limits["torch_expert_bytes_per_s"]
         row["cpu_floor_memory_ms"] = 1e3 * per_token / limits["memory_read_bytes_per_s"]
-        row["limit_ms"] = max(row["copy_floor_ms"], row["cpu_floor_ms"])
         together = limits.get("together") or {}
         if together.get("sum_bytes_per_s") and per_token:
             # Copies and CPU experts read the same host memory: the bytes of both over what
             # the two channels moved together when measured at once.
             row["shared_memory_floor_ms"] = 1e3 * (per_token + row["pcie_bytes_per_token"]) / \
                 together["sum_bytes_per_s"]
+        row["limit_ms"] = max(row["copy_floor_ms"], row["cpu_floor_ms"], row.get("shared_memory_floor_ms") or 0.0)
         if limits.get("expert_copy_bytes_per_s"):
             row["copy_floor_expert_copies_ms"] = 1e3 * (row["bytes_copied_per_token"] or 0.0) / \
                 limits["expert_copy_bytes_per_s"]
@@ -235,7 +238,7 @@ def model_a(args, out: dict, save=lambda: None) -> None:
     print(f"model A built in {time.perf_counter() - t0:.1f}s: {parts.store.nbytes / 1e9:.1f} GB of experts", flush=True)
     limits = host_limits(parts)
     out["host_limits"] = limits
-    print(f"host: CPU experts {limits['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s ({limits['cpu_kernels']}), stock torch "
+    print(f"  [{time.perf_counter() - STARTED:6.0f} s] host: CPU experts {limits['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s ({limits['cpu_kernels']}), stock torch "
           f"{limits['torch_expert_bytes_per_s'] / 1e9:.1f} GB/s, memory read "
           f"{limits['memory_read_bytes_per_s'] / 1e9:.1f} GB/s" + (
               f"; expert copies {limits['expert_copy_bytes_per_s'] / 1e9:.1f} GB/s"
@@ -282,7 +285,7 @@ def model_a(args, out: dict, save=lambda: None) -> None:
             said(result)
         return on_row
 
-    def long_context(exact_cpu: bool) -> None:
+    def long_context() -> None:
         """The same model at a long context: attention reads more; copies do not change."""
         nonlocal runs, labels
         if not args.long_context:
@@ -292,15 +295,11 @@ def model_a(args, out: dict, save=lambda: None) -> None:
                                     generator=torch.Generator().manual_seed(1))
         runs, labels = [], []
         b = args.budgets[0] if args.budgets else "25%"
-        if exact_cpu:   # the exact cpu rows first: the others are in the full run's long context
-            for r in args.host_read_shares:
-                add("none", "cpu", b, reads=r)
+        for r in args.host_read_shares:
+            add("none", "cpu", b, reads=r)
         add("none", "fetch", "0")
         add("quasi", "speculate", "0")
-        if exact_cpu:
-            add("none", "cpu", b)
-        else:
-            add("oracle", "fetch", b, args.hit_rates[0] if args.hit_rates else 1.0)
+        add("none", "cpu", b)
         runs = [(dataclasses.replace(r[0], max_context=long_base.max_context), r[1]) if isinstance(r, tuple)
                 else dataclasses.replace(r, max_context=long_base.max_context) for r in runs]
         bench(parts, long_base, runs, long_prompt, args.decode, args.warmup, progress=False, labels=labels,
@@ -308,7 +307,7 @@ def model_a(args, out: dict, save=lambda: None) -> None:
         print(markdown(out["model_a_long_context"], "model A, long context"), flush=True)
 
     if args.only == "long":
-        long_context(exact_cpu=True)
+        long_context()
         return
     if args.quick:   # a check of the main numbers in a fraction of the time
         add("none", "fetch", "0")
@@ -334,13 +333,14 @@ def model_a(args, out: dict, save=lambda: None) -> None:
         bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced,
               on_row=saving("model_a"))
         print(markdown(out["model_a"], "model A (quick)"), flush=True)
-        long_context(exact_cpu=True)
+        long_context()
         return
+    # The complete run: every mode the targets name, fitting one 10-minute call with model B,
+    # the accelerate baseline and the long context.
     add("none", "fetch", "0")
     add("quasi", "speculate", "0")
     add("quasi", "fetch", "0")
     add("quasi", "fetch", "0", window=args.window)   # wrong predictions dropped before their turn
-    add("oracle", "speculate", "0")
     add("none", "fetch", "100%")        # every expert resident: the GPU's own time per token
     add("quasi", "fetch", "100%")       # ... plus the predictor: its cost per layer
     add("none", "cpu", "0")
@@ -349,20 +349,15 @@ def model_a(args, out: dict, save=lambda: None) -> None:
     for b in args.budgets:
         add("none", "fetch", b)
         add("none", "cpu", b)
-        add("none", "cpu", b, ahead=False)
         for r in args.host_read_shares:
             add("none", "cpu", b, reads=r)
     for p in args.hit_rates:
         add("oracle", "speculate", "0", p)
-        add("oracle", "fetch", "0", p)
         add("oracle", "fetch", "0", p, window=args.window)
-        for b in args.budgets:
-            add("oracle", "fetch", b, p)
-            add("oracle", "cpu", b, p)
-            add("oracle", "cpu", b, p, window=args.window)
+        add("oracle", "cpu", args.budgets[0], p)
     merged = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=False, labels=labels, forced=forced,
                    on_row=saving("model_a"))
-    long_context(exact_cpu=False)
+    long_context()
     if parts.device.type == "cuda":
         merged["gpu_ms_per_token_all_resident"] = gpu_time_alone(parts, base, prompt, forced)
         print(f"GPU time per token, every expert resident, graphs alone: "
@@ -511,7 +506,7 @@ def main() -> int:
                    help="the llama.cpp results file our rows are merged into (with --only side)")
     p.add_argument("--quick", action="store_true",
                    help="model A: the main modes only (at --long-context: on-demand, speculation and exact cpu)")
-    p.add_argument("--host-read-shares", default="0.25,auto",
+    p.add_argument("--host-read-shares", default="0.25",
                    help="`none+cpu` rows with the GPU reading these shares of misses in host memory (auto: "
                         "measured at start)")
     p.add_argument("--window", type=int, default=2, help="prefetch_window of the windowed exact modes")
@@ -585,20 +580,29 @@ def write_results(out: dict, path: Path) -> None:
             md.append(f"GPU time per token with every expert resident (the step's graphs replayed back to back): "
                       f"{out[key]['gpu_ms_per_token_all_resident']:.2f} ms.\n")
         if any("limit_ms" in r for r in out[key]["modes"]):
-            md += ["| mode | budget | copy floor ms | copy floor, expert-sized copies ms | CPU floor ms "
-                   "| CPU floor (memory read) ms | shared-memory floor ms | limit ms | measured ms "
-                   "| measured / limit |",
-                   "|---|---|---|---|---|---|---|---|---|---|"]
+            md += ["Floors: copy (bytes over PCIe per token / the pinned copy bandwidth); CPU (expert bytes the "
+                   "CPU computed per token / the runtime's kernels' rate; also / stock torch's rate and / the "
+                   "memory read bandwidth); shared memory (copied and CPU-computed bytes / what both moved at "
+                   "once). The limit is the largest of copy, CPU (kernels) and shared memory. A queued `cpu` "
+                   "step's time, medians in us: from its start to its first CPU part, through its last part "
+                   "(the parts and their waits for routing), and after it (the host's tail).\n",
+                   "| mode | budget | copy floor ms | copy floor, expert-sized copies ms | CPU floor ms "
+                   "| CPU floor, stock torch ms | CPU floor (memory read) ms | shared-memory floor ms | limit ms "
+                   "| measured ms | measured / limit | queued step us |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
             def ms(v):
                 return "-" if v is None else format(v, ".2f")
 
             for r in out[key]["modes"]:
                 ratio = r["ms_per_token_median"] / r["limit_ms"] if r["limit_ms"] else None
+                q = r.get("queued_step_us")
                 md.append(f"| {r['mode']} | {r['gpu_expert_budget']} | {r['copy_floor_ms']:.2f} "
                           f"| {ms(r.get('copy_floor_expert_copies_ms'))} | {r['cpu_floor_ms']:.2f} "
-                          f"| {r['cpu_floor_memory_ms']:.2f} | {ms(r.get('shared_memory_floor_ms'))} "
-                          f"| {r['limit_ms']:.2f} | {r['ms_per_token_median']:.2f} | {ms(ratio)} |")
+                          f"| {ms(r.get('cpu_floor_torch_ms'))} | {r['cpu_floor_memory_ms']:.2f} "
+                          f"| {ms(r.get('shared_memory_floor_ms'))} | {r['limit_ms']:.2f} "
+                          f"| {r['ms_per_token_median']:.2f} | {ms(ratio)} "
+                          f"| {', '.join(f'{v:.0f}' for v in q.values()) if q else '-'} |")
             md.append("")
     path.with_suffix(".md").write_text("\n".join(md))
     if "model_a" in out:
