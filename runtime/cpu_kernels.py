@@ -351,15 +351,16 @@ def _host_buffer(name: str, t: torch.Tensor, dtypes: tuple, numel: int) -> None:
 
 def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, x: torch.Tensor, present: torch.Tensor, reads: torch.Tensor | None,
-                     out: torch.Tensor, gate: torch.Tensor, timeout_s: float = 30.0,
-                     threads: int = 0) -> "TableLayer | None":
+                     out: torch.Tensor, gate: torch.Tensor, stats: torch.Tensor | None = None,
+                     timeout_s: float = 30.0, threads: int = 0) -> "TableLayer | None":
     """The CPU's part of one exact decode layer as one native call on fixed host buffers
     (`TableLayer` in csrc/expert_gemv.cpp): it waits until `ready` holds the step's count (the
     layer's `ids` [k], `weights` [k] and input `x` [H] have landed), sums the experts that are
     neither marked in `present` [num_experts] nor among the first `reads`[m] of the m missed
-    into `out` [H], then writes the gate's value to `gate`. None where the native call does
-    not apply. The buffers must outlive the result: it keeps their addresses. threads: how
-    many compute (0: torch's count)."""
+    into `out` [H], then writes the gate's value to `gate`, and what it did to `stats` (int64
+    [7], see TableLayer.stats and span; given, it may be a row of a caller's array). None where
+    the native call does not apply. The buffers must outlive the result: it keeps their
+    addresses. threads: how many compute (0: torch's count)."""
     static = _fused_static(family, experts, store, layer, threads)
     if static is None:
         return None
@@ -374,7 +375,9 @@ def bind_table_layer(family, experts, store, layer: int, *, ready: torch.Tensor,
         _host_buffer("reads", reads, (torch.int64,), k + 1)
     _host_buffer("out", out, (torch.float32,), hidden)
     _host_buffer("gate", gate, (torch.int32,), 1)
-    stats = torch.zeros(7, dtype=torch.int64)
+    if stats is None:
+        stats = torch.zeros(7, dtype=torch.int64)
+    _host_buffer("stats", stats, (torch.int64,), 7)
     native = load().table_layer(ready.data_ptr(), float(timeout_s), ids.data_ptr(), weights.data_ptr(), k,
                                 x.data_ptr(), _DTYPE_CODES[x.dtype], present.data_ptr(),
                                 0 if reads is None else reads.data_ptr(), out.data_ptr(), gate.data_ptr(),

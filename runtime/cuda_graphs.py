@@ -73,7 +73,9 @@ class _Eager:
 
 class _Tally:
     """A queued step's counting (uses, hits, the cache's order, CPU time) of its layers, in
-    order, each once its CPU part has run (a resident layer: once its routing has landed)."""
+    order, each once its CPU part has run (a resident layer: once its routing has landed),
+    the parts' stats read from one array in one call: the host often gets to count only
+    once it has queued the whole step, near its end."""
 
     def __init__(self, graphs, queue, begin: int):
         self.graphs, self.queue, self.begin = graphs, queue, begin
@@ -82,38 +84,51 @@ class _Tally:
         self.failed = False
         self.first = self.last = None   # the first part's start, the last counted part's end
 
-    def _ready(self, layer: int, ticket):
-        g = self.graphs
-        if ticket is None:
-            return lambda: g.moe.routing_landed(layer, g, g._count)
-        return lambda: self.queue.ran(ticket)
-
     def count(self, block: bool) -> None:
         """Count the layers whose parts have run (block: every layer, playing an emulated
         gate's stream meanwhile); stops at a failed part (the step's wait raises it)."""
-        g, moe = self.graphs, self.graphs.moe
-        released = None
-        while not self.failed and self.counted < len(self.parts):
-            layer, ticket = self.parts[self.counted]
-            ready = self._ready(layer, ticket)
-            if block:
-                g.gate.run_until(ready)
-            elif not ready():
-                return
-            # One event after every experts graph queued so far: the counted layers' slots
-            # are free for reuse once it has passed.
-            released = released or moe.streams.host_event()
-            if ticket is None:
-                moe.count_resident(layer, g, released, g._count)
-            elif not self.queue.wait_for(ticket):
-                self.failed = True
-                return
-            else:
-                native = g._native(layer)
-                moe.count_run_ahead(layer, g, released, native.stats())
-                start, self.last = native.span()
-                self.first = self.first or start
-            self.counted += 1
+        g, moe, queue = self.graphs, self.graphs.moe, self.queue
+        if self.failed:
+            return
+        end = self.counted
+        if block:
+            g.gate.run_until(queue.idle)
+            end = len(self.parts)
+        else:
+            while end < len(self.parts) and self._ran(*self.parts[end]):
+                end += 1
+        if end == self.counted:
+            return
+        tickets = [t for _, t in self.parts[self.counted:end] if t is not None]
+        if tickets and not queue.wait_for(tickets[-1]):
+            self.failed = True
+            return
+        # One event after every experts graph queued so far: the counted layers' slots are
+        # free for reuse once it has passed.
+        released = moe.streams.host_event()
+        batch = []
+        for layer, ticket in self.parts[self.counted:end]:
+            if ticket is not None:
+                batch.append(layer)
+                continue
+            self._count_parts(batch, released)
+            batch = []
+            moe.count_resident(layer, g, released, g._count)
+        self._count_parts(batch, released)
+        self.counted = end
+
+    def _ran(self, layer: int, ticket) -> bool:
+        if ticket is None:
+            return self.graphs.moe.routing_landed(layer, self.graphs, self.graphs._count)
+        return self.queue.ran(ticket)
+
+    def _count_parts(self, layers: list[int], released) -> None:
+        if not layers:
+            return
+        stats = self.graphs.part_stats[layers]
+        self.graphs.moe.count_run_ahead(layers, self.graphs, released, stats)
+        self.first = self.first or int(stats[0, 5])
+        self.last = int(stats[-1, 6])
 
     def record(self) -> None:
         if self.first is not None:
@@ -174,6 +189,10 @@ class DecodeGraphs:
         self.step_count = torch.zeros(1, dtype=torch.long, device=dev)
         self._count = 0
         self._natives: dict[int, object] = {}
+        # What each layer's native CPU part did at its last run (TableLayer's stats), one row
+        # per layer: the host reads a step's in one go.
+        self._part_stats = torch.zeros((len(engine.layers), 7), dtype=torch.int64)
+        self.part_stats = self._part_stats.numpy()
         self._queue = None
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False

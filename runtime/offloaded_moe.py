@@ -656,29 +656,32 @@ class OffloadedMoE:
         reads = None if self._host_reads is None else self.read_table[row]
         return self.cpu.bind_table_layer(self._experts[layer], layer, ready=ready, ids=ids.reshape(-1),
                                          weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
-                                         reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag)
+                                         reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag,
+                                         stats=g._part_stats[layer])
 
-    def count_run_ahead(self, layer: int, g, released, stats: tuple) -> None:
-        """What a layer's native CPU part did (its stats), counted once the step has run (off
-        the path between the layers): uses, hits, experts computed, time; the hits touched in
-        the cache."""
-        hits, read, computed, waited, seconds = stats
-        self._pending.pop(layer, None)
-        self._layer_released[layer] = released
-        tel = self.telemetry
-        tel.count_uses(layer, self.spec.top_k, hits)
-        tel.host_read_experts += read
-        tel.cpu_experts += computed
+    def count_run_ahead(self, layers: list[int], g, released, stats) -> None:
+        """What these layers' native CPU parts did (stats: their TableLayer stats rows, an int64
+        array [len(layers), 7]), counted once they have run (off the path between the layers):
+        uses, hits, experts computed, time; the hits touched in the cache."""
+        tel, k = self.telemetry, self.spec.top_k
+        hits = stats[:, 0].tolist()
+        for layer, h in zip(layers, hits):
+            self._pending.pop(layer, None)
+            self._inflight.pop(layer, None)
+            self._layer_released[layer] = released
+            tel.count_uses(layer, k, h)
+            if h:
+                present = self._present_np[self._rows[layer]]
+                touch = self.slots.touch
+                for e in self._as_numpy(g.staged[layer][0])[0].tolist():
+                    if present[e]:
+                        touch((layer, e))
+        tel.host_read_experts += int(stats[:, 1].sum())
+        tel.cpu_experts += int(stats[:, 2].sum())
+        tel.routing_wait_seconds += float(stats[:, 3].sum()) * 1e-9
+        seconds = float(stats[:, 4].sum()) * 1e-9
         tel.cpu_wait_seconds += seconds
-        tel.routing_wait_seconds += waited
         self.cpu.spent(seconds)
-        if hits:
-            present = self._present_np[self._rows[layer]]
-            touch = self.slots.touch
-            for e in self._as_numpy(g.staged[layer][0])[0].tolist():
-                if present[e]:
-                    touch((layer, e))
-        self._inflight.pop(layer, None)
 
     def routing_landed(self, layer: int, g, expect: int) -> bool:
         """Whether a run-ahead step's layer `layer` has staged its routing in pinned memory
