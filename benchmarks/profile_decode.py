@@ -57,10 +57,13 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
-                 native_layers: bool = True) -> dict:
+                 native_layers: bool = True, queue_ahead: int | None = None) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
+    ahead_default = DecodeGraphs.queue_ahead
+    if queue_ahead is not None:
+        DecodeGraphs.queue_ahead = queue_ahead
     try:
         moe = engine.moe
         host: dict[str, list] = {"graphed_layer": [], "after_graphed_compute": []}
@@ -162,7 +165,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_threads": moe.cpu.threads if moe.cpu is not None else torch.get_num_threads(),
             "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
-            "native_layers": graphs.cpu_parts_queued,
+            "native_layers": graphs.cpu_parts_queued, "queue_ahead": DecodeGraphs.queue_ahead,
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
@@ -171,6 +174,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         }
     finally:
         DecodeGraphs.native_layers = native_default
+        DecodeGraphs.queue_ahead = ahead_default
         engine.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -199,6 +203,9 @@ def main() -> int:
                    help="run-ahead cpu modes: 1, 0 or both (1,0): the step queued whole, each layer's CPU part "
                         "a native call on a thread of its own that waits for the routing and opens the gate "
                         "(0: the Python path, a layer ahead)")
+    p.add_argument("--queue-ahead", default=str(DecodeGraphs.queue_ahead),
+                   help="queued steps: CPU parts the host submits ahead of the last one run, one run each: e.g. 2,0 "
+                        "(0: no limit)")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -231,13 +238,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 n == "1")
+                 n == "1", int(q))
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
-                for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native) in \
-            ((m, v) for m in modes for v in variants):
+                for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")
+                for q in args.queue_ahead.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native, q) \
+            in ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
         config = dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget,
@@ -246,7 +254,7 @@ def main() -> int:
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
-        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native)
+        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native, q)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -259,12 +267,12 @@ def main() -> int:
              f"Model A's shape with {args.layers} layers, context {args.context}, {result['device']}.", "",
              "| mode | budget | device table | compiled | wall ms | graphs alone ms | host us/layer (decide, after) "
              "| kernels/layer | kernel busy ms | cache hit | CPU expert ms | routing wait ms "
-             "| queued step us: to first part, through last, after |",
+             "| queued step us: to first part, through last, after, queued after last |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued, native CPU parts' if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "

@@ -83,6 +83,7 @@ class _Tally:
         self.counted = 0
         self.failed = False
         self.first = self.last = None   # the first part's start, the last counted part's end
+        self.queued = None              # when the step's last graph was queued
 
     def count(self, block: bool) -> None:
         """Count the layers whose parts have run (block: every layer, playing an emulated
@@ -132,13 +133,19 @@ class _Tally:
 
     def record(self) -> None:
         if self.first is not None:
-            self.graphs.moe.telemetry.count_queued_step(self.begin, self.first, self.last, time.monotonic_ns())
+            self.graphs.moe.telemetry.count_queued_step(self.begin, self.first, self.last, self.queued,
+                                                        time.monotonic_ns())
 
 
 class DecodeGraphs:
     # Run-ahead steps queued whole, their CPU parts on the native queue's thread, where every
     # MoE layer has native kernels (False: the Python path, for comparisons).
     native_layers = True
+    # How many CPU parts a queued step's host may have submitted ahead of the last one that
+    # has run before it queues the next layer (0: no limit). Queued further ahead, the graphs
+    # waiting behind closed gates fill the driver's launch queue, the host then blocks inside
+    # a launch and wakes late, after the step's last part.
+    queue_ahead = 2
     # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
     # no faster there, but the CPU test suite then covers the run-ahead step's host path.
     emulate_gate = False
@@ -516,22 +523,29 @@ class DecodeGraphs:
             self._step_layer_ahead()
 
     def _step_queued(self) -> None:
-        """The whole step queued at once: each layer with a CPU part gets a gate before the
-        graphs after it, and its native part goes to the queue's thread, which waits for the
-        layer's routing, computes and opens the gate while this thread queues the rest. This
-        thread counts each layer once its part has run, between its launches and then as the
-        last parts finish: little of it is left after the step's last part."""
+        """The step queued ahead of its CPU parts: each layer with a CPU part gets a gate before
+        the graphs after it, and its native part goes to the queue's thread, which waits for
+        the layer's routing, computes and opens the gate while this thread queues the next
+        layers (up to queue_ahead parts ahead). This thread counts each layer once its part
+        has run, between its launches and then as the last parts finish."""
         moe, gate, queue = self.moe, self.gate, self._queue
         tally = _Tally(self, queue, time.monotonic_ns())
         submitted = {}   # layer: (its part's ticket, the number that opens its gate)
+        tickets = []     # the step's parts so far
 
         def submit(layer: int) -> None:
             # Submitted once the layer's routing is queued, before its experts graph: the part
             # can start the moment the routing lands (the step's first, above all). It opens
             # its gate, failed or not; if that comes before the gate is queued, the gate passes.
-            if not moe.layer_resident(layer):
-                seq = gate.reserve()
-                submitted[layer] = (queue.submit(self._native(layer), self._count, seq), seq)
+            if moe.layer_resident(layer):
+                return
+            if self.queue_ahead and len(tickets) >= self.queue_ahead:
+                behind = tickets[-self.queue_ahead]
+                gate.run_until(lambda: queue.ran(behind))
+                queue.wait_for(behind)   # a failure is raised once the step is queued
+            seq = gate.reserve()
+            tickets.append(queue.submit(self._native(layer), self._count, seq))
+            submitted[layer] = (tickets[-1], seq)
 
         try:
             i, layer, _ = self._queue_through_post(0, submit)
@@ -545,6 +559,7 @@ class DecodeGraphs:
                 tally.parts.append((layer, ticket))
                 i, layer, _ = self._queue_through_post(i, submit)
                 tally.count(block=False)
+            tally.queued = time.monotonic_ns()
             tally.count(block=True)
         finally:
             self._drive(queue)   # every part queued has run and opened its gate; raises a failure

@@ -41,8 +41,8 @@ class Telemetry:
     uses: dict[int, int] = field(default_factory=dict)
     cache_hits: dict[int, int] = field(default_factory=dict)
     # Per queued step (monotonic ns): its start, its first CPU part's start, its last part's
-    # end, and when the host had counted its layers.
-    queued_steps: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # end, when the host had queued the whole step, and when it had counted its layers.
+    queued_steps: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.moe_layers)
@@ -132,18 +132,19 @@ class Telemetry:
 
     # -------------------------------------------------------------- report
 
-    def count_queued_step(self, begin: int, first_part: int, last_part: int, end: int) -> None:
-        self.queued_steps.append((begin, first_part, last_part, end))
+    def count_queued_step(self, begin: int, first_part: int, last_part: int, queued: int, end: int) -> None:
+        self.queued_steps.append((begin, first_part, last_part, queued, end))
 
     def queued_step_us(self) -> dict | None:
         """Medians over queued steps, in microseconds: from the step's start to its first CPU
-        part, from there to the end of its last part, and from there until the host had
-        counted every layer."""
+        part, from there to the end of its last part, from there until the host had counted
+        every layer, and when the host had queued the step's last graph, after the last part's
+        end (negative: before it)."""
         if not self.queued_steps:
             return None
-        spans = [(a - b, c - a, d - c) for b, a, c, d in self.queued_steps]
-        return {name: statistics.median(v[i] for v in spans) / 1e3
-                for i, name in enumerate(("to_first_part", "through_last_part", "after_last_part"))}
+        spans = [(a - b, c - a, e - c, q - c) for b, a, c, q, e in self.queued_steps]
+        names = ("to_first_part", "through_last_part", "after_last_part", "queued_after_last_part")
+        return {name: statistics.median(v[i] for v in spans) / 1e3 for i, name in enumerate(names)}
 
     def summary(self) -> dict:
         hits = [a + b for a, b in zip(self._pred_hits.tolist(), self._host_hits)]
