@@ -712,8 +712,15 @@ class LayerQueue {
   // failed since the last wait (wait() throws it). The host counts each layer here while the
   // thread computes the next.
   bool wait_for(int64_t ticket) {
+    // Spinning a while first: a sleeping caller woken at a step's last part waited for a
+    // core about as long as our spinning threads kept theirs (the whole spin time).
+    const auto start = std::chrono::steady_clock::now();
+    for (uint64_t spins = 1; finished_.load(std::memory_order_acquire) < ticket; ++spins) {
+      cpu_pause();
+      if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) break;
+    }
     std::unique_lock<std::mutex> lock(mutex_);
-    idle_.wait(lock, [&] { return finished_ >= ticket; });
+    idle_.wait(lock, [&] { return finished_.load(std::memory_order_acquire) >= ticket; });
     return error_.empty();
   }
 
@@ -733,10 +740,7 @@ class LayerQueue {
     return pending_ == 0;
   }
 
-  bool ran(int64_t ticket) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return finished_ >= ticket;
-  }
+  bool ran(int64_t ticket) { return finished_.load(std::memory_order_acquire) >= ticket; }
 
  private:
   struct Item {
@@ -783,7 +787,7 @@ class LayerQueue {
         }
         std::lock_guard<std::mutex> lock(mutex_);
         if (!error.empty() && error_.empty()) error_ = error;
-        ++finished_;
+        finished_.fetch_add(1, std::memory_order_release);
         --pending_;
         idle_.notify_all();
       }
@@ -794,7 +798,8 @@ class LayerQueue {
   std::condition_variable wake_, idle_;
   std::deque<Item> items_;
   std::atomic<uint64_t> posted_{0};
-  int64_t pending_ = 0, submitted_ = 0, finished_ = 0;
+  int64_t pending_ = 0, submitted_ = 0;
+  std::atomic<int64_t> finished_{0};
   bool stop_ = false;
   std::string error_;
   const std::chrono::steady_clock::duration spin_;
