@@ -83,7 +83,7 @@ class _Tally:
         self.counted = 0
         self.failed = False
         self.first = self.last = None   # the first part's start, the last counted part's end
-        self.queued = None              # when the step's last graph was queued
+        self.queued = self.seen = None  # when the step's last graph was queued; its last part seen done
 
     def count(self, block: bool) -> None:
         """Count the layers whose parts have run (block: every layer, playing an emulated
@@ -104,6 +104,7 @@ class _Tally:
         if tickets and not queue.wait_for(tickets[-1]):
             self.failed = True
             return
+        self.seen = time.monotonic_ns()
         # One event after every experts graph queued so far: the counted layers' slots are
         # free for reuse once it has passed.
         released = moe.streams.host_event()
@@ -133,7 +134,7 @@ class _Tally:
 
     def record(self) -> None:
         if self.first is not None:
-            self.graphs.moe.telemetry.count_queued_step(self.begin, self.first, self.last, self.queued,
+            self.graphs.moe.telemetry.count_queued_step(self.begin, self.first, self.last, self.queued, self.seen,
                                                         time.monotonic_ns())
 
 

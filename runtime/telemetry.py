@@ -41,8 +41,9 @@ class Telemetry:
     uses: dict[int, int] = field(default_factory=dict)
     cache_hits: dict[int, int] = field(default_factory=dict)
     # Per queued step (monotonic ns): its start, its first CPU part's start, its last part's
-    # end, when the host had queued the whole step, and when it had counted its layers.
-    queued_steps: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    # end, when the host had queued the whole step, when it had seen the last part end, and
+    # when it had counted its layers.
+    queued_steps: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.moe_layers)
@@ -132,18 +133,20 @@ class Telemetry:
 
     # -------------------------------------------------------------- report
 
-    def count_queued_step(self, begin: int, first_part: int, last_part: int, queued: int, end: int) -> None:
-        self.queued_steps.append((begin, first_part, last_part, queued, end))
+    def count_queued_step(self, begin: int, first_part: int, last_part: int, queued: int, seen: int,
+                          end: int) -> None:
+        self.queued_steps.append((begin, first_part, last_part, queued, seen, end))
 
     def queued_step_us(self) -> dict | None:
         """Medians over queued steps, in microseconds: from the step's start to its first CPU
         part, from there to the end of its last part, from there until the host had counted
-        every layer, and when the host had queued the step's last graph, after the last part's
-        end (negative: before it)."""
+        every layer; and after the last part's end (negative: before it), when the host had
+        queued the step's last graph and when it saw the last part end."""
         if not self.queued_steps:
             return None
-        spans = [(a - b, c - a, e - c, q - c) for b, a, c, q, e in self.queued_steps]
-        names = ("to_first_part", "through_last_part", "after_last_part", "queued_after_last_part")
+        spans = [(a - b, c - a, e - c, q - c, w - c) for b, a, c, q, w, e in self.queued_steps]
+        names = ("to_first_part", "through_last_part", "after_last_part", "queued_after_last_part",
+                 "seen_after_last_part")
         return {name: statistics.median(v[i] for v in spans) / 1e3 for i, name in enumerate(names)}
 
     def summary(self) -> dict:
