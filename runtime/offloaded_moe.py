@@ -657,7 +657,7 @@ class OffloadedMoE:
         return self.cpu.bind_table_layer(self._experts[layer], layer, ready=ready, ids=ids.reshape(-1),
                                          weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
                                          reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag,
-                                         stats=g._part_stats[layer])
+                                         stats=g.part_stats[layer])
 
     def count_run_ahead(self, layers: list[int], g, released, stats) -> None:
         """What these layers' native CPU parts did (stats: their TableLayer stats rows, an int64
