@@ -198,6 +198,7 @@ class QueuedGate:
     def close(self, seq: int | None = None) -> int:
         seq = seq or self.reserve()
         self._queue.append(("gate", seq))
+        self.drain()   # a number opened before its gate was queued: the gate passes, as on a GPU
         return seq
 
     @property
