@@ -1,7 +1,9 @@
 """Decode speed of the runtime, modes side by side, beside the copy floor of each.
 
-    python benchmarks/runtime_decode.py                       # both models, writes benchmarks/results/runtime_decode.*
-    python benchmarks/runtime_decode.py --layers 8 --quick    # a smaller model A, fewer tokens
+    python benchmarks/runtime_decode.py --decode 72 --warmup 8   # the complete run (about 6.5 minutes on an H200):
+                                                                 # model B, accelerate's offload, model A at 1024 and
+                                                                 # 8192 tokens; writes benchmarks/results/runtime_decode.*
+    python benchmarks/runtime_decode.py --only a --quick         # model A's main modes only
 
 Model A has Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8, hidden 2048, expert
 hidden 768, bf16: 58 GB of experts) with random weights built on the machine, through
