@@ -161,6 +161,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window
+    moe.cache_fill = config.cache_fill
     if cpu is not None:
         # A share set to None starts at the measured split and follows the host during decode
         # (CUDA only; on a CPU a copy is a memcpy: predictions are all copied, misses computed).
@@ -188,6 +189,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
                  "prefetch_window": config.prefetch_window, "host_read_share": moe.host_read_share,
+                 "cache_fill": config.cache_fill,
                  "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None,
                  "cpu_demand_share": moe.cpu_demand_share if cpu is not None else None})
     engine = Engine(model, family, spec, moe, streams, telemetry, max_context=max_context,

@@ -17,13 +17,13 @@ import torch
 
 from specmoe.errors import SpecmoeError, cli_errors
 
-from .config import DEFAULT_CONFIG_PATH, ON_MISS, load_config
+from .config import CACHE_FILLS, DEFAULT_CONFIG_PATH, ON_MISS, load_config
 from .eviction import POLICIES
 from .predict import MODES
 
 _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype", "gpu_expert_budget", "prefetch",
                     "on_miss", "eviction", "lookahead", "max_context", "cpu_threads",
-                    "cpu_copy_share", "cpu_demand_share", "prefetch_window", "host_read_share")
+                    "cpu_copy_share", "cpu_demand_share", "prefetch_window", "host_read_share", "cache_fill")
 
 
 def _share_or_auto(text: str):
@@ -68,6 +68,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="exact decode: share of a layer's missed experts the GPU computes by reading their weights "
                         "in place in host memory over PCIe, beside the CPU (cpu) or the copies (fetch); auto: "
                         "with --on-miss cpu, measured at start (default: 0)")
+    p.add_argument("--cache-fill", default=None, choices=CACHE_FILLS,
+                   help="what the expert slots hold after a prompt: prompt, each layer's experts it used most; "
+                        "recent, what its last copies left, the last layers whole (default: prompt)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

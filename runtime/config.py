@@ -19,6 +19,7 @@ from .predict import MODES
 DEFAULT_CONFIG_PATH = CONFIGS_DIR / "infer.yaml"
 ON_MISS = ("speculate", "fetch", "cpu")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+CACHE_FILLS = ("prompt", "recent")
 
 
 @dataclasses.dataclass
@@ -60,6 +61,10 @@ class RuntimeConfig:
     # grouped-query attention under `sdpa`: a decoded token attends with torch's grouped-query
     # kernel, without the copy of the KV cache per query head that the stock path makes
     grouped_attention: bool = True
+    # what the GPU's expert slots hold once a prompt has run, when they cannot hold every expert:
+    # `prompt`, each layer's experts the prompt used most (the budget shared evenly among layers);
+    # `recent`, whatever the prompt's last copies left there (the last layers, whole)
+    cache_fill: str = "prompt"
 
     def validate(self) -> "RuntimeConfig":
         if self.prefetch != "auto" and self.prefetch not in MODES:
@@ -86,6 +91,8 @@ class RuntimeConfig:
                                "(the runtime captures CUDA graphs itself)")
         if self.prefetch_window < 0:
             raise SpecmoeError(f"prefetch_window must be 0 (no window) or positive (got {self.prefetch_window})")
+        if self.cache_fill not in CACHE_FILLS:
+            raise SpecmoeError(f"unknown cache_fill {self.cache_fill!r}; choose one of {', '.join(CACHE_FILLS)}")
         if self.cpu_threads < 0:
             raise SpecmoeError("cpu_threads must be 0 (the cores but one) or positive")
         return self

@@ -97,6 +97,8 @@ class Engine:
                 m = layer.mlp(s)
             x = r + m
         self.cache.length += T
+        if T > 1:
+            self.moe.end_prompt()
         x = self.base.norm(x)
         x = x[0] if all_logits else x[0, -1:]
         return self.model.lm_head(x).float()

@@ -79,6 +79,8 @@ class OffloadedMoE:
         self._experts = {l: getattr(b, family.experts_attr) for l, b in self._blocks.items()}
         self._shared = {l: family.shared_expert(model, l) for l in spec.moe_layers}
         self._predicted: dict[int, _Prediction] = {}
+        self._prompt_uses: dict[int, list[int]] = {}   # this step's uses per expert, per layer (prompts)
+        self.cache_fill = "prompt"
         self._inflight: dict[int, set] = {}     # layer -> keys copied ahead for it, not yet used
         self._block_bytes = store.layout.block_bytes
         self.record_routing: dict | None = None  # (position, layer) -> (ids, weights) when recording
@@ -209,6 +211,44 @@ class OffloadedMoE:
     def begin_step(self) -> None:
         self._predicted.clear()
         self._queued.clear()
+        self._prompt_uses.clear()
+
+    def end_prompt(self) -> None:
+        """After a step of several tokens (a prompt), with `cache_fill` = prompt and slots that
+        cannot hold every expert: keep in them each layer's experts that the prompt used most,
+        the slots shared evenly among the layers, copying in those missing. A prompt's last
+        copies would otherwise leave its last layers there whole, and decode would miss every
+        expert of the others. The copies land before the next step's experts run."""
+        uses, self._prompt_uses = self._prompt_uses, {}
+        layers = self.spec.moe_layers
+        quota, extra = divmod(self.slots.num_slots, len(layers))
+        if self.cache_fill != "prompt" or not uses or quota < 1 or quota >= self.spec.num_experts:
+            return
+        keep = []   # most used first within each layer
+        for i, layer in enumerate(layers):
+            counts = uses.get(layer)
+            if counts is None:
+                continue
+            # Ties: what is on the GPU already stays (no copy), then the lower id.
+            order = sorted((e for e, n in enumerate(counts) if n),
+                           key=lambda e: (-counts[e], (layer, e) not in self.slots, e))
+            keep += [(layer, e) for e in order[:quota + (i < extra)]]
+        wanted = set(keep)
+        batch = []
+        for key in keep:
+            if key in self.slots:
+                self.slots.touch(key)
+                continue
+            slot = self.slots.reserve(key, wanted)   # the victim: a slot no kept expert holds
+            if slot is None:
+                break
+            batch.append((key, slot))
+        self.telemetry.demand_copies += len(batch)
+        self._copy_many(batch)
+        if self.device_table:
+            for layer in layers:   # in the table before decode: it then sees no expert arrive
+                if self._to_install.get(layer):
+                    self._prepare_layer(layer)
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -942,6 +982,7 @@ class OffloadedMoE:
         routes hundreds of thousands of those."""
         ids = torch.as_tensor(host_ids, dtype=torch.long)   # [T, k] on the host (a tensor or rows)
         uses = torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
+        self._prompt_uses[layer] = uses
         first = torch.full((self.spec.num_experts,), ids.numel(), dtype=torch.long)
         first.scatter_reduce_(0, ids.reshape(-1), torch.arange(ids.numel()), reduce="amin")
         order = sorted((e for e, n in enumerate(uses) if n), key=lambda e: int(first[e]))   # first use first

@@ -58,6 +58,46 @@ def test_exact_modes_match_stock_forward(family, prefetch, on_miss, budget, tabl
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_prompt_leaves_each_layers_most_used_experts_on_the_gpu(family):
+    """cache_fill=prompt: once a prompt has run, the slots hold each MoE layer's experts that
+    the prompt used most (recounted from its recorded routing), the slots shared evenly, the
+    device table agreeing; decode after it matches the stock forward. `recent` leaves what the
+    prompt's last copies left: the last layer whole, the first MoE layer nothing."""
+    from collections import Counter
+
+    ref = tiny_model(family)
+    ids = torch.randint(0, ref.config.vocab_size, (46,), generator=torch.Generator().manual_seed(4))
+    prompt_len = 40
+    expected = stock_logits(ref, ids)
+    held = {}
+    for fill in ("prompt", "recent"):
+        engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="50%",
+                                                            cache_fill=fill))
+        moe, spec = engine.moe, engine.moe.spec
+        moe.record_routing = {}
+        engine.reset()
+        rows = [engine.step(ids[:prompt_len], all_logits=True)]
+        routing, moe.record_routing = moe.record_routing, None
+        held[fill] = {l: {e for e in range(spec.num_experts) if (l, e) in moe.slots} for l in spec.moe_layers}
+        if fill == "prompt":
+            for l in spec.moe_layers:   # the table the decode reads holds exactly the slots' experts
+                assert set(torch.nonzero(moe.present[moe._rows[l]]).flatten().tolist()) == held[fill][l]
+            quota = moe.slots.num_slots // len(spec.moe_layers)
+            used = {l: Counter(e for (_, layer), (chosen, _) in routing.items() if layer == l for e in chosen.tolist())
+                    for l in spec.moe_layers}
+            for l in spec.moe_layers:
+                counts, kept = used[l], held[fill][l]
+                assert len(kept) == min(quota, len(counts))
+                assert min(counts[e] for e in kept) >= max((n for e, n in counts.items() if e not in kept), default=0)
+        rows += [engine.step(t.reshape(1)) for t in ids[prompt_len:]]
+        engine.close()
+        torch.testing.assert_close(torch.cat(rows), expected, rtol=1e-4, atol=1e-4, msg=fill)
+    first, last = spec.moe_layers[0], spec.moe_layers[-1]
+    assert len(held["recent"][first]) < quota and held["recent"][last] == set(used[last])
+    assert len(held["prompt"][first]) == quota
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_a_prefill_wider_than_the_slots_runs_in_groups_and_matches_stock(family, monkeypatch):
     """A prompt that routes to more experts per layer than the minimum budget's slots: each
@@ -300,6 +340,11 @@ def test_a_measured_host_read_split_gives_the_gpu_whole_misses_it_finishes_first
     engine.close()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert reads > 0 and off is None
+
+
+def test_cache_fill_is_checked():
+    with pytest.raises(SpecmoeError, match="unknown cache_fill 'hot'; choose one of prompt, recent"):
+        cfg(cache_fill="hot").validate()
 
 
 def test_host_read_share_is_checked():
