@@ -245,10 +245,11 @@ class OffloadedMoE:
             batch.append((key, slot))
         self.telemetry.demand_copies += len(batch)
         self._copy_many(batch)
-        if self.device_table:
-            for layer in layers:   # in the table before decode: it then sees no expert arrive
-                if self._to_install.get(layer):
-                    self._prepare_layer(layer)
+        if self.device_table:   # in the table before decode: it then sees no expert arrive
+            for layer in layers:
+                self._install_arrived(layer)
+            if self._table_ops:
+                self._flush_table_ops()
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -308,6 +309,13 @@ class OffloadedMoE:
     def _prepare_layer(self, layer: int) -> set[int]:
         """Put this layer's newly copied experts in the device table (after their copies) and
         flush pending evictions; returns the experts the table holds for the computation."""
+        self._install_arrived(layer)
+        if self._table_ops:
+            self._flush_table_ops()
+        return set(self._installed[layer])
+
+    def _install_arrived(self, layer: int) -> None:
+        """Queue the table entries of this layer's newly copied experts, behind their copies."""
         arrived = self._to_install.pop(layer, {})
         waits = []
         row = self._rows[layer]
@@ -318,14 +326,7 @@ class OffloadedMoE:
             self._table_ops.append((row, e, slot))
             self._installed[layer].add(e)
             self._present_np[row, e] = 1
-        if waits:
-            before = self.streams.timed_event_on_compute()
-            for ev in waits:
-                self.streams.compute_waits(ev)
-            self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
-        if self._table_ops:
-            self._flush_table_ops()
-        return set(self._installed[layer])
+        self._compute_waits_for(waits)
 
     def _flush_table_ops(self) -> None:
         """Apply the queued table changes on the compute stream: one copy from a pinned
