@@ -231,7 +231,8 @@ def main() -> int:
              ("oracle", "cpu", "0", True, 0.85, True), ("oracle", "cpu", "25%", True, 0.85, True),
              ("oracle", "cpu", "50%", True, 0.85, True), ("oracle", "fetch", "0", True, 0.85, True, 2),
              ("none", "fetch", "0", True, 1.0, True), ("none", "cpu", "0", True, 1.0, True),
-             ("none", "cpu", "25%", True, 1.0, True), ("none", "cpu", "50%", True, 1.0, True)]
+             ("none", "cpu", "25%", True, 1.0, True), ("none", "cpu", "50%", True, 1.0, True),
+             ("current", "fetch", "100%", True, 1.0, True)]
     if args.modes:
         modes = [modes[int(i)] for i in args.modes.split(",")]
     out = Path(args.out)

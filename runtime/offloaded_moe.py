@@ -767,6 +767,12 @@ class OffloadedMoE:
         self._predicted[target] = _Prediction(ids_dev, w_dev, pred_host)
         if not copy:
             return None
+        if self.layer_resident(target):   # nothing to copy: only the cache's order to keep
+            touch = self.slots.touch
+            for row in pred_host:
+                for e in row:
+                    touch((target, int(e)))
+            return None
         wanted = []
         for row in pred_host:
             for e in row:
