@@ -218,7 +218,8 @@ class OffloadedMoE:
         cannot hold every expert: keep in them each layer's experts that the prompt used most,
         the slots shared evenly among the layers, copying in those missing. A prompt's last
         copies would otherwise leave its last layers there whole, and decode would miss every
-        expert of the others. The copies land before the next step's experts run."""
+        expert of the others. The copies go in the device table at once, the compute stream
+        waiting for them: the prompt's logits come after them, and decode sees none arrive."""
         uses, self._prompt_uses = self._prompt_uses, {}
         layers = self.spec.moe_layers
         quota, extra = divmod(self.slots.num_slots, len(layers))
