@@ -151,14 +151,16 @@ def test_graphed_decode_path_matches_stock_forward(family, prefetch, on_miss, bu
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-@pytest.mark.parametrize("budget,reads", [("0", 0.0), ("0", 0.3), ("60%", 0.0), ("100%", 0.0)])
-def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, monkeypatch):
+@pytest.mark.parametrize("budget,reads,fill", [("0", 0.0, "prompt"), ("0", 0.3, "prompt"), ("60%", 0.0, "prompt"),
+                                               ("60%", 0.0, "recent"), ("100%", 0.0, "prompt")])
+def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, fill, monkeypatch):
     """A run-ahead `cpu` step's host path, with the pieces waiting behind an emulated gate as
     they would in a CUDA stream: the whole step queued, each CPU part by the native part on the
     queue's thread that waits for the staged routing and opens the gate (this thread playing
     the stream), or the next layer queued before this layer's CPU part by the Python path;
-    resident layers counted once the step is queued. The stock forward's logits,
-    and every use, hit and CPU expert counted as the layer-by-layer loop counts them."""
+    resident layers (the last ones whole with cache_fill=recent) counted once their routing
+    has landed. The stock forward's logits, and every use, hit and CPU expert counted as the
+    layer-by-layer loop counts them."""
     from runtime.cuda_graphs import DecodeGraphs
 
     monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
@@ -170,9 +172,14 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, mon
     for ahead, native in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(DecodeGraphs, "native_layers", native)
         engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
-                                                            run_ahead=ahead, host_read_share=reads))
+                                                            run_ahead=ahead, host_read_share=reads, cache_fill=fill))
         engine.use_graphs = True
         got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        resident = [l for l in engine.moe.spec.moe_layers if engine.moe.layer_resident(l)]
+        if budget != "60%":
+            assert bool(resident) == (budget == "100%")
+        elif family != "qwen3_moe":   # its 12-token prompt leaves no layer whole: 2 of 8 experts a token
+            assert bool(resident) == (fill == "recent")   # the last layer whole beside CPU layers, or none
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
         queued = graphs.cpu_parts_queued

@@ -117,10 +117,11 @@ def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-@pytest.mark.parametrize("budget", ["0", "60%", "100%"])
-def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget, monkeypatch):
+@pytest.mark.parametrize("budget,fill", [("0", "prompt"), ("60%", "prompt"), ("60%", "recent"), ("100%", "prompt")])
+def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget, fill, monkeypatch):
     """`cpu` with no predictor queues each next layer behind a gate while the CPU computes
-    (no gate for a layer whose experts are all on the GPU: at 100% none at all), its CPU part
+    (no gate for a layer whose experts are all on the GPU: the last layers with
+    cache_fill=recent, every layer at 100%), its CPU part
     by the native part that waits for the routing and opens the gate (the whole step queued,
     the parts on the native queue's thread), or by the Python path:
     the same logits as the loop that waits for the CPU before queuing (bit for bit: the same
@@ -132,7 +133,7 @@ def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, bu
     for ahead, native in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(DecodeGraphs, "native_layers", native)
         engine = runtime.from_model(tiny_model(family), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget=budget,
-                                                            run_ahead=ahead))
+                                                            run_ahead=ahead, cache_fill=fill))
         got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
