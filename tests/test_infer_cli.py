@@ -79,6 +79,19 @@ def test_host_read_share_auto_on_the_command_line(capsys):
                  "--host-read-share", "auto", "--max-new-tokens", "2", "--quiet"]) == 0
 
 
+def test_cache_fill_on_the_command_line(capsys):
+    """`--cache-fill` reaches the engine's config (default: prompt, as the YAML says); a value
+    outside the choices is refused by the parser."""
+    from runtime.cli import build_parser, runtime_config
+
+    parser = build_parser()
+    assert runtime_config(parser.parse_args(["generate", "hi"])).cache_fill == "prompt"
+    assert runtime_config(parser.parse_args(["generate", "hi", "--cache-fill", "recent"])).cache_fill == "recent"
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["generate", "hi", "--cache-fill", "hot"])
+    assert exit_.value.code == 2 and "invalid choice: 'hot'" in capsys.readouterr().err
+
+
 def test_cuda_without_cuda_is_exit_2(capsys):
     import torch
 
