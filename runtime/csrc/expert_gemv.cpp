@@ -222,6 +222,19 @@ std::chrono::steady_clock::duration spin_time() {
   return std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 2000L);
 }
 
+// Spins until done() or `spin` has passed; whether done() came. The callers sleep on a
+// condition variable after a false: waking a sleeping thread costs about as long as the
+// waits they mostly see.
+template <class Done>
+bool spin_until(Done done, std::chrono::steady_clock::duration spin) {
+  const auto start = std::chrono::steady_clock::now();
+  for (uint64_t spins = 1; !done(); ++spins) {
+    cpu_pause();
+    if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin) return false;
+  }
+  return true;
+}
+
 // Threads for the kernels' parallel regions. A decode step calls the kernels every few
 // hundred microseconds with GPU work and the interpreter between calls; OpenMP's threads
 // (torch's pool), asleep by then, cost about 0.1 ms per layer to wake on a 16-core host.
@@ -299,15 +312,12 @@ class SpinPool {
 
   void work(int64_t index, uint64_t seen) {
     for (;;) {
-      const auto start = std::chrono::steady_clock::now();
-      for (uint64_t spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
-        cpu_pause();
-        if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
-          std::unique_lock<std::mutex> lock(sleep_mutex_);
-          ++sleeping_;
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-          --sleeping_;
-        }
+      const auto posted = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(posted, spin_)) {
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        ++sleeping_;
+        wake_.wait(lock, posted);
+        --sleeping_;
       }
       seen = generation_.load(std::memory_order_acquire);
       if (index < helpers_.load(std::memory_order_relaxed)) take(seen);
@@ -712,15 +722,10 @@ class LayerQueue {
   // failed since the last wait (wait() throws it). The host counts each layer here while the
   // thread computes the next.
   bool wait_for(int64_t ticket) {
-    // Spinning a while first: a sleeping caller woken at a step's last part waited for a
-    // core about as long as our spinning threads kept theirs (the whole spin time).
-    const auto start = std::chrono::steady_clock::now();
-    for (uint64_t spins = 1; finished_.load(std::memory_order_acquire) < ticket; ++spins) {
-      cpu_pause();
-      if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) break;
-    }
+    const auto ran = [&] { return finished_.load(std::memory_order_acquire) >= ticket; };
+    spin_until(ran, spin_);
     std::unique_lock<std::mutex> lock(mutex_);
-    idle_.wait(lock, [&] { return finished_.load(std::memory_order_acquire) >= ticket; });
+    idle_.wait(lock, ran);
     return error_.empty();
   }
 
@@ -754,13 +759,10 @@ class LayerQueue {
     for (;;) {
       // Spin a while for the next part (the host submits them tens of microseconds apart),
       // then sleep.
-      const auto start = std::chrono::steady_clock::now();
-      for (uint64_t spins = 1; posted_.load(std::memory_order_acquire) == seen; ++spins) {
-        cpu_pause();
-        if ((spins & 0xFF) == 0 && std::chrono::steady_clock::now() - start > spin_) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen; });
-        }
+      const auto posted = [&] { return posted_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(posted, spin_)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, posted);
       }
       seen = posted_.load(std::memory_order_acquire);
       for (;;) {
