@@ -49,9 +49,8 @@ class CpuExperts:
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """The same as `submit`, on the calling thread. A decode step whose only other work
         is already queued on the GPU calls this: no hop to the worker thread. `out` (float32
-        [1, H]): where one
-        token's sum is written when the native call computes it (the result is returned either
-        way)."""
+        [1, H]): where one token's sum is written when the native call computes it (the
+        result is returned either way)."""
         start = time.perf_counter()
         experts = [e for _, e, _ in work]
         if x.shape[0] == 1 and len(set(experts)) == len(experts):

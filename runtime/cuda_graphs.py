@@ -23,8 +23,8 @@ goes to a thread of the extension's (cpu_kernels.LayerQueue) that spins until th
 count lands, computes and opens the gate, so from the GPU's routing to the GPU's next layer
 there is no launch, no copy issued, no Python, and the host's own queuing is off that path.
 Elsewhere the Python path queues one layer ahead and computes the part itself. Layers with
-every expert on the GPU are not waited for; the host counts their hits once the step has
-run. Off CUDA the same step runs with its pieces behind an emulated gate
+every expert on the GPU are not waited for; the host counts their hits once their routing
+has landed. Off CUDA the same step runs with its pieces behind an emulated gate
 (streams.QueuedGate), this thread playing the stream, when a test asks for it.
 
 Dense layers are one graph each. The step's graphs share one memory pool and are

@@ -951,19 +951,16 @@ class OffloadedMoE:
             self.telemetry.copy_wait(before, self.streams.timed_event_on_compute())
 
     def _compute(self, layer: int, s: torch.Tensor, ids, weights, host_ids, then=None) -> torch.Tensor:
-        if s.shape[0] > 1:
+        if s.shape[0] > 1:   # a prompt's many tokens per expert are cheaper copied
             return self._compute_many(layer, s, weights, host_ids, then)
-        # The CPU takes misses at decode; a prefill's many tokens per expert are cheaper copied.
+        # One token: the CPU takes its misses (`cpu`).
         cpu_ok = self.on_miss == "cpu" and self.cpu is not None
         out, future = None, None
         chunks = self._chunks(layer, host_ids)
         for chunk in chunks:
             plan = self._plan(layer, host_ids, chunk, cpu_ok)
             if then is not None:
-                # Copies ahead only when this layer fits the slots at once (a prefill that
-                # cycles its experts through every slot leaves nothing to copy into); the
-                # prediction itself is kept either way.
-                then(len(chunks) == 1)
+                then(len(chunks) == 1)   # as in _compute_many
                 then = None
             if plan.cpu_work:
                 w_host = weights.float().cpu()
