@@ -14,6 +14,10 @@ decide something, and every piece in between is captured once and replayed:
                     queues copies of predicted experts
     epilogue        final norm, LM head
 
+A step with every expert of every MoE layer on the GPU and its prediction made inside the
+graphs needs none of those decisions: its graphs are queued back to back, and the host counts
+its uses afterwards (`all_resident`).
+
 With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
 copies), the host runs ahead: each layer's graphs copy their routing, input and the step's
 count into pinned memory themselves, and the graphs after a layer with a CPU part wait
@@ -432,8 +436,8 @@ class DecodeGraphs:
         for _ in range(warmup + repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _, _, g in self._graphs:
-                g.replay()
+            for kind, l, g in self._graphs:
+                (self._experts_graph(l, g) if kind == "post" else g).replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -454,7 +458,9 @@ class DecodeGraphs:
         moe.engine_position = e.cache.length
         moe.begin_step()
         self._count += 1
-        if self.run_ahead:
+        if self.all_resident():
+            self._step_resident()
+        elif self.run_ahead:
             self._step_run_ahead()
         else:
             for kind, l, g in self._graphs:
@@ -465,6 +471,21 @@ class DecodeGraphs:
                     moe.after_graphed_compute(l, self)
         e.cache.length += 1
         return self.logits.clone()
+
+    def all_resident(self) -> bool:
+        """Whether a step needs no host decision: every MoE layer looks its experts up in the
+        device table and holds all of them, and any prediction is made inside the graphs."""
+        moe = self.moe
+        if moe.predictor is not None and not self.graphable_prediction:
+            return False
+        return all(not self.host_fed(l) for l in moe.spec.moe_layers) and moe.all_resident()
+
+    def _step_resident(self) -> None:
+        """Every graph of the step queued back to back: no layer can miss, so the host reads
+        no routing and copies nothing; it counts the step's uses once it is queued."""
+        for kind, l, g in self._graphs:
+            (self._experts_graph(l, g) if kind == "post" else g).replay()
+        self.moe.count_resident_step(self, self.moe.streams.host_event())
 
     def _queue_through_post(self, i: int, routed=None):
         """Replay the step's graphs from index i through the next experts graph; returns (the

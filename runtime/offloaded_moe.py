@@ -188,6 +188,10 @@ class OffloadedMoE:
         misses nothing."""
         return len(self._installed[layer]) == self.spec.num_experts and not self._to_install.get(layer)
 
+    def all_resident(self) -> bool:
+        """Every expert of every MoE layer is in the device table, none arriving."""
+        return all(self.layer_resident(l) for l in self.spec.moe_layers)
+
     def runs_ahead(self) -> bool:
         """Whether a graphed decode step may queue the next layer's graphs before this layer's
         misses are done (cuda_graphs.DecodeGraphs): only when the host never places experts
@@ -218,15 +222,24 @@ class OffloadedMoE:
         cannot hold every expert: keep in them each layer's experts that the prompt used most,
         the slots shared evenly among the layers, copying in those missing. A prompt's last
         copies would otherwise leave its last layers there whole, and decode would miss every
-        expert of the others. The copies go in the device table at once, the compute stream
-        waiting for them: the prompt's logits come after them, and decode sees none arrive."""
+        expert of the others. Whatever the prompt copied goes in the device table at once, the
+        compute stream waiting for it: the prompt's logits come after them, and decode sees no
+        expert arrive (a budget that holds every expert then decodes with no host decision)."""
         uses, self._prompt_uses = self._prompt_uses, {}
         layers = self.spec.moe_layers
         quota, extra = divmod(self.slots.num_slots, len(layers))
-        if self.cache_fill != "prompt" or not uses or quota < 1 or quota >= self.spec.num_experts:
-            return
+        if self.cache_fill == "prompt" and uses and 1 <= quota < self.spec.num_experts:
+            self._keep_most_used(uses, quota, extra)
+        if self.device_table:
+            for layer in layers:
+                self._install_arrived(layer)
+            if self._table_ops:
+                self._flush_table_ops()
+
+    def _keep_most_used(self, uses: dict, quota: int, extra: int) -> None:
+        """Copy in each layer's `quota` most used experts (one more for the first `extra` layers)."""
         keep = []   # most used first within each layer
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.spec.moe_layers):
             counts = uses.get(layer)
             if counts is None:
                 continue
@@ -246,11 +259,6 @@ class OffloadedMoE:
             batch.append((key, slot))
         self.telemetry.demand_copies += len(batch)
         self._copy_many(batch)
-        if self.device_table:   # in the table before decode: it then sees no expert arrive
-            for layer in layers:
-                self._install_arrived(layer)
-            if self._table_ops:
-                self._flush_table_ops()
 
     def __call__(self, layer: int, residual: torch.Tensor, s: torch.Tensor, position: int) -> torch.Tensor:
         T = s.shape[0]
@@ -724,6 +732,18 @@ class OffloadedMoE:
         seconds = float(stats[:, 4].sum()) * 1e-9
         tel.cpu_wait_seconds += seconds
         self.cpu.spent(seconds)
+
+    def count_resident_step(self, g, released) -> None:
+        """A graphed decode step queued with every expert on the GPU (DecodeGraphs.all_resident):
+        each layer's uses are hits, its prediction's hits were counted on the device. Nothing
+        is touched: with every expert in a slot, nothing is ever evicted."""
+        tel = self.telemetry
+        for layer in self.spec.moe_layers:
+            k = g.ids[layer].shape[1]
+            self._layer_released[layer] = released
+            tel.count_uses(layer, k, k)
+            if layer in g.pred_ids:
+                tel.count_predicted(layer, k, 1)
 
     def routing_landed(self, layer: int, g, expect: int) -> bool:
         """Whether a run-ahead step's layer `layer` has staged its routing in pinned memory

@@ -183,7 +183,9 @@ def test_run_ahead_host_path_matches_stock_on_the_cpu(family, budget, reads, fil
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
         queued = graphs.cpu_parts_queued
-        assert queued == (ahead and native and cpu_kernels.available())
+        # every expert on the GPU: no step needs the queue (DecodeGraphs.all_resident)
+        assert queued == (ahead and native and cpu_kernels.available() and budget != "100%")
+        assert graphs.all_resident() == (budget == "100%")
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts, tel.host_read_experts)
         engine.close()
@@ -754,6 +756,45 @@ def test_graphed_decode_path_equals_eager_with_estimators(prefetch, on_miss):
         hits[graphed] = engine.telemetry.summary()["prefetch_hit_rate"]
         engine.close()
     torch.testing.assert_close(rows[True], rows[False], rtol=1e-5, atol=1e-5)
+    assert hits[True] == pytest.approx(hits[False], abs=1e-9)
+
+
+@pytest.mark.parametrize("budget", ["100%", "60%"])
+def test_a_step_with_every_expert_on_the_gpu_needs_no_host_decision(budget, monkeypatch):
+    """The demo model, `quasi` predicting inside the decode pieces and `fetch`: at a budget that
+    holds every expert the graphed step reads no layer's routing (no host round trip a layer)
+    and still matches the stock forward, counting every use as a hit and the same prediction
+    hits as the eager step; at 60% it reads each layer's routing as before."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.offloaded_moe import OffloadedMoE
+    from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT
+
+    est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3, 5, 9])])
+    ref = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+    expected = stock_logits(ref, ids)
+    reads = []
+    original = OffloadedMoE.graphed_layer
+    monkeypatch.setattr(OffloadedMoE, "graphed_layer", lambda self, l, g: (reads.append(l), original(self, l, g)))
+    hits = {}
+    for graphed in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+        engine = runtime.from_model(model, cfg(prefetch="quasi", on_miss="fetch", estimators=est,
+                                               gpu_expert_budget=budget))
+        engine.use_graphs = graphed
+        got = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        spec, tel = engine.moe.spec, engine.telemetry
+        assert engine.moe.all_resident() == (budget == "100%")
+        hits[graphed] = tel.summary()["prefetch_hit_rate"]
+        engine.close()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    decoded = len(ids) - len(PROMPT)
+    if budget == "100%":
+        assert reads == []   # the warm-up and capture passes call no host decision either
+        assert tel.uses == tel.cache_hits == {l: len(ids) * spec.top_k for l in spec.moe_layers}
+    else:
+        assert len(reads) >= decoded * len(spec.moe_layers)
     assert hits[True] == pytest.approx(hits[False], abs=1e-9)
 
 

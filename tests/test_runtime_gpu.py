@@ -121,7 +121,7 @@ def test_host_gate_holds_the_compute_stream_until_the_host_opens_it():
 def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, budget, fill, monkeypatch):
     """`cpu` with no predictor queues each next layer behind a gate while the CPU computes
     (no gate for a layer whose experts are all on the GPU: the last layers with
-    cache_fill=recent, every layer at 100%), its CPU part
+    cache_fill=recent; at 100% every graph of a step is queued back to back), its CPU part
     by the native part that waits for the routing and opens the gate (the whole step queued,
     the parts on the native queue's thread), or by the Python path:
     the same logits as the loop that waits for the CPU before queuing (bit for bit: the same
@@ -137,7 +137,9 @@ def test_run_ahead_cpu_decode_matches_stock_and_the_step_by_step_loop(family, bu
         got[ahead, native] = engine_logits(engine, ids, prompt_len=len(PROMPT))
         graphs = engine.decode_graphs
         assert graphs.run_ahead == ahead
-        assert graphs.cpu_parts_queued == (ahead and native)
+        # every expert on the GPU: no step needs the queue (DecodeGraphs.all_resident)
+        assert graphs.cpu_parts_queued == (ahead and native and budget != "100%")
+        assert graphs.all_resident() == (budget == "100%")
         tel = engine.telemetry
         counted[ahead, native] = (dict(tel.uses), dict(tel.cache_hits), tel.cpu_experts)
         engine.close()
