@@ -57,7 +57,7 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
-                 native_layers: bool = True, queue_ahead: int | None = None) -> dict:
+                 native_layers: bool = True, queue_ahead: int | None = None, chrome_trace: Path | None = None) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
@@ -131,6 +131,15 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                 int(torch.argmax(logits[-1]))
             if cuda:
                 torch.cuda.synchronize()
+        if chrome_trace is not None:   # every kernel and copy of the 3 steps on its stream, for a timeline
+            import gzip
+            import shutil
+
+            raw = chrome_trace.with_suffix("")
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as src, gzip.open(chrome_trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         # The host's side: which calls take the host's time (CUDA API calls included).
         host_ops = sorted(((a.key, a.self_cpu_time_total / 3, a.count / 3) for a in prof.key_averages()),
@@ -194,6 +203,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--out", default=str(RESULTS / "profile_decode"))
     p.add_argument("--host-profile", action="store_true", help="cProfile the last 8 steps of each mode")
+    p.add_argument("--chrome-trace", action="store_true",
+                   help="write the profiled steps' trace per run: <out>.<run>.trace.json.gz (chrome://tracing, Perfetto)")
     p.add_argument("--modes", default=None, help="indices of the modes to run, e.g. 1,3,6")
     p.add_argument("--threads", default="0", help="CPU expert threads, one run each: e.g. 16,15 (0: torch's default)")
     p.add_argument("--host-read-share", default="0",
@@ -255,7 +266,9 @@ def main() -> int:
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
-        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native, q)
+        trace = out.with_suffix(f".{len(rows)}.trace.json.gz") if args.chrome_trace else None
+        row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native, q,
+                           trace)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
