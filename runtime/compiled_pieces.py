@@ -22,8 +22,14 @@ import torch
 from specmoe.moe_block import indexed_available, routed_output
 
 
-def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_out) -> None:
-    """r = x + attn(LN(x)), s = LN_post(r), into r_out and s_out."""
+def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_out, host_part=None) -> None:
+    """r = x + attn(LN(x)), s = LN_post(r), into r_out and s_out. `host_part`: the CPU's experts
+    of the layer before (float32, in pinned memory), first added to x, rounded once as the
+    eager path adds them, and cleared for the next step: compiled, one kernel reads it where
+    a copy and two kernels would run."""
+    if host_part is not None:
+        x.add_(host_part.view(x.shape))
+        host_part.zero_()
     h = layer.input_layernorm(x)
     a = layer.self_attn(hidden_states=h, position_embeddings=rope, attention_mask=mask,
                         position_ids=pos.reshape(1, 1), **{cache_kw: cache})[0]

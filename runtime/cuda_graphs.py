@@ -48,6 +48,7 @@ import torch
 
 from .compiled_pieces import Pieces
 from .cpu_kernels import LayerQueue
+from .host_store import device_view
 from .kv_cache import attention_masks
 from .predict import EstimatorPredictor
 from .streams import HostGate, QueuedGate
@@ -186,9 +187,17 @@ class DecodeGraphs:
         self._fix_np = self._fix_staging.numpy()
         self.fix_w = None
         self._fix_graph = None
-        self.host_part = torch.empty((1, H), dtype=torch.float32, pin_memory=pin)   # the CPU writes here
-        self._host_part_dev = torch.zeros((1, H), dtype=torch.float32, device=dev)
-        self._host_np = self.host_part.numpy()
+        # The CPU's part of each MoE layer, one row per layer: the CPU writes it in pinned memory
+        # and the next graph that reads x adds it from there in place (no copy queued between the
+        # gate and that graph) and clears it. A row is written again only in the next step.
+        self.host_parts = torch.zeros((len(e.layers), H), dtype=torch.float32, pin_memory=pin)
+        self._host_parts_dev = device_view(self.host_parts, dev) if pin else self.host_parts
+        self._host_np = self.host_parts.numpy()
+        # graph -> the MoE layer whose CPU part it adds: the layer just before it (-1: the epilogue)
+        moe_set = set(e._moe_layers)
+        self._host_from = {l: l - 1 for l in range(1, len(e.layers)) if l - 1 in moe_set}
+        if len(e.layers) - 1 in moe_set:
+            self._host_from[-1] = len(e.layers) - 1
         self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
         # Off CUDA a piece runs when it is "queued": running ahead would compute the next layer
         # before this one's CPU part is added, unless the pieces wait behind an emulated gate.
@@ -228,19 +237,22 @@ class DecodeGraphs:
             self._masks[kind].copy_(m)
         e.cache.set_positions(self.pos)
 
-    def _take_host_part(self):
-        # The CPU's experts of the layer before, copied in by add_host (zeros when it had none):
-        # added in fp32 and rounded once, as the eager path adds the CPU's part, then cleared.
-        if not self._host_adds:
-            return
-        self.x.add_(self._host_part_dev.view(self.x.shape))
-        self._host_part_dev.zero_()
+    def _host_row(self, l: int):
+        """The CPU's part of the MoE layer before graph l (-1: the epilogue) for that graph to
+        add from pinned memory and clear (zeros when it had none), or None."""
+        src = self._host_from.get(l)
+        if not self._host_adds or src is None:
+            return None
+        return self._host_parts_dev[src:src + 1]
+
+    def host_part(self, layer: int) -> torch.Tensor:
+        """Where the CPU writes its part of `layer` (float32 [1, H], pinned)."""
+        return self.host_parts[layer:layer + 1]
 
     def _attention(self, l: int):
         e = self.engine
-        self._take_host_part()
         self.pieces.attention_block(e.layers[l], self.x, self._rope, self._masks[e._kinds[l]], self.pos,
-                                    e.cache.layer(l), e._cache_kw, self.r, self.s)
+                                    e.cache.layer(l), e._cache_kw, self.r, self.s, self._host_row(l))
 
     def _dense(self, l: int):
         self._attention(l)
@@ -329,19 +341,20 @@ class DecodeGraphs:
         self.fix_w.copy_(self.w[layer])
         self._fix_graph.replay()
 
-    def add_host(self, part: torch.Tensor) -> None:
-        """x += part (float32 [1, H] on the host: the CPU's experts), by the next graph that
-        reads x: the host only queues one copy (no kernel launch on its path)."""
-        if part.data_ptr() != self.host_part.data_ptr():   # not written in place by the CPU
-            self._host_np[...] = part.reshape(self._host_np.shape).numpy()
-        if self.run_ahead:   # its copy waits behind the gate already
-            self._part_written = True
-            return
-        self.moe.streams.copy_on_compute(self._host_part_dev, self.host_part)
+    def add_host(self, layer: int, part: torch.Tensor) -> None:
+        """x += part (float32 [1, H] on the host: the CPU's experts of `layer`), by the next
+        graph that reads x, from pinned memory: nothing is queued on the host's path."""
+        row = self.host_part(layer)
+        if part.data_ptr() != row.data_ptr():   # not written in place by the CPU
+            self._host_np[layer] = part.reshape(-1).numpy()
+        self._part_written = True
 
     def _epilogue(self):
         e = self.engine
-        self._take_host_part()
+        row = self._host_row(-1)
+        if row is not None:   # as attention_block adds it
+            self.x.add_(row.view(self.x.shape))
+            row.zero_()
         if self.logits is None:
             self.logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
         self.pieces.head(e.base.norm, e.model.lm_head, self.x, self.logits)
@@ -575,9 +588,6 @@ class DecodeGraphs:
                 ticket, seq = submitted.pop(layer, (None, None))
                 if ticket is not None:
                     gate.close(seq)
-                    # The copy may be queued after the part has run: the next part writes only
-                    # once this layer's successor has staged its routing, later on the stream.
-                    gate.copy_behind(self._host_part_dev, self.host_part)
                 tally.parts.append((layer, ticket))
                 i, layer, _ = self._queue_through_post(i, submit)
                 tally.count(block=False)
@@ -605,14 +615,12 @@ class DecodeGraphs:
             gated = not moe.layer_resident(layer)
             seq = gate.close() if gated else None
             try:
-                if gated:
-                    self.gate.copy_behind(self._host_part_dev, self.host_part)
                 i, after, after_released = self._queue_through_post(i)
                 if gated:
                     self._part_written = False
                     moe.after_graphed_compute(layer, self, released=released)
                     if not self._part_written:
-                        self._host_np.fill(0.0)   # every miss was on the GPU: nothing to add
+                        self._host_np[layer] = 0.0   # every miss was on the GPU: nothing to add
                 else:
                     resident.append(layer)
             finally:

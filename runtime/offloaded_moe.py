@@ -569,9 +569,9 @@ class OffloadedMoE:
         if cpu_work:
             self.telemetry.cpu_experts += len(cpu_work)
             start = time.perf_counter()
-            part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work, out=g.host_part)
+            part = self.cpu.compute(self._experts[layer], layer, cpu_inputs[0], cpu_work, out=g.host_part(layer))
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
-            g.add_host(part)
+            g.add_host(layer, part)
         if absent and self.adapt_demand_share:
             self._adapt("cpu_demand_share", demand)
         if ahead is not None and self.adapt_copy_share:
@@ -706,7 +706,7 @@ class OffloadedMoE:
         reads = None if self._host_reads is None else self.read_table[row]
         return self.cpu.bind_table_layer(self._experts[layer], layer, ready=ready, ids=ids.reshape(-1),
                                          weights=w_host.reshape(-1), x=s_host.reshape(-1), present=self.present[row],
-                                         reads=reads, out=g.host_part.reshape(-1), gate=g.gate.flag,
+                                         reads=reads, out=g.host_part(layer).reshape(-1), gate=g.gate.flag,
                                          stats=g.part_stats[layer])
 
     def count_run_ahead(self, layers: list[int], g, released, stats) -> None:

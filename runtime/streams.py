@@ -163,10 +163,6 @@ class HostGate:
         # visible to the GPU once it sees the flag.
         self._flag_np[0] = seq
 
-    def copy_behind(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst.copy_(src) after the gates closed so far (queued on the compute stream)."""
-        self.streams.copy_on_compute(dst, src)
-
     def run_until(self, done) -> None:
         """Nothing to do: the stream runs what the gates hold by itself (QueuedGate's host
         plays that part)."""
@@ -216,9 +212,6 @@ class QueuedGate:
     def open(self, seq: int) -> None:
         self._flag[0] = max(int(self._flag[0]), seq)
         self.drain()
-
-    def copy_behind(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.submit(lambda: dst.copy_(src))
 
     def run_until(self, done) -> None:
         """Play the stream: run each piece once the flag (written by another thread) opens its
