@@ -21,6 +21,8 @@ import torch
 
 from specmoe.moe_block import indexed_available, routed_output
 
+from . import telemetry
+
 
 def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_out, host_part=None) -> None:
     """r = x + attn(LN(x)), s = LN_post(r), into r_out and s_out. `host_part`: the CPU's experts
@@ -103,12 +105,18 @@ def head(norm, lm_head, x, logits_out) -> None:
     logits_out.copy_(lm_head(norm(x)[0, -1:]).float())
 
 
+def add_hits(predicted, true, hits, exact) -> None:
+    """The prediction's hit counters (telemetry.add_hits): compiled, one kernel where eager
+    launches eight."""
+    telemetry.add_hits(predicted, true, hits, exact)
+
+
 _FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "add_experts",
-              "head")
+              "head", "add_hits")
 # The pieces whose shapes do not depend on the GPU expert budget. The expert pieces take the
 # slot stack, whose length is the budget: compiled, every budget would be a new compilation
 # (and past torch's recompile limit, eager anyway); they are a few kernels in any case.
-_COMPILED = ("attention_block", "dense_mlp", "route", "head")
+_COMPILED = ("attention_block", "dense_mlp", "route", "head", "add_hits")
 _compiled: dict[tuple[str, str, str | None], object] = {}
 
 

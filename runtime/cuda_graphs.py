@@ -278,7 +278,7 @@ class DecodeGraphs:
         self.pieces.route(moe.family, moe._routers[l], s, self.ids[l], self.w[l], self.wsel[l], wsel_from)
         tel = moe.telemetry
         if tel.track_hits and l in self.pred_ids:
-            tel.prefetch_hits_device(l, self.pred_ids[l], self.ids[l], count=False)
+            tel.prefetch_hits_device(l, self.pred_ids[l], self.ids[l], count=False, add=self.pieces.add_hits)
         target = moe.predictor.target_of(l) if moe.predictor is not None else None
         if target is not None and self.graphable_prediction:
             src_ids, src_w = self._source_routing(l)

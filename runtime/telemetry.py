@@ -89,16 +89,14 @@ class Telemetry:
             self.cache_hits[layer] = self.cache_hits.get(layer, 0) + hits
 
     def prefetch_hits_device(self, layer: int, predicted: torch.Tensor, true: torch.Tensor,
-                             count: bool = True) -> None:
+                             count: bool = True, add=None) -> None:
         """recall@k of the prediction for `layer`, accumulated without a host sync (inside a
-        CUDA graph too; then count=False and the host counts with `count_predicted`)."""
+        CUDA graph too; then count=False and the host counts with `count_predicted`). `add`:
+        the function that adds into the counters (add_hits, or its compiled form)."""
         i = self._index[layer]
-        p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
-        found = (p.unsqueeze(-1) == t.to(p.device).unsqueeze(-2)).any(-1)
-        # .to() is a no-op on one device; with layers on several devices the counters live on one
-        self._pred_hits[i] += found.sum().to(self._pred_hits.device)
-        self._pred_exact[i] += found.all(-1).sum().to(self._pred_exact.device)
+        (add or add_hits)(predicted, true, self._pred_hits[i:i + 1], self._pred_exact[i:i + 1])
         if count:
+            t = true.reshape(-1, true.shape[-1])
             self._pred_total[i] += t.numel()
             self._pred_tokens[i] += t.shape[0]
 
@@ -194,6 +192,15 @@ class Telemetry:
             "per_layer": per_layer,
         }
         return out
+
+
+def add_hits(predicted: torch.Tensor, true: torch.Tensor, hits: torch.Tensor, exact: torch.Tensor) -> None:
+    """hits += predicted ids found among the true ones, exact += tokens predicted whole."""
+    p, t = predicted.reshape(-1, predicted.shape[-1]), true.reshape(-1, true.shape[-1])
+    found = (p.unsqueeze(-1) == t.to(p.device).unsqueeze(-2)).any(-1)
+    # .to() is a no-op on one device; with layers on several devices the counters live on one
+    hits += found.sum().to(hits.device)
+    exact += found.all(-1).sum().to(exact.device)
 
 
 def format_summary(s: dict) -> str:
