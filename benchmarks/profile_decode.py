@@ -57,11 +57,13 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
-                 native_layers: bool = True, queue_ahead: int | None = None, chrome_trace: Path | None = None) -> dict:
+                 native_layers: bool = True, queue_ahead: int | None = None, chrome_trace: Path | None = None,
+                 resident_steps: bool = True) -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
-    ahead_default = DecodeGraphs.queue_ahead
+    ahead_default, resident_default = DecodeGraphs.queue_ahead, DecodeGraphs.resident_steps
+    DecodeGraphs.resident_steps = resident_steps
     if queue_ahead is not None:
         DecodeGraphs.queue_ahead = queue_ahead
     try:
@@ -175,6 +177,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "native_layers": graphs.cpu_parts_queued, "queue_ahead": DecodeGraphs.queue_ahead,
+            "resident_steps": graphs.resident_steps and graphs.all_resident(),
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
@@ -184,6 +187,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
     finally:
         DecodeGraphs.native_layers = native_default
         DecodeGraphs.queue_ahead = ahead_default
+        DecodeGraphs.resident_steps = resident_default
         engine.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -217,6 +221,9 @@ def main() -> int:
     p.add_argument("--queue-ahead", default=str(DecodeGraphs.queue_ahead),
                    help="queued steps: CPU parts the host submits ahead of the last one run, one run each: e.g. 2,0 "
                         "(0: no limit)")
+    p.add_argument("--resident-steps", default="1",
+                   help="1, 0 or both (1,0): a step with every expert on the GPU queued back to back (0: read "
+                        "each layer's routing, as when experts may miss)")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -250,13 +257,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 n == "1", int(q))
+                 n == "1", int(q), rs == "1")
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
                 for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")
-                for q in args.queue_ahead.split(",")]
-    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native, q) \
+                for q in args.queue_ahead.split(",") for rs in args.resident_steps.split(",")]
+    for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native, q,
+                                                                      resident) \
             in ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
@@ -268,7 +276,7 @@ def main() -> int:
         t0 = time.perf_counter()
         trace = out.with_suffix(f".{len(rows)}.trace.json.gz") if args.chrome_trace else None
         row = profile_mode(parts, config, prompt, forced[:args.decode], args.warmup, recorded, host_profile, native, q,
-                           trace)
+                           trace, resident)
         row["seconds"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -286,7 +294,7 @@ def main() -> int:
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', all resident: queued whole' if r.get('resident_steps') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "

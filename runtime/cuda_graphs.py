@@ -152,6 +152,9 @@ class DecodeGraphs:
     # their parts finish instead of after queuing the whole step; on 48 layers 2, 4 and no
     # limit decoded equally fast within the noise (benchmarks/results/profile_decode_tail.md).
     queue_ahead = 2
+    # Steps with every expert on the GPU queued back to back (all_resident); False: they take
+    # the path their mode takes otherwise, reading each layer's routing (for comparisons).
+    resident_steps = True
     # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
     # no faster there, but the CPU test suite then covers the run-ahead step's host path.
     emulate_gate = False
@@ -471,7 +474,7 @@ class DecodeGraphs:
         moe.engine_position = e.cache.length
         moe.begin_step()
         self._count += 1
-        if self.all_resident():
+        if self.resident_steps and self.all_resident():
             self._step_resident()
         elif self.run_ahead:
             self._step_run_ahead()
