@@ -58,12 +58,14 @@ def _timed(obj, name: str, bucket: list) -> None:
 
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
                  native_layers: bool = True, queue_ahead: int | None = None, chrome_trace: Path | None = None,
-                 resident_steps: bool = True) -> dict:
+                 resident_steps: str = "1") -> dict:
     engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
-    ahead_default, resident_default = DecodeGraphs.queue_ahead, DecodeGraphs.resident_steps
-    DecodeGraphs.resident_steps = resident_steps
+    ahead_default = DecodeGraphs.queue_ahead
+    resident_default = DecodeGraphs.resident_steps, DecodeGraphs.resident_depth
+    DecodeGraphs.resident_steps = resident_steps != "0"
+    DecodeGraphs.resident_depth = 0 if resident_steps == "all" else resident_default[1]
     if queue_ahead is not None:
         DecodeGraphs.queue_ahead = queue_ahead
     try:
@@ -177,7 +179,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "cpu_demand_share": config.cpu_demand_share,
             "run_ahead": bool(graphs.run_ahead), "host_read_share": moe.host_read_share,
             "native_layers": graphs.cpu_parts_queued, "queue_ahead": DecodeGraphs.queue_ahead,
-            "resident_steps": graphs.resident_steps and graphs.all_resident(),
+            "resident_steps": (("the whole step queued" if graphs.resident_depth == 0
+                                else f"the host {graphs.resident_depth} layer ahead")
+                               if graphs.resident_steps and graphs.all_resident() else None),
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
@@ -187,8 +191,12 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
     finally:
         DecodeGraphs.native_layers = native_default
         DecodeGraphs.queue_ahead = ahead_default
-        DecodeGraphs.resident_steps = resident_default
+        DecodeGraphs.resident_steps, DecodeGraphs.resident_depth = resident_default
         engine.close()
+        engine = graphs = moe = prof = None   # the frame's references: slots, graphs and their pools
+        import gc
+
+        gc.collect()   # the captured graphs and their pools go with the engine, before the next mode's slots
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -222,8 +230,9 @@ def main() -> int:
                    help="queued steps: CPU parts the host submits ahead of the last one run, one run each: e.g. 2,0 "
                         "(0: no limit)")
     p.add_argument("--resident-steps", default="1",
-                   help="1, 0 or both (1,0): a step with every expert on the GPU queued back to back (0: read "
-                        "each layer's routing, as when experts may miss)")
+                   help="a step with every expert on the GPU: 1 (its graphs queued with no host decision, the host "
+                        "a layer ahead), all (the whole step queued at once), 0 (each layer's routing read, as "
+                        "when experts may miss); several: one run each, e.g. 1,all,0")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
     p.add_argument("--demand-share", default="0",
@@ -257,7 +266,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 n == "1", int(q), rs == "1")
+                 n == "1", int(q), rs)
                 for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
@@ -294,7 +303,7 @@ def main() -> int:
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', all resident: queued whole' if r.get('resident_steps') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', no host decision: %s' % r['resident_steps'] if r.get('resident_steps') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -155,6 +156,8 @@ class DecodeGraphs:
     # Steps with every expert on the GPU queued back to back (all_resident); False: they take
     # the path their mode takes otherwise, reading each layer's routing (for comparisons).
     resident_steps = True
+    # ... with the host at most this many layers ahead of the GPU (0: the whole step at once).
+    resident_depth = 1
     # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
     # no faster there, but the CPU test suite then covers the run-ahead step's host path.
     emulate_gate = False
@@ -497,11 +500,20 @@ class DecodeGraphs:
         return all(not self.host_fed(l) for l in moe.spec.moe_layers) and moe.all_resident()
 
     def _step_resident(self) -> None:
-        """Every graph of the step queued back to back: no layer can miss, so the host reads
-        no routing and copies nothing; it counts the step's uses once it is queued."""
+        """The step's graphs queued with no host decision between them: no layer can miss, so
+        the host reads no routing and copies nothing; it counts the step's uses at the end.
+        It keeps at most `resident_depth` layers queued past the one running, as the layer-by-
+        layer path does (waiting for each layer's routing): on the H200 host the whole step
+        queued at once decoded slower than that path (benchmarks/results/profile_decode_resident.md)."""
+        streams, depth = self.moe.streams, self.resident_depth
+        routed = deque()   # events after queued layers' pre graphs
         for kind, l, g in self._graphs:
             (self._experts_graph(l, g) if kind == "post" else g).replay()
-        self.moe.count_resident_step(self, self.moe.streams.host_event())
+            if depth and kind == "pre":
+                routed.append(streams.host_event())
+            elif kind == "post" and len(routed) >= depth > 0:
+                routed.popleft().synchronize()
+        self.moe.count_resident_step(self, streams.host_event())
 
     def _queue_through_post(self, i: int, routed=None):
         """Replay the step's graphs from index i through the next experts graph; returns (the
