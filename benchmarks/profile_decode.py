@@ -144,6 +144,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             with open(raw, "rb") as src, gzip.open(chrome_trace, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             raw.unlink()
+            chain = serial_chain(chrome_trace) if graphs.run_ahead else None
+        else:
+            chain = None
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         # The host's side: which calls take the host's time (CUDA API calls included).
         host_ops = sorted(((a.key, a.self_cpu_time_total / 3, a.count / 3) for a in prof.key_averages()),
@@ -185,6 +188,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "host_read_auto": config.host_read_share is None,
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
+            "serial_chain_us": chain,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
         }
@@ -199,6 +203,41 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         gc.collect()   # the captured graphs and their pools go with the engine, before the next mode's slots
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def serial_chain(trace: Path) -> dict | None:
+    """Medians over a queued `cpu` step's layers, from a profiled trace (--chrome-trace), in us:
+    a layer's period (the routing of one layer landing in pinned memory to the next one's), the
+    longest gap within it (the GPU waiting at the gate for the CPU's part), then the next layer's
+    graph from its first kernel to its first staging copy (attention and routing), and the
+    staging copies through the last (the step's count). The serial part of a CPU layer is the
+    last two. None where the trace has no staged routing."""
+    import gzip
+
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    # The count: an 8-byte device-to-host copy, the last a layer stages.
+    counts = [i for i, e in enumerate(gpu) if e["cat"] == "gpu_memcpy" and "DtoH" in e["name"]
+              and e["args"].get("bytes") == 8]
+    rows = []
+    for a, b in zip(counts, counts[1:]):
+        first_copy = b
+        while first_copy - 1 > a and gpu[first_copy - 1]["cat"] == "gpu_memcpy" and "DtoH" in gpu[first_copy - 1]["name"]:
+            first_copy -= 1
+        ends = [e["ts"] + e["dur"] for e in gpu[a:first_copy]]
+        gaps = [gpu[i + 1]["ts"] - ends[i - a] for i in range(a, first_copy - 1)]
+        if not gaps:
+            continue
+        longest = max(range(len(gaps)), key=gaps.__getitem__)
+        start = gpu[a + longest + 1]["ts"]
+        landed = gpu[b]["ts"] + gpu[b]["dur"]
+        rows.append((landed - (gpu[a]["ts"] + gpu[a]["dur"]), gaps[longest], gpu[first_copy]["ts"] - start,
+                     landed - gpu[first_copy]["ts"]))
+    if not rows:
+        return None
+    names = ("period", "gate_gap", "attention_and_routing", "staging")
+    return {n: round(statistics.median(r[i] for r in rows), 1) for i, n in enumerate(names)} | {"layers": len(rows)}
 
 
 def timeline(us: dict | None) -> str:
