@@ -1,0 +1,62 @@
+"""benchmarks/profile_decode.py's reading of a profiled trace (`serial_chain`), on a trace
+written here with the shape torch's profiler gives a queued `cpu` step: per layer, the
+experts graph, a wait at the gate, the next layer's kernels, then its staging copies
+(the step's 8-byte count last)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from benchmarks.profile_decode import serial_chain
+
+
+def _kernel(ts, dur, name="k"):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {}}
+
+
+def _copy(ts, dur, nbytes, kind="DtoH (Device -> Pinned)"):
+    return {"ph": "X", "cat": "gpu_memcpy", "name": f"Memcpy {kind}", "ts": ts, "dur": dur, "args": {"bytes": nbytes}}
+
+
+def _layer(t, gate, kernels):
+    """One period from t (the last count landed): the experts graph (20 us), the gate wait,
+    `kernels` us of the next layer's graph in 1-us kernels with 0.5 us between, 6 us, then
+    four staging copies of 2 us, 1 us apart. Returns (events, when the count landed)."""
+    events = [_kernel(t + 1, 20, "indexed_matvec_kernel"), _copy(t + 21.5, 1, 8192, "HtoD (Pinned -> Device)")]
+    t = t + 22.5 + gate
+    for _ in range(kernels):
+        events.append(_kernel(t, 1))
+        t += 1.5
+    t += 6 - 0.5
+    first_copy = t
+    for nbytes in (64, 4096, 32, 8):
+        events.append(_copy(t, 2, nbytes))
+        t += 3
+    return events, first_copy, t - 1
+
+
+def test_the_serial_chain_is_read_layer_by_layer_from_a_trace(tmp_path):
+    events, t, expected = [_copy(0, 2, 8)], 2.0, []
+    for gate, kernels in ((40, 30), (10, 50), (25, 40)):
+        layer, first_copy, landed = _layer(t, gate, kernels)
+        events += layer
+        start = t + 22.5 + gate
+        expected.append((landed - t, gate, first_copy - start, landed - first_copy))
+        t = landed
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1000})   # not a GPU operation
+    trace = tmp_path / "t.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events[::-1]}, f)   # any order: sorted by start
+    got = serial_chain(trace)
+    medians = [sorted(row[i] for row in expected)[1] for i in range(4)]
+    assert got == {"period": round(medians[0], 1), "gate_gap": medians[1], "attention_and_routing": medians[2],
+                   "staging": medians[3], "layers": 3}
+    assert got["gate_gap"] == 25 and got["staging"] == 11
+
+
+def test_a_trace_with_no_staged_routing_gives_none(tmp_path):
+    trace = tmp_path / "t.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": [_kernel(0, 5), _copy(10, 2, 64)]}, f)
+    assert serial_chain(trace) is None
