@@ -15,8 +15,8 @@ decide something, and every piece in between is captured once and replayed:
     epilogue        final norm, LM head
 
 A step with every expert of every MoE layer on the GPU and its prediction made inside the
-graphs needs none of those decisions: its graphs are queued back to back, and the host counts
-its uses afterwards (`all_resident`).
+graphs needs none of those decisions: its graphs are queued with none between them, the host
+at most a layer ahead of the GPU, and it counts the step's uses afterwards (`all_resident`).
 
 With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
 copies), the host runs ahead: each layer's graphs copy their routing, input and the step's
@@ -153,10 +153,11 @@ class DecodeGraphs:
     # their parts finish instead of after queuing the whole step; on 48 layers 2, 4 and no
     # limit decoded equally fast within the noise (benchmarks/results/profile_decode_tail.md).
     queue_ahead = 2
-    # Steps with every expert on the GPU queued back to back (all_resident); False: they take
-    # the path their mode takes otherwise, reading each layer's routing (for comparisons).
+    # Steps with every expert on the GPU queued with no host decision (all_resident); False:
+    # they take the path their mode takes otherwise, reading each layer's routing (comparisons).
     resident_steps = True
-    # ... with the host at most this many layers ahead of the GPU (0: the whole step at once).
+    # ... with the host at most this many layers ahead of the GPU (0: the whole step at once,
+    # which decoded slower on the H200 machine: benchmarks/results/profile_decode_resident.md).
     resident_depth = 1
     # Off CUDA, run ahead behind a QueuedGate (pieces wait in a queue instead of a stream):
     # no faster there, but the CPU test suite then covers the run-ahead step's host path.
