@@ -478,17 +478,27 @@ class DecodeGraphs:
         moe.engine_position = e.cache.length
         moe.begin_step()
         self._count += 1
-        if self.resident_steps and self.all_resident():
-            self._step_resident()
-        elif self.run_ahead:
-            self._step_run_ahead()
-        else:
-            for kind, l, g in self._graphs:
-                (self._experts_graph(l, g) if kind == "post" else g).replay()
-                if kind == "pre":
-                    moe.graphed_layer(l, self)
-                elif kind == "post":
-                    moe.after_graphed_compute(l, self)
+        try:
+            if self.resident_steps and self.all_resident():
+                self._step_resident()
+            elif self.run_ahead:
+                self._step_run_ahead()
+            else:
+                for kind, l, g in self._graphs:
+                    (self._experts_graph(l, g) if kind == "post" else g).replay()
+                    if kind == "pre":
+                        moe.graphed_layer(l, self)
+                    elif kind == "post":
+                        moe.after_graphed_compute(l, self)
+        except BaseException:
+            # A failed step may leave CPU parts that no graph of it added (their layers' successors
+            # were never queued): the next step must not add them. Its gates are all open, so the
+            # stream drains.
+            try:
+                moe.streams.synchronize()
+            finally:
+                self._host_np.fill(0.0)
+            raise
         e.cache.length += 1
         return self.logits.clone()
 

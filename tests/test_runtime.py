@@ -258,6 +258,39 @@ def test_queued_step_whose_cpu_part_fails_raises_it_and_leaves_nothing_waiting(m
     engine.close()
 
 
+def test_a_failed_step_leaves_no_cpu_part_for_the_next_one(monkeypatch):
+    """A run-ahead step that fails after a CPU part was written, before the graph that adds it
+    was queued: the step raises, the part is dropped, and decoding the same position again
+    gives the stock forward's logits."""
+    from runtime.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(DecodeGraphs, "emulate_gate", True)
+    ref = tiny_model("qwen3_moe")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16])])
+    expected = stock_logits(ref, ids)
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch="none", on_miss="cpu", gpu_expert_budget="0"))
+    engine.use_graphs = True
+    engine.reset()
+    n = len(PROMPT)
+    rows = [engine.step(ids[:n], all_logits=True), engine.step(ids[n:n + 1])]
+    graphs = engine.decode_graphs
+    layer = engine.moe.spec.moe_layers[0]
+
+    def fails_after_a_part():
+        graphs._graphs[0][2].replay()   # the prologue: the step counted on the device
+        graphs.host_part(layer).fill_(3.0)
+        raise RuntimeError("CPU expert kernel failed")
+
+    monkeypatch.setattr(graphs, "_step_run_ahead", fails_after_a_part)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        engine.step(ids[n + 1:n + 2])
+    monkeypatch.undo()
+    assert not graphs.host_parts.any()
+    rows += [engine.step(t.reshape(1)) for t in ids[n + 1:]]
+    engine.close()
+    torch.testing.assert_close(torch.cat(rows), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 @pytest.mark.parametrize("prefetch,on_miss", [("none", "cpu"), ("current", "cpu"), ("none", "fetch")])
 def test_host_reads_take_a_share_of_misses_and_stay_exact(family, prefetch, on_miss):
