@@ -5,7 +5,8 @@ kernel from Python takes far longer. Each decode step is cut where the host must
 decide something, and every piece in between is captured once and replayed:
 
     prologue        token -> x, rotary tables, attention masks (position from a device buffer)
-    pre[l]          attention, residual, router input s_l, the true routing of l, the
+    pre[l]          the CPU's part of the layer before (`cpu`: read in pinned memory),
+                    attention, residual, router input s_l, the true routing of l, the
                     prediction for l+h (estimator predictors), prediction hits
     ----            host: table changes, or (speculate) the predicted slots (offloaded_moe)
     post[l]         the experts of l over the GPU slots (device table, or fed slots), the
