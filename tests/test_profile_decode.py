@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import torch
+
 from benchmarks.profile_decode import serial_chain
 
 
@@ -60,3 +62,15 @@ def test_a_trace_with_no_staged_routing_gives_none(tmp_path):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": [_kernel(0, 5), _copy(10, 2, 64)]}, f)
     assert serial_chain(trace) is None
+
+
+def test_the_gpu_time_of_a_resident_step_counts_only_gpu_work():
+    """benchmarks/runtime_decode.py's GPU time per token with every expert resident, on the
+    CPU: the same steps run, and no GPU work is counted."""
+    from benchmarks.runtime_decode import EMBEDDING_STD, gpu_time_alone, qwen3_30b_shape
+    from runtime.build import parts_random
+    from runtime.config import RuntimeConfig
+
+    base = RuntimeConfig(device="cpu", dtype="fp32", max_context=64)
+    parts = parts_random(qwen3_30b_shape(2, hidden=128), base, progress=False, embedding_std=EMBEDDING_STD)
+    assert gpu_time_alone(parts, base, torch.tensor([1, 2, 3, 4]), [5, 6], steps=2, profiled=2) == 0.0

@@ -404,3 +404,26 @@ def test_graphed_and_compiled_bf16_decode_equal_eager_on_qwen3_30b_shape():
     assert torch.equal(logits["compiled"].argmax(-1), logits["eager"].argmax(-1))
     for l in routes["graphs"][0]:
         assert len({e for step in routes["graphs"] for e in step[l]}) > 40
+
+
+def test_the_gpu_time_of_a_resident_step_is_its_kernels():
+    """benchmarks/runtime_decode.py's GPU time per token with every expert resident, on two
+    layers of model A's shape: some work, and less than the wall time of the same step."""
+    import time
+
+    from benchmarks.runtime_decode import EMBEDDING_STD, gpu_time_alone, qwen3_30b_shape
+    from runtime.build import parts_random
+
+    base = cfg(dtype="bf16", max_context=300, prefetch="none", on_miss="fetch", gpu_expert_budget="100%")
+    parts = parts_random(qwen3_30b_shape(2), base, progress=False, embedding_std=EMBEDDING_STD)
+    prompt = torch.randint(0, parts.model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
+    busy = gpu_time_alone(parts, base, prompt, [5, 6, 7])
+    engine = runtime.configure(parts, base)
+    engine.step(prompt)
+    walls = []
+    for token in (5, 6, 7, 8, 9, 10):
+        start = time.perf_counter()
+        int(engine.step(torch.tensor([token]))[-1].argmax())
+        walls.append(1e3 * (time.perf_counter() - start))
+    engine.close()
+    assert 0.0 < busy < sorted(walls)[3]
