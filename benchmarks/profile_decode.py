@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape  # noqa: E402
+from benchmarks.runtime_decode import EMBEDDING_STD, gpu_busy_ms, gpu_events, qwen3_30b_shape  # noqa: E402
 from runtime.bench import record_exact  # noqa: E402
 from runtime.build import configure, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
@@ -147,12 +147,12 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             chain = serial_chain(chrome_trace) if graphs.run_ahead else None
         else:
             chain = None
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = gpu_events(prof)
         # The host's side: which calls take the host's time (CUDA API calls included).
         host_ops = sorted(((a.key, a.self_cpu_time_total / 3, a.count / 3) for a in prof.key_averages()),
                           key=lambda item: -item[1])[:20]
         count = max(1, len(kernels)) / 3
-        busy_ms = sum(e.device_time for e in kernels) / 1e3 / 3
+        busy_ms = gpu_busy_ms(kernels, 3)
         top = Counter()
         for e in kernels:
             top[e.name[:80]] += e.device_time / 3

@@ -183,6 +183,16 @@ def expert_copy_bandwidth(parts, experts: int = 8, repeats: int = 20) -> float:
     return experts * store.layout.block_bytes / statistics.median(times[2:])
 
 
+def gpu_events(prof) -> list:
+    """The kernels and copies the GPU ran under a torch profiler."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def gpu_busy_ms(events: list, steps: int) -> float:
+    """ms per step the GPU spent in these kernels and copies (gpu_events), over `steps` steps."""
+    return sum(e.device_time for e in events) / 1e3 / steps
+
+
 def gpu_time_alone(parts, base, prompt, forced, steps: int = 6, profiled: int = 3) -> float:
     """ms of GPU work in one decode step with every expert resident: its kernels' and copies'
     own time, from the torch profiler over `profiled` steps after `steps` of warm-up. (Replaying
@@ -201,8 +211,7 @@ def gpu_time_alone(parts, base, prompt, forced, steps: int = 6, profiled: int = 
             for token in tokens[steps:]:
                 engine.step(torch.tensor([token]))
             engine.streams.synchronize()
-        busy_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        return busy_us / 1e3 / profiled
+        return gpu_busy_ms(gpu_events(prof), profiled)
     finally:
         engine.close()
 

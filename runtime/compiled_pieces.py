@@ -30,13 +30,18 @@ def attention_block(layer, x, rope, mask, pos, cache, cache_kw: str, r_out, s_ou
     eager path adds them, and cleared for the next step: compiled, one kernel reads it where
     a copy and two kernels would run."""
     if host_part is not None:
-        x.add_(host_part.view(x.shape))
-        host_part.zero_()
+        add_host_part(x, host_part)
     h = layer.input_layernorm(x)
     a = layer.self_attn(hidden_states=h, position_embeddings=rope, attention_mask=mask,
                         position_ids=pos.reshape(1, 1), **{cache_kw: cache})[0]
     r_out.copy_(x + a)
     s_out.copy_(layer.post_attention_layernorm(r_out))
+
+
+def add_host_part(x, host_part) -> None:
+    """x += the CPU's part (float32, rounded once into x's dtype), then the part cleared."""
+    x.add_(host_part.view(x.shape))
+    host_part.zero_()
 
 
 def dense_mlp(mlp, r, s, x_out) -> None:

@@ -48,7 +48,7 @@ from collections import deque
 
 import torch
 
-from .compiled_pieces import Pieces
+from .compiled_pieces import Pieces, add_host_part
 from .cpu_kernels import LayerQueue
 from .host_store import device_view
 from .kv_cache import attention_masks
@@ -201,12 +201,14 @@ class DecodeGraphs:
         self.host_parts = torch.zeros((len(e.layers), H), dtype=torch.float32, pin_memory=pin)
         self._host_parts_dev = device_view(self.host_parts, dev) if pin else self.host_parts
         self._host_np = self.host_parts.numpy()
-        # graph -> the MoE layer whose CPU part it adds: the layer just before it (-1: the epilogue)
-        moe_set = set(e._moe_layers)
-        self._host_from = {l: l - 1 for l in range(1, len(e.layers)) if l - 1 in moe_set}
-        if len(e.layers) - 1 in moe_set:
-            self._host_from[-1] = len(e.layers) - 1
-        self._host_adds = moe.on_miss == "cpu" and moe.cpu is not None   # only `cpu` has a host part
+        # graph -> the MoE layer whose CPU part it adds: the layer just before it (-1: the
+        # epilogue); none where the mode has no CPU part (only `cpu` has one)
+        self._host_from = {}
+        if moe.on_miss == "cpu" and moe.cpu is not None:
+            moe_set = set(e._moe_layers)
+            self._host_from = {l: l - 1 for l in range(1, len(e.layers)) if l - 1 in moe_set}
+            if len(e.layers) - 1 in moe_set:
+                self._host_from[-1] = len(e.layers) - 1
         # Off CUDA a piece runs when it is "queued": running ahead would compute the next layer
         # before this one's CPU part is added, unless the pieces wait behind an emulated gate.
         self.gate = HostGate(moe.streams) if dev.type == "cuda" else (QueuedGate() if self.emulate_gate else None)
@@ -226,6 +228,10 @@ class DecodeGraphs:
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False
         self._capture()
+        # What all_resident needs besides every expert on the GPU, fixed once captured: every
+        # MoE layer looks its experts up in the device table, any prediction is made in the graphs.
+        self._table_only = ((moe.predictor is None or self.graphable_prediction)
+                            and all(not self.host_fed(l) for l in moe.spec.moe_layers))
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
 
@@ -249,9 +255,7 @@ class DecodeGraphs:
         """The CPU's part of the MoE layer before graph l (-1: the epilogue) for that graph to
         add from pinned memory and clear (zeros when it had none), or None."""
         src = self._host_from.get(l)
-        if not self._host_adds or src is None:
-            return None
-        return self._host_parts_dev[src:src + 1]
+        return None if src is None else self._host_parts_dev[src:src + 1]
 
     def host_part(self, layer: int) -> torch.Tensor:
         """Where the CPU writes its part of `layer` (float32 [1, H], pinned)."""
@@ -360,9 +364,8 @@ class DecodeGraphs:
     def _epilogue(self):
         e = self.engine
         row = self._host_row(-1)
-        if row is not None:   # as attention_block adds it
-            self.x.add_(row.view(self.x.shape))
-            row.zero_()
+        if row is not None:
+            add_host_part(self.x, row)
         if self.logits is None:
             self.logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
         self.pieces.head(e.base.norm, e.model.lm_head, self.x, self.logits)
@@ -506,10 +509,7 @@ class DecodeGraphs:
     def all_resident(self) -> bool:
         """Whether a step needs no host decision: every MoE layer looks its experts up in the
         device table and holds all of them, and any prediction is made inside the graphs."""
-        moe = self.moe
-        if moe.predictor is not None and not self.graphable_prediction:
-            return False
-        return all(not self.host_fed(l) for l in moe.spec.moe_layers) and moe.all_resident()
+        return self._table_only and self.moe.all_resident()
 
     def _step_resident(self) -> None:
         """The step's graphs queued with no host decision between them: no layer can miss, so
