@@ -38,6 +38,7 @@ from runtime.build import configure, parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from runtime.decode_attention import NAME as GROUPED_ATTENTION  # noqa: E402
+from runtime.predict import router_predictor  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -59,7 +60,12 @@ def _timed(obj, name: str, bucket: list) -> None:
 def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: Path | None = None,
                  native_layers: bool = True, queue_ahead: int | None = None, chrome_trace: Path | None = None,
                  resident_steps: str = "1") -> dict:
-    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None)
+    predictor, prefetch = None, config.resolved_prefetch()
+    if config.prefetch == "quasi":   # model A's random weights: default vectors 0, as runtime_decode runs it
+        predictor = router_predictor(parts.model, parts.family, parts.spec, "quasi", device=parts.device)
+        config = dataclasses.replace(config, prefetch="current")
+    engine = configure(parts, config, recorded=recorded if config.prefetch == "oracle" else None,
+                       predictor=predictor)
     engine.use_graphs = True   # on the CPU (a dry run) too: the same host path, pieces called in turn
     native_default, DecodeGraphs.native_layers = DecodeGraphs.native_layers, native_layers
     ahead_default = DecodeGraphs.queue_ahead
@@ -118,7 +124,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         walls = walls[warmup:-8] if host_profile is not None else walls[warmup:]
         if host_profile is not None:
             with open(host_profile, "a") as f:
-                f.write(f"\n===== {config.resolved_prefetch()}+{config.on_miss} budget {config.gpu_expert_budget} "
+                f.write(f"\n===== {prefetch}+{config.on_miss} budget {config.gpu_expert_budget} "
                         f"table {config.device_table} compile {config.compile} (8 steps)\n")
                 pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(25)
         n_moe = len(parts.spec.moe_layers)
@@ -145,8 +151,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
                 shutil.copyfileobj(src, dst)
             raw.unlink()
             chain = serial_chain(chrome_trace) if graphs.run_ahead else None
+            copies = copy_timeline(chrome_trace, moe.store.layout.block_bytes, 3)
         else:
-            chain = None
+            chain = copies = None
         kernels = gpu_events(prof)
         # The host's side: which calls take the host's time (CUDA API calls included).
         host_ops = sorted(((a.key, a.self_cpu_time_total / 3, a.count / 3) for a in prof.key_averages()),
@@ -157,7 +164,7 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
         for e in kernels:
             top[e.name[:80]] += e.device_time / 3
         return {
-            "mode": f"{config.resolved_prefetch()}+{config.on_miss}",
+            "mode": f"{prefetch}+{config.on_miss}",
             "budget": config.gpu_expert_budget, "device_table": config.device_table,
             "compile": config.compile_mode if config.compile else False,
             "oracle_hit_rate": config.oracle_hit_rate,
@@ -189,6 +196,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "grouped_attention": engine.model.config._attn_implementation == GROUPED_ATTENTION,
             "telemetry": summary,
             "serial_chain_us": chain,
+            "copy_timeline": copies,
+            "copy_streams": len(moe.streams.copies),
+            "prefetch_window": config.prefetch_window,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
         }
@@ -240,6 +250,44 @@ def serial_chain(trace: Path) -> dict | None:
     return {n: round(statistics.median(r[i] for r in rows), 1) for i, n in enumerate(names)} | {"layers": len(rows)}
 
 
+def copy_timeline(trace: Path, expert_bytes: int, steps: int) -> dict | None:
+    """Where the copy engine idles in a profiled trace (--chrome-trace), per step: from the first
+    expert copy to the last, the time some expert copy is running (streams overlapping counted
+    once), the idle rest, and the idle rest's gaps by length: short (under 20 us, a copy's own
+    start), the longest of each step (the token's end: the last layer, the logits and the next
+    token's first layer before its first copy) and the others (the copies running dry inside
+    a step). None where the trace has no expert copy."""
+    import gzip
+
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    copies = sorted(((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_memcpy"
+                     and "HtoD" in e["name"] and e["args"].get("bytes") == expert_bytes))
+    if not copies:
+        return None
+    spans, gaps = [], []   # union of the copies' intervals, and the gaps between them
+    for a, b in copies:
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            if spans:
+                gaps.append(a - spans[-1][1])
+            spans.append([a, b])
+    busy = sum(b - a for a, b in spans)
+    gaps.sort()
+    token_ends = gaps[-(steps - 1):] if steps > 1 and len(gaps) >= steps - 1 else []
+    inner = gaps[:len(gaps) - len(token_ends)]
+    short = [g for g in inner if g < 20]
+    long = [g for g in inner if g >= 20]
+    per = 1.0 / steps
+    return {"copies_per_step": len(copies) * per, "busy_ms_per_step": 1e-3 * busy * per,
+            "rate_while_busy_gb_s": len(copies) * expert_bytes / busy / 1e3,
+            "idle_short_ms_per_step": 1e-3 * sum(short) * per, "short_gaps_per_step": len(short) * per,
+            "idle_long_ms_per_step": 1e-3 * sum(long) * per, "long_gaps_per_step": len(long) * per,
+            "long_gap_us_median": statistics.median(long) if long else 0.0,
+            "token_end_us": [round(g, 1) for g in token_ends]}
+
+
 def timeline(us: dict | None) -> str:
     return "-" if not us else ", ".join(f"{v:.0f}" for v in us.values())
 
@@ -274,6 +322,8 @@ def main() -> int:
                         "when experts may miss); several: one run each, e.g. 1,all,0")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
+    p.add_argument("--copy-streams", default="1", help="streams expert copies alternate between; several: one run "
+                                                         "each, e.g. 1,2")
     p.add_argument("--demand-share", default="0",
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
                         "(auto: measured, then adapted)")
@@ -298,21 +348,23 @@ def main() -> int:
              ("oracle", "cpu", "50%", True, 0.85, True), ("oracle", "fetch", "0", True, 0.85, True, 2),
              ("none", "fetch", "0", True, 1.0, True), ("none", "cpu", "0", True, 1.0, True),
              ("none", "cpu", "25%", True, 1.0, True), ("none", "cpu", "50%", True, 1.0, True),
-             ("current", "fetch", "100%", True, 1.0, True)]
+             ("current", "fetch", "100%", True, 1.0, True), ("quasi", "fetch", "0", True, 1.0, True, 2),
+             ("quasi", "speculate", "0", False, 1.0, True), ("quasi", "fetch", "0", True, 1.0, True),
+             ("quasi", "fetch", "0", True, 1.0, True, 4)]
     if args.modes:
         modes = [modes[int(i)] for i in args.modes.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 n == "1", int(q), rs)
-                for t in args.threads.split(",")
+                 n == "1", int(q), rs, int(c))
+                for c in args.copy_streams.split(",") for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
                 for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")
                 for q in args.queue_ahead.split(",") for rs in args.resident_steps.split(",")]
     for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native, q,
-                                                                      resident) \
+                                                                      resident, copy_streams) \
             in ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
@@ -320,6 +372,7 @@ def main() -> int:
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
                                      prefetch_window=window[0] if window else 0, cpu_threads=threads,
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
+                                     copy_streams=copy_streams,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
         trace = out.with_suffix(f".{len(rows)}.trace.json.gz") if args.chrome_trace else None
@@ -342,12 +395,27 @@ def main() -> int:
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', no host decision: %s' % r['resident_steps'] if r.get('resident_steps') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', no host decision: %s' % r['resident_steps'] if r.get('resident_steps') else ''}{', window %d' % r['prefetch_window'] if r.get('prefetch_window') else ''}{', %d copy streams' % r['copy_streams'] if r.get('copy_streams', 1) > 1 else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "
                      f"| {r['telemetry']['cpu_expert_ms_per_step']:.2f} | {r['telemetry']['routing_wait_ms_per_step']:.2f} "
                      f"| {timeline(r['telemetry'].get('queued_step_us'))} |")
+    timed = [r for r in rows if r.get("copy_timeline")]
+    if timed:
+        lines += ["", "Expert copies in the profiled steps (per token): the time some copy runs, its rate, and the "
+                  "copy engine's idle time between the first copy and the last, split into short gaps (under 20 "
+                  "us), longer ones inside a token, and the gap at each token's end.", "",
+                  "| mode | copy streams | copies | busy ms | GB/s while busy | short gaps: count, ms "
+                  "| longer gaps: count, ms, median us | token end us |", "|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            c = r["copy_timeline"]
+            lines.append(f"| {r['mode']}{' (window %d)' % r['prefetch_window'] if r.get('prefetch_window') else ''} "
+                         f"| {r['copy_streams']} | {c['copies_per_step']:.0f} | {c['busy_ms_per_step']:.2f} "
+                         f"| {c['rate_while_busy_gb_s']:.1f} | {c['short_gaps_per_step']:.0f}, "
+                         f"{c['idle_short_ms_per_step']:.2f} | {c['long_gaps_per_step']:.0f}, "
+                         f"{c['idle_long_ms_per_step']:.2f}, {c['long_gap_us_median']:.0f} "
+                         f"| {', '.join('%.0f' % g for g in c['token_end_us'])} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -44,7 +44,7 @@ from specmoe.moe_block import routed_output
 from .cpu_experts import CpuExperts
 from .host_store import HostExpertStore
 from .slots import ExpertSlots
-from .streams import Streams
+from .streams import EventGroup, Streams
 from .telemetry import Telemetry
 
 def _with_prediction(ids: torch.Tensor, pred) -> torch.Tensor:
@@ -876,12 +876,12 @@ class OffloadedMoE:
                     waits[id(ev)] = ev
         for ev in waits.values():
             streams.copy_waits(ev)
-        streams.copy_blocks(self.slots.buffer, self.store.blocks, [(slot, self.store.row(*key)) for key, slot in pairs])
-        ready = streams.record_on_copy()
-        for _, slot in pairs:
-            self.slots.set_ready(slot, ready)
+        events = streams.copy_blocks(self.slots.buffer, self.store.blocks,
+                                     [(slot, self.store.row(*key)) for key, slot in pairs])
+        for (_, slot), ev in zip(pairs, events):
+            self.slots.set_ready(slot, ev)
         self.telemetry.bytes_copied += self._block_bytes * len(pairs)
-        return ready
+        return EventGroup.of(events)
 
     def _pump(self) -> None:
         """Issue queued predicted copies while fewer than `copy_window` are in flight."""

@@ -1,7 +1,7 @@
-"""benchmarks/profile_decode.py's reading of a profiled trace (`serial_chain`), on a trace
-written here with the shape torch's profiler gives a queued `cpu` step: per layer, the
-experts graph, a wait at the gate, the next layer's kernels, then its staging copies
-(the step's 8-byte count last)."""
+"""benchmarks/profile_decode.py's reading of a profiled trace, on traces written here with the
+shape torch's profiler gives: `serial_chain` on a queued `cpu` step (per layer, the experts
+graph, a wait at the gate, the next layer's kernels, then its staging copies, the step's
+8-byte count last); `copy_timeline` on expert copies over two streams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from benchmarks.profile_decode import serial_chain
+from benchmarks.profile_decode import copy_timeline, serial_chain
 
 
 def _kernel(ts, dur, name="k"):
@@ -74,3 +74,28 @@ def test_the_gpu_time_of_a_resident_step_counts_only_gpu_work():
     base = RuntimeConfig(device="cpu", dtype="fp32", max_context=64)
     parts = parts_random(qwen3_30b_shape(2, hidden=128), base, progress=False, embedding_std=EMBEDDING_STD)
     assert gpu_time_alone(parts, base, torch.tensor([1, 2, 3, 4]), [5, 6], steps=2, profiled=2) == 0.0
+
+
+def test_the_copy_timeline_counts_overlapping_copies_once_and_splits_the_gaps(tmp_path):
+    """Two steps of expert copies (100 bytes each) on two streams. Step 1: copies at 0-10 and
+    12-22 overlapping one at 8-20 (busy 0-22), a 3-us gap, 25-35, a 50-us gap, 85-95. Then the
+    token's end, 400 us, and step 2: 495-505, a 5-us gap, 510-520. Smaller copies (the routing)
+    and kernels are not expert copies."""
+    def copy(ts, dur, nbytes=100):
+        return _copy(ts, dur, nbytes, "HtoD (Pinned -> Device)")
+
+    events = [copy(0, 10), copy(8, 12), copy(12, 10), copy(25, 10), copy(85, 10), copy(495, 10), copy(510, 10),
+              copy(40, 1, 64), _kernel(30, 200)]
+    trace = tmp_path / "t.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = copy_timeline(trace, expert_bytes=100, steps=2)
+    busy = 22 + 10 + 10 + 10 + 10
+    assert got["copies_per_step"] == 3.5
+    assert got["busy_ms_per_step"] == 1e-3 * busy / 2
+    assert got["rate_while_busy_gb_s"] == 7 * 100 / busy / 1e3
+    assert got["token_end_us"] == [400]
+    assert got["short_gaps_per_step"] == 1 and got["idle_short_ms_per_step"] == 1e-3 * (3 + 5) / 2
+    assert got["long_gaps_per_step"] == 0.5 and got["idle_long_ms_per_step"] == 1e-3 * 50 / 2
+    assert got["long_gap_us_median"] == 50
+    assert copy_timeline(trace, expert_bytes=99, steps=2) is None

@@ -389,6 +389,12 @@ def test_cache_fill_is_checked():
         cfg(cache_fill="hot").validate()
 
 
+def test_copy_streams_is_checked():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(SpecmoeError, match="copy_streams must be a whole number of at least 1"):
+            cfg(copy_streams=bad).validate()
+
+
 def test_host_read_share_is_checked():
     from runtime.config import load_config
 
