@@ -3,10 +3,10 @@
     python benchmarks/copy_streams.py
 
 Copies expert-sized rows (Qwen3-30B-A3B: 9.0 MiB each) from a pinned host slab to GPU
-slots through `runtime.streams.Streams.copy_blocks`, one cudaMemcpyAsync per expert, the
-rows in random order, in batches of 8 (a layer's experts) issued back to back, over 1 to 4
-copy streams; beside them one large copy (the bandwidth the copy floor is computed with).
-Times are medians over rounds, on CUDA events.
+slots, one copy per expert as the runtime issues them, the rows in random order, over 1 to
+4 streams in turn; beside them one large copy (the bandwidth the copy floor is computed
+with). Times are medians over rounds, on CUDA events. The runtime copies on one stream:
+several streams were measured to gain nothing (the results below).
 
 Results: benchmarks/results/copy_streams.{json,md}.
 """
@@ -24,25 +24,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bench import copy_bandwidth  # noqa: E402
-from runtime.streams import EventGroup, Streams  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 EXPERT_BYTES = 3 * 2048 * 768 * 2   # gate, up and down of one Qwen3-30B-A3B expert in bf16
 
 
-def timed_copies(streams: Streams, dst: torch.Tensor, src: torch.Tensor, order: list[int], batch: int) -> float:
-    """Seconds for every row of `order` copied into `dst`, `batch` rows per copy_blocks call, the
-    rounds' clock started on the compute stream and stopped once every copy stream is done."""
+def timed_copies(streams: list, dst: torch.Tensor, src: torch.Tensor, order: list[int]) -> float:
+    """Seconds for every row of `order` copied into `dst`, copy i on streams[i % n], the clock
+    started on the current stream and stopped once every copy stream is done."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(streams.compute)
-    streams.copy_waits(start)
-    events = []
-    for i in range(0, len(order), batch):
-        pairs = [(k % dst.shape[0], j) for k, j in enumerate(order[i:i + batch], start=i)]
-        events.extend(streams.copy_blocks(dst, src, pairs))
-    streams.compute_waits(EventGroup.of(events))
-    end.record(streams.compute)
+    start.record()
+    for stream in streams:
+        stream.wait_event(start)
+    for i, j in enumerate(order):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            dst[i % dst.shape[0]].copy_(src[j], non_blocking=True)
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
 
@@ -51,7 +51,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=256, help="rows in the pinned slab")
     p.add_argument("--copies", type=int, default=384, help="expert copies per round (a token of model A)")
-    p.add_argument("--batch", type=int, default=8, help="copies per call (a layer's experts)")
     p.add_argument("--streams", default="1,2,3,4")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--out", default=str(RESULTS / "copy_streams"))
@@ -62,17 +61,18 @@ def main() -> int:
     device = torch.device("cuda")
     src = torch.empty((args.experts, EXPERT_BYTES), dtype=torch.uint8).pin_memory()
     src.view(-1)[::4096] = 1   # touch every page
-    dst = torch.empty((2 * args.batch * 4, EXPERT_BYTES), dtype=torch.uint8, device=device)
+    dst = torch.empty((64, EXPERT_BYTES), dtype=torch.uint8, device=device)
     gen = torch.Generator().manual_seed(0)
     large = copy_bandwidth(device)
     rows = []
     counts = [int(n) for n in args.streams.split(",")]
     times: dict[int, list[float]] = {n: [] for n in counts}
-    all_streams = {n: Streams(device, n) for n in counts}
+    high = torch.cuda.Stream.priority_range()[1]   # the runtime's copy stream has the highest priority
+    all_streams = {n: [torch.cuda.Stream(device, priority=high) for _ in range(n)] for n in counts}
     for r in range(args.rounds + 2):
         order = torch.randint(0, args.experts, (args.copies,), generator=gen).tolist()
         for n in counts:   # interleaved: every count sees the same host and the same rows
-            t = timed_copies(all_streams[n], dst, src, order, args.batch)
+            t = timed_copies(all_streams[n], dst, src, order)
             if r >= 2:
                 times[n].append(t)
     nbytes = args.copies * EXPERT_BYTES
@@ -84,14 +84,14 @@ def main() -> int:
                      "gap_us_per_copy": 1e6 * (med - nbytes / large) / args.copies})
     command = " ".join(["python", "benchmarks/copy_streams.py", *sys.argv[1:]])
     result = {"command": command, "device": torch.cuda.get_device_name(), "expert_bytes": EXPERT_BYTES,
-              "copies": args.copies, "batch": args.batch, "rounds": args.rounds,
+              "copies": args.copies, "rounds": args.rounds,
               "large_copy_bytes_per_s": large, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Expert copies over one or several streams", "", f"    {command}", "",
              f"{result['device']}: {args.copies} copies of {EXPERT_BYTES / 2**20:.1f} MiB (one token of model A), "
-             f"{args.batch} per call, rows in random order from a pinned slab, medians of {args.rounds} rounds. "
+             f"rows in random order from a pinned slab, medians of {args.rounds} rounds. "
              f"The floor is their bytes over one 64 MiB copy's rate, {large / 1e9:.1f} GB/s, measured in the "
              "same run.", "",
              "| copy streams | ms median | GB/s | floor ms | / floor | gap per copy us |", "|---|---|---|---|---|---|"]

@@ -197,7 +197,6 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             "telemetry": summary,
             "serial_chain_us": chain,
             "copy_timeline": copies,
-            "copy_streams": len(moe.streams.copies),
             "prefetch_window": config.prefetch_window,
             "cpu_copy_share_at_end": moe.cpu_copy_share if moe.cpu is not None else None,
             "cpu_demand_share_at_end": moe.cpu_demand_share if moe.cpu is not None else None,
@@ -322,8 +321,6 @@ def main() -> int:
                         "when experts may miss); several: one run each, e.g. 1,all,0")
     p.add_argument("--grouped-attention", default="1",
                    help="1, 0 or both (1,0): grouped-query decode attention (0: keys and values copied per query head)")
-    p.add_argument("--copy-streams", default="1", help="streams expert copies alternate between; several: one run "
-                                                         "each, e.g. 1,2")
     p.add_argument("--demand-share", default="0",
                    help="cpu modes: shares of misses copied when the routing is read, one run each: e.g. 0,0.3,auto "
                         "(auto: measured, then adapted)")
@@ -357,14 +354,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     host_profile = out.with_suffix(".host.txt") if args.host_profile else None
     variants = [(int(t), None if d == "auto" else float(d), a == "1", None if r == "auto" else float(r), pa == "1",
-                 n == "1", int(q), rs, int(c))
-                for c in args.copy_streams.split(",") for t in args.threads.split(",")
+                 n == "1", int(q), rs)
+                for t in args.threads.split(",")
                 for d in args.demand_share.split(",") for a in args.run_ahead.split(",")
                 for r in args.host_read_share.split(",")   # r: a share, or auto (measured at start)
                 for pa in args.grouped_attention.split(",") for n in args.native_layers.split(",")
                 for q in args.queue_ahead.split(",") for rs in args.resident_steps.split(",")]
     for (prefetch, on_miss, budget, table, hit, compiled, *window), (threads, demand, ahead, reads, grouped, native, q,
-                                                                      resident, copy_streams) \
+                                                                      resident) \
             in ((m, v) for m in modes for v in variants):
         # compiled: False, True, or a torch.compile mode; window: prefetch_window (default 0)
         mode = compiled if isinstance(compiled, str) else "default"
@@ -372,7 +369,6 @@ def main() -> int:
                                      device_table=table, oracle_hit_rate=hit, compile=bool(compiled), compile_mode=mode,
                                      prefetch_window=window[0] if window else 0, cpu_threads=threads,
                                      cpu_demand_share=demand, run_ahead=ahead, grouped_attention=grouped,
-                                     copy_streams=copy_streams,
                                      host_read_share=reads if table and on_miss != "speculate" else 0.0)
         t0 = time.perf_counter()
         trace = out.with_suffix(f".{len(rows)}.trace.json.gz") if args.chrome_trace else None
@@ -395,7 +391,7 @@ def main() -> int:
     for r in rows:
         h = r["host_us_per_moe_layer"]
         after = h["after_graphed_compute"] + h.get("_drive", 0.0)
-        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', no host decision: %s' % r['resident_steps'] if r.get('resident_steps') else ''}{', window %d' % r['prefetch_window'] if r.get('prefetch_window') else ''}{', %d copy streams' % r['copy_streams'] if r.get('copy_streams', 1) > 1 else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
+        lines.append(f"| {r['mode']} (p={r['oracle_hit_rate']}{', run ahead' if r.get('run_ahead') else ''}{', GPU reads %g' % r['host_read_share'] if r.get('host_read_share') else ''}{' (auto)' if r.get('host_read_auto') else ''}{', stock sdpa' if r.get('grouped_attention') is False else ''}{', queued %s ahead, native CPU parts' % (r.get('queue_ahead') or 'all') if r.get('native_layers') else ''}{', no host decision: %s' % r['resident_steps'] if r.get('resident_steps') else ''}{', window %d' % r['prefetch_window'] if r.get('prefetch_window') else ''}) | {r['budget']} | {r['device_table']} | {r['compile']} "
                      f"| {r['wall_ms_median']:.2f} | {r['graphs_only_ms_median']:.2f} "
                      f"| {h['graphed_layer']:.0f}, {after:.0f} | {r['kernels_per_moe_layer']:.0f} "
                      f"| {r['kernel_busy_ms_per_step']:.2f} | {r['cache_hit_rate']} "
@@ -406,12 +402,12 @@ def main() -> int:
         lines += ["", "Expert copies in the profiled steps (per token): the time some copy runs, its rate, and the "
                   "copy engine's idle time between the first copy and the last, split into short gaps (under 20 "
                   "us), longer ones inside a token, and the gap at each token's end.", "",
-                  "| mode | copy streams | copies | busy ms | GB/s while busy | short gaps: count, ms "
-                  "| longer gaps: count, ms, median us | token end us |", "|---|---|---|---|---|---|---|---|"]
+                  "| mode | copies | busy ms | GB/s while busy | short gaps: count, ms "
+                  "| longer gaps: count, ms, median us | token end us |", "|---|---|---|---|---|---|---|"]
         for r in timed:
             c = r["copy_timeline"]
             lines.append(f"| {r['mode']}{' (window %d)' % r['prefetch_window'] if r.get('prefetch_window') else ''} "
-                         f"| {r['copy_streams']} | {c['copies_per_step']:.0f} | {c['busy_ms_per_step']:.2f} "
+                         f"| {c['copies_per_step']:.0f} | {c['busy_ms_per_step']:.2f} "
                          f"| {c['rate_while_busy_gb_s']:.1f} | {c['short_gaps_per_step']:.0f}, "
                          f"{c['idle_short_ms_per_step']:.2f} | {c['long_gaps_per_step']:.0f}, "
                          f"{c['idle_long_ms_per_step']:.2f}, {c['long_gap_us_median']:.0f} "

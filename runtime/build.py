@@ -137,7 +137,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     model, family, spec, store, device = parts.model, parts.family, parts.spec, parts.store, parts.device
     layout = store.layout
     use_grouped_decode_attention(model, config.grouped_attention)
-    streams = Streams(device, config.copy_streams)
+    streams = Streams(device)
     prefetch = config.resolved_prefetch()
     lookahead = lookahead_of(config)
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:

@@ -23,8 +23,7 @@ from .predict import MODES
 
 _RUNTIME_OPTIONS = ("model", "estimators", "default_vectors", "device", "dtype", "gpu_expert_budget", "prefetch",
                     "on_miss", "eviction", "lookahead", "max_context", "cpu_threads",
-                    "cpu_copy_share", "cpu_demand_share", "prefetch_window", "copy_streams", "host_read_share",
-                    "cache_fill")
+                    "cpu_copy_share", "cpu_demand_share", "prefetch_window", "host_read_share", "cache_fill")
 
 
 def _share_or_auto(text: str):
@@ -58,8 +57,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-window", type=int, default=None,
                    help="exact modes: predicted copies in flight at once; the others wait, and are dropped when "
                         "the true routing contradicts them before their turn (default: 0, all at once)")
-    p.add_argument("--copy-streams", type=int, default=None,
-                   help="streams that expert copies alternate between (default: 1)")
     p.add_argument("--cpu-copy-share", type=float, default=None,
                    help="--on-miss cpu: share of the predicted experts not on the GPU that are copied ahead; the CPU "
                         "computes the rest (default: starts at copy bandwidth / (copy + CPU expert bandwidth), measured, then "

@@ -49,9 +49,6 @@ class RuntimeConfig:
     # the CPU computes the others); None: on CUDA starts as cpu_copy_share and follows the host
     cpu_demand_share: float | None = 0.0
     prefetch_window: int = 0              # exact graphed decode: predicted copies in flight at once (0: all)
-    # streams expert copies alternate between: with one, each expert-sized copy leaves the link idle
-    # for a few microseconds before the next starts
-    copy_streams: int = 1
     # graphed `cpu` decode with nothing copied during decode (no predictor, no demand copies): queue
     # the graphs after a layer behind a gate while the CPU computes its misses (CUDA); with native
     # CPU kernels the whole step is queued and the CPU's parts run on a thread of their own
@@ -94,8 +91,6 @@ class RuntimeConfig:
                                "(the runtime captures CUDA graphs itself)")
         if self.prefetch_window < 0:
             raise SpecmoeError(f"prefetch_window must be 0 (no window) or positive (got {self.prefetch_window})")
-        if not isinstance(self.copy_streams, int) or self.copy_streams < 1:
-            raise SpecmoeError(f"copy_streams must be a whole number of at least 1 (got {self.copy_streams!r})")
         if self.cache_fill not in CACHE_FILLS:
             raise SpecmoeError(f"unknown cache_fill {self.cache_fill!r}; choose one of {', '.join(CACHE_FILLS)}")
         if self.cpu_threads < 0:

@@ -44,7 +44,7 @@ from specmoe.moe_block import routed_output
 from .cpu_experts import CpuExperts
 from .host_store import HostExpertStore
 from .slots import ExpertSlots
-from .streams import EventGroup, Streams
+from .streams import Streams
 from .telemetry import Telemetry
 
 def _with_prediction(ids: torch.Tensor, pred) -> torch.Tensor:
@@ -284,10 +284,15 @@ class OffloadedMoE:
             pred = self.predictor.predict(target, residual, s, ids, weights, position)
 
         if speculative:
-            # The GPU computes this layer while the host waits for the prediction it just queued.
+            # The prediction's read is queued before the compute stream waits for this layer's
+            # copies: the next layer's copies then queue behind this layer's while they still
+            # run, instead of after them with the link idle in between.
+            read = self._read(layer, pred[0]) if pred is not None else None
             out = self._compute(layer, s, ids, weights, host_ids)
-            if pred is not None:
-                self._prefetch(target, pred, self._to_host(pred[0]))
+            if read is not None:
+                host, ev = read
+                ev.synchronize()
+                self._prefetch(target, pred, self._as_numpy(host).reshape(host.shape[0], -1).tolist())
             return out
 
         if T == 1 and self.device_table:
@@ -606,13 +611,15 @@ class OffloadedMoE:
                                               self.engine_position)
         speculative = self.on_miss == "speculate" and predicted is not None
         if speculative:
+            if pred is not None:
+                # Read before the compute stream waits for this layer's copies (as in __call__):
+                # the next layer's copies are issued while this layer's still run.
+                host, ev = self._read(layer, pred[0])
+                self._pending[layer] = (target, pred, host, ev)
             if layer not in g.pred_ids:
                 g.wsel[layer].copy_(predicted.weights)
             plan = self._plan(layer, predicted.host_ids, {int(e) for e in predicted.host_ids[0]}, False)
             self._feed_slots(layer, g, plan)
-            if pred is not None:
-                host, ev = self._read(layer, pred[0])
-                self._pending[layer] = (target, pred, host, ev)
             return
         if not g.host_fed(layer):
             # Exact: the experts graph looks its slots up on the device; the host reads the
@@ -876,12 +883,12 @@ class OffloadedMoE:
                     waits[id(ev)] = ev
         for ev in waits.values():
             streams.copy_waits(ev)
-        events = streams.copy_blocks(self.slots.buffer, self.store.blocks,
-                                     [(slot, self.store.row(*key)) for key, slot in pairs])
-        for (_, slot), ev in zip(pairs, events):
-            self.slots.set_ready(slot, ev)
+        streams.copy_blocks(self.slots.buffer, self.store.blocks, [(slot, self.store.row(*key)) for key, slot in pairs])
+        ready = streams.record_on_copy()
+        for _, slot in pairs:
+            self.slots.set_ready(slot, ready)
         self.telemetry.bytes_copied += self._block_bytes * len(pairs)
-        return EventGroup.of(events)
+        return ready
 
     def _pump(self) -> None:
         """Issue queued predicted copies while fewer than `copy_window` are in flight."""

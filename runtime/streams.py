@@ -1,6 +1,6 @@
-"""The queues of work on the device: compute (the current stream) and copies (high-priority
-side streams), with events between them. On the CPU every copy is synchronous and every event
-is already complete, so the same runtime code runs there."""
+"""The two queues of work on the device: compute (the current stream) and copies (a
+high-priority side stream), with events between them. On the CPU every copy is
+synchronous and every event is already complete, so the same runtime code runs there."""
 
 from __future__ import annotations
 
@@ -11,51 +11,34 @@ import torch
 
 
 class Streams:
-    def __init__(self, device: torch.device, copy_streams: int = 1):
-        if copy_streams < 1:
-            raise ValueError(f"copy_streams must be at least 1 (got {copy_streams})")
+    def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.compute = torch.cuda.current_stream(self.device)
             # Highest priority: a copy that a layer waits for should not queue behind compute.
             low, high = torch.cuda.Stream.priority_range()
-            self.copies = [torch.cuda.Stream(self.device, priority=high) for _ in range(copy_streams)]
-            self.copy = self.copies[0]
+            self.copy = torch.cuda.Stream(self.device, priority=high)
         else:
             self.compute = self.copy = None
-            self.copies = []
-        self._next = 0   # the copy stream the next expert copy goes to
         self._memcpy = _cuda_memcpy_async() if self.cuda else None
 
-    def copy_blocks(self, dst: torch.Tensor, src: torch.Tensor, pairs: list[tuple[int, int]]) -> list:
+    def copy_blocks(self, dst: torch.Tensor, src: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """dst[i] = src[j] for each (i, j) in `pairs`, rows of two 2-D uint8 tensors of the same
-        row length (src pinned on the host, dst on the device), queued on the copy streams in
-        turn. Returns, for each pair, an event after its copy (None off CUDA, where the copies
-        are done on return).
+        row length (src pinned on the host, dst on the device), queued on the copy stream.
 
         One cudaMemcpyAsync each, called directly: a torch copy_ of a row costs tens of
         microseconds of host time (two views and the dispatch), and a layer's copies sit on
-        the host's path between its routing and its experts. Copies alternate between the
-        streams so that one copy's start overlaps the previous one's transfer (one stream
-        leaves a gap between expert-sized copies: benchmarks/results/copy_streams.md)."""
-        if not pairs:
-            return []
+        the host's path between its routing and its experts."""
         if not self._direct():
             with self.copy_context():
                 for i, j in pairs:
                     dst[i].copy_(src[j], non_blocking=self.cuda)
-            return [self.record_on_copy()] * len(pairs)
+            return
         row = dst.shape[1]
-        d0, s0, n = dst.data_ptr(), src.data_ptr(), len(self.copies)
-        used = []
+        d0, s0, stream = dst.data_ptr(), src.data_ptr(), self.copy.cuda_stream
         for i, j in pairs:
-            k = self._next
-            self._next = (k + 1) % n
-            self._check(self._memcpy(d0 + i * row, s0 + j * row, row, _DEFAULT, self.copies[k].cuda_stream))
-            used.append(k)
-        events = {k: self._record(self.copies[k]) for k in dict.fromkeys(used)}
-        return [events[k] for k in used]
+            self._check(self._memcpy(d0 + i * row, s0 + j * row, row, _DEFAULT, stream))
 
     def copy_on_compute(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst.copy_(src) queued on the compute stream, for small reads and writes between the
@@ -111,14 +94,12 @@ class Streams:
         return self.record_on_compute() if self.cuda else _DONE
 
     def copy_waits(self, event) -> None:
-        """Every copy stream waits for `event` (an event or an EventGroup)."""
         if event is not None and self.cuda:
-            for stream in self.copies:
-                _wait(stream, event)
+            self.copy.wait_event(event)
 
     def compute_waits(self, event) -> None:
         if event is not None and self.cuda:
-            _wait(self.compute, event)
+            self.compute.wait_event(event)
 
     def copy_context(self):
         return torch.cuda.stream(self.copy) if self.cuda else _Null()
@@ -298,32 +279,6 @@ def _cu_stream_wait_value32():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
-
-
-class EventGroup:
-    """Events on several streams, waited for together (a batch of copies spread over the copy
-    streams): query() and synchronize() as one torch.cuda.Event's."""
-
-    def __init__(self, events):
-        self.events = list(dict.fromkeys(e for e in events if e is not None))
-
-    @classmethod
-    def of(cls, events):
-        """One event as itself, several as a group, none as None."""
-        group = cls(events)
-        return group.events[0] if len(group.events) == 1 else (group if group.events else None)
-
-    def query(self) -> bool:
-        return all(e.query() for e in self.events)
-
-    def synchronize(self) -> None:
-        for e in self.events:
-            e.synchronize()
-
-
-def _wait(stream, event) -> None:
-    for e in event.events if isinstance(event, EventGroup) else (event,):
-        stream.wait_event(e)
 
 
 class _Null:

@@ -92,17 +92,6 @@ def test_cache_fill_on_the_command_line(capsys):
     assert exit_.value.code == 2 and "invalid choice: 'hot'" in capsys.readouterr().err
 
 
-def test_copy_streams_on_the_command_line():
-    """`--copy-streams` reaches the engine's config (default 1, as the YAML says), and a bad
-    count is one error line and exit 2."""
-    from runtime.cli import build_parser, runtime_config
-
-    parser = build_parser()
-    assert runtime_config(parser.parse_args(["generate", "hi"])).copy_streams == 1
-    assert runtime_config(parser.parse_args(["generate", "hi", "--copy-streams", "2"])).copy_streams == 2
-    assert main(["generate", "hi", "--device", "cpu", "--copy-streams", "0", "--quiet"]) == 2
-
-
 def test_cuda_without_cuda_is_exit_2(capsys):
     import torch
 
