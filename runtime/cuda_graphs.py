@@ -193,6 +193,7 @@ class DecodeGraphs:
         pin = dev.type == "cuda"
         self._fix_staging = torch.empty((2, k), dtype=torch.long, pin_memory=pin)
         self._fix_np = self._fix_staging.numpy()
+        self._token_host = None   # pinned staging of a host token (_set_token)
         self.fix_w = None
         self._fix_graph = None
         # The CPU's part of each MoE layer, one row per layer: the CPU writes it in pinned memory
@@ -474,10 +475,28 @@ class DecodeGraphs:
 
     # ---------------------------------------------------------------- one decode step
 
+    def _set_token(self, token: torch.Tensor) -> None:
+        """The step's token into the graphs' input. A token on the host goes through one of two
+        pinned buffers in turn: from pageable memory the copy would wait for the stream to drain
+        (the previous step's work, when the caller did not wait for it)."""
+        token = token.reshape(1, 1)
+        if token.device.type != "cpu" or self.token.device.type == "cpu":
+            self.token.copy_(token)
+            return
+        if self._token_host is None:
+            self._token_host = [torch.empty((1, 1), dtype=self.token.dtype, pin_memory=True) for _ in range(2)]
+            self._token_done = [None, None]
+        turn = self._count % 2
+        if self._token_done[turn] is not None:
+            self._token_done[turn].synchronize()   # the step before last has read this buffer
+        self._token_host[turn].copy_(token)
+        self.moe.streams.copy_on_compute(self.token, self._token_host[turn])
+        self._token_done[turn] = self.moe.streams.record_on_compute()
+
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         e, moe = self.engine, self.moe
-        self.token.copy_(token.reshape(1, 1), non_blocking=True)
+        self._set_token(token)
         self.pos.fill_(e.cache.length)
         moe.engine_position = e.cache.length
         moe.begin_step()

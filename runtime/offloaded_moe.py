@@ -353,9 +353,9 @@ class OffloadedMoE:
             # Two staging buffers in turn: a flush waits for the copy of the one before last,
             # long done, not for the last one, which may still queue behind this layer's work.
             entries = self.table.numel()
-            self._ops_staging = [torch.empty((2, entries), dtype=torch.long, pin_memory=self.streams.cuda)
+            self._ops_staging = [torch.empty(2 * entries, dtype=torch.long, pin_memory=self.streams.cuda)
                                  for _ in range(2)]
-            self._ops_device = torch.empty((2, entries), dtype=torch.long, device=self.device)
+            self._ops_device = torch.empty(2 * entries, dtype=torch.long, device=self.device)
             self._ops_done = [None, None]
             self._ops_turn = 0
         turn = self._ops_turn
@@ -364,12 +364,14 @@ class OffloadedMoE:
             self._ops_done[turn].synchronize()   # its last copy has read this staging buffer
         host = self._ops_staging[turn]
         staging = host.numpy()
-        staging[0, :n] = list(last)
-        staging[1, :n] = list(last.values())
-        dev = self._ops_device[:, :n]
-        dev.copy_(host[:, :n], non_blocking=True)
+        staging[:n] = list(last)
+        staging[n:2 * n] = list(last.values())
+        # Entries then values, one contiguous run: a strided slice of the pinned buffer would be
+        # copied through a pageable temporary, and a pageable copy waits for the stream to drain.
+        dev = self._ops_device[:2 * n]
+        self.streams.copy_on_compute(dev, host[:2 * n])
         self._ops_done[turn] = self.streams.record_on_compute()
-        self.table.view(-1).index_copy_(0, dev[0], dev[1])
+        self.table.view(-1).index_copy_(0, dev[:n], dev[n:])
 
     def table_row(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s row of the device table [num_experts]: expert -> slot."""
@@ -483,7 +485,9 @@ class OffloadedMoE:
         return out
 
     def _to_device_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        if self.streams.cuda:
+        """`t` on the device without the host waiting: a copy from pageable memory would wait
+        for the whole stream to drain first."""
+        if self.streams.cuda and t.device.type == "cpu":
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
@@ -657,7 +661,7 @@ class OffloadedMoE:
             work = [(t, e, float(w_host[t, j])) for t, e, j in plan.cpu_work]
             self.telemetry.cpu_experts += len(work)
             self._pending[layer] = ("cpu", self.cpu.submit(self._experts[layer], layer, x_host, work))
-            keep = torch.tensor(plan.keep, dtype=g.wsel[layer].dtype).to(self.device, non_blocking=True)
+            keep = self._to_device_tensor(torch.tensor(plan.keep, dtype=g.wsel[layer].dtype))
             g.wsel[layer].mul_(keep)
         self._feed_slots(layer, g, plan)
 
@@ -695,7 +699,7 @@ class OffloadedMoE:
             start = time.perf_counter()
             part = pending[1].result()
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
-            g.x.add_(part.to(self.device, non_blocking=True).reshape(g.x.shape).to(g.x.dtype))
+            g.x.add_(self._to_device_tensor(part).reshape(g.x.shape).to(g.x.dtype))
             return
         # speculate: the prediction was read while the GPU computed this layer
         target, pred, host, ev = pending
@@ -1005,7 +1009,7 @@ class OffloadedMoE:
             start = time.perf_counter()
             cpu_part = future.result()
             self.telemetry.cpu_wait_seconds += time.perf_counter() - start
-            out = (out.float() + cpu_part.to(self.device, non_blocking=True)).to(out.dtype)
+            out = (out.float() + self._to_device_tensor(cpu_part)).to(out.dtype)
         return out
 
     def _compute_many(self, layer: int, s: torch.Tensor, weights: torch.Tensor, host_ids, then=None) -> torch.Tensor:

@@ -427,3 +427,28 @@ def test_the_gpu_time_of_a_resident_step_is_its_kernels():
         walls.append(1e3 * (time.perf_counter() - start))
     engine.close()
     assert 0.0 < busy < sorted(walls)[3]
+
+
+@pytest.mark.parametrize("prefetch,on_miss,budget,window", [("current", "fetch", "0", 2), ("current", "fetch", "0", 0),
+                                                            ("current", "speculate", "0", 0),
+                                                            ("none", "fetch", "0", 0), ("none", "cpu", "25%", 0)])
+def test_a_decode_step_copies_nothing_from_pageable_memory(prefetch, on_miss, budget, window):
+    """A copy from pageable host memory waits for the stream to drain before it starts: the
+    host stands still until the GPU has caught up, and cannot issue the next copies meanwhile.
+    Decode steps fed host tokens make none (table changes, the token and the CPU's parts all
+    go through pinned buffers)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = runtime.from_model(tiny_model("qwen3_moe"), cfg(prefetch=prefetch, on_miss=on_miss,
+                                                            gpu_expert_budget=budget, prefetch_window=window))
+    engine.step(PROMPT)
+    for t in (4, 8):   # graphs captured and warm
+        engine.step(torch.tensor([t]))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for t in (15, 16, 23, 42):
+            int(torch.argmax(engine.step(torch.tensor([t]))[-1]))
+        torch.cuda.synchronize()
+    engine.close()
+    copies = [e.name for e in prof.events() if "Memcpy" in e.name]
+    assert any("HtoD" in name for name in copies)
+    assert not [name for name in copies if "Pageable" in name]
