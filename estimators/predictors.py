@@ -48,6 +48,7 @@ from .quasi import default_mix, dense_weights, fp32_region, moe_input, quasi_sta
 __all__ = [
     "KINDS", "PREDICTORS", "SourceState", "CorrectionNet", "SharedExpert", "Estimator", "Predictor",
     "collect_parts", "correction_parameter_count", "expert_parameter_count", "layer_pairs", "routing_vector",
+    "predict_target", "target_logits",
 ]
 
 KINDS = ("current", "quasi", "learned")                 # what a target layer can deploy
@@ -286,47 +287,35 @@ class Estimator(nn.Module):
 
     # ------------------------------------------------------------------ states
 
+    def target_parts(self, target: int) -> dict:
+        """What predicting `target` reads, as keyword arguments of `target_logits` and
+        `predict_target`: that layer's modules and tensors, and the estimator's feature flags."""
+        source = self.source_of(target)
+        return {"source_norm": self.norms[str(source)], "target_norm": self.norms[str(target)],
+                "router": self.routers[str(target)], "default_vectors": self.default_vectors(source),
+                "shared": self.shared[str(source)] if self.add_shared else None,
+                "correction": self.corrections[str(target)] if str(target) in self.corrections else None,
+                "routing_features": self.routing_features, "normed_features": self.normed_features}
+
     def normed(self, target: int, state: SourceState) -> Tensor:
         """s_l = LN_moe_l(r_l) of the source layer of `target`, fp32 [T, H]."""
-        if state.normed is not None:
-            return state.normed.reshape(-1, self.hidden_size).float()
-        return moe_input(self.norms[str(self.source_of(target))], state.residual)
+        return _normed(self.norms[str(self.source_of(target))], state, self.hidden_size)
 
     def quasi(self, target: int, state: SourceState, normed: Tensor | None = None) -> Tensor:
         """q_l = LN_moe_target(r_l + d_l [+ shared_l(s_l)]), fp32 [T, H]."""
-        source = self.source_of(target)
-        if state.ids is None or state.weights is None:
-            raise SpecmoeError("the quasi-hidden state needs the source layer's routing (ids and weights)")
-        mix = default_mix(self.default_vectors(source), state.ids, state.weights)
-        shared = None
-        if self.add_shared:
-            shared = state.shared
-            if shared is None:
-                s = self.normed(target, state) if normed is None else normed
-                with fp32_region(s.device):
-                    shared = self.shared[str(source)](s).float()
-        return quasi_state(self.norms[str(target)], state.residual, mix, shared)
+        parts = self.target_parts(target)
+        return _quasi(parts["target_norm"], parts["default_vectors"], parts["shared"], parts["source_norm"], state,
+                      normed)
 
     def router_logits(self, target: int, x: Tensor) -> Tensor:
         """router_target applied to x [T, H], fp32 [T, E]."""
-        with fp32_region(x.device):
-            return self.family.router_logits(self.routers[str(target)], x.float()).float()
+        return _router_logits(self.family, self.routers[str(target)], x)
 
     def correction_features(self, target: int, q: Tensor, state: SourceState | None = None,
                             normed: Tensor | None = None) -> Tensor:
         """x_l = [q_l, m_l (routing_features), s_l (normed_features)], fp32 [T, correction_inputs]."""
-        feats = [q.float()]
-        if self.routing_features:
-            if state is None or state.ids is None or state.weights is None:
-                raise SpecmoeError("routing_features needs the source layer's routing (ids and weights)")
-            feats.append(routing_vector(state.ids, state.weights, self.num_experts).to(q.device))
-        if self.normed_features:
-            if normed is None:
-                if state is None:
-                    raise SpecmoeError("normed_features needs the source state (s_l or r_l)")
-                normed = self.normed(target, state)
-            feats.append(normed.float())
-        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        return _correction_features(q, state, normed, self.routing_features, self.normed_features,
+                                    self.norms[str(self.source_of(target))], self.num_experts)
 
     def correction(self, target: int, q: Tensor, state: SourceState | None = None,
                    normed: Tensor | None = None) -> Tensor:
@@ -342,23 +331,9 @@ class Estimator(nn.Module):
     def all_logits(self, target: int, state: SourceState, kinds: Iterable[str]) -> dict[str, Tensor]:
         """Logits of several kinds at once, sharing s_l and q_l."""
         kinds = list(kinds)
-        out: dict[str, Tensor] = {}
-        need_s = "current" in kinds or self.add_shared or (self.normed_features and "learned" in kinds)
-        s = self.normed(target, state) if need_s else None
-        q = None
-        for kind in kinds:
-            if kind == "current":
-                out[kind] = self.router_logits(target, s)
-            elif kind in ("quasi", "learned"):
-                if q is None:
-                    q = self.quasi(target, state, normed=s)
-                if "quasi" not in out:
-                    out["quasi"] = self.router_logits(target, q)
-                if kind == "learned":
-                    out[kind] = out["quasi"] + self.correction(target, q, state, normed=s)
-            else:
-                raise SpecmoeError(f"unknown predictor kind {kind!r}; kinds are {', '.join(KINDS)}")
-        return {k: out[k] for k in kinds}
+        if "learned" in kinds and str(target) not in self.corrections:
+            raise SpecmoeError(f"the estimator has no correction net for layer {target} (no 'learned' predictor)")
+        return _logits_of_kinds(self.family, kinds, state, **self.target_parts(target))
 
     def logits(self, target: int, state: SourceState, kind: str | None = None) -> Tensor:
         kind = self.kinds[target] if kind is None else kind
@@ -369,8 +344,7 @@ class Estimator(nn.Module):
     def route(self, target: int, logits: Tensor) -> tuple[Tensor, Tensor]:
         """The family's exact routing of `logits` at layer `target`: (ids [T, k] long,
         weights [T, k]) ordered by weight, descending."""
-        ids, weights = self.family.route(self.routers[str(target)], logits)
-        return _sorted_by_weight(ids, weights)
+        return _route(self.family, self.routers[str(target)], logits)
 
     def predict(self, target: int, state: SourceState, kind: str | None = None) -> tuple[Tensor, Tensor]:
         kind = self.kinds[target] if kind is None else kind
@@ -390,6 +364,97 @@ class Estimator(nn.Module):
         corr = sum(p.numel() for p in self.corrections.parameters())
         dv = sum(self.default_vectors(s).numel() for s in self.sources)
         return {"correction": int(corr), "default_vectors": int(dv), "total": int(corr + dv)}
+
+
+# ---------------------------------------------------------------------- one target from its parts
+# Each step is a function of the modules and tensors it reads, so the Estimator's methods and a
+# caller holding a target's parts (Estimator.target_parts) run one implementation; compiled
+# once, `predict_target` then serves every layer, the parts being its inputs.
+
+
+def target_logits(family, kind: str, state: SourceState, **parts) -> Tensor:
+    """Logits [T, E] (fp32) of one concrete kind (current, quasi or learned) at the layer
+    whose `parts` (Estimator.target_parts) are given: what Estimator.logits computes."""
+    if kind == "learned" and parts.get("correction") is None:
+        raise SpecmoeError("the 'learned' predictor needs the target's correction net")
+    return _logits_of_kinds(family, [kind], state, **parts)[kind]
+
+
+def predict_target(family, kind: str, state: SourceState, **parts) -> tuple[Tensor, Tensor]:
+    """(ids [T, k] long, weights [T, k]) by weight, descending: what Estimator.predict gives."""
+    return _route(family, parts["router"], target_logits(family, kind, state, **parts))
+
+
+def _logits_of_kinds(family, kinds: list[str], state: SourceState, *, source_norm, target_norm, router,
+                     default_vectors, shared=None, correction=None, routing_features=False,
+                     normed_features=False) -> dict[str, Tensor]:
+    hidden = default_vectors.shape[1]
+    out: dict[str, Tensor] = {}
+    need_s = "current" in kinds or shared is not None or (normed_features and "learned" in kinds)
+    s = _normed(source_norm, state, hidden) if need_s else None
+    q = None
+    for kind in kinds:
+        if kind == "current":
+            out[kind] = _router_logits(family, router, s)
+        elif kind in ("quasi", "learned"):
+            if q is None:
+                q = _quasi(target_norm, default_vectors, shared, source_norm, state, s)
+            if "quasi" not in out:
+                out["quasi"] = _router_logits(family, router, q)
+            if kind == "learned":
+                x = _correction_features(q, state, s, routing_features, normed_features, source_norm,
+                                         default_vectors.shape[0])
+                out[kind] = out["quasi"] + correction(x).float()
+        else:
+            raise SpecmoeError(f"unknown predictor kind {kind!r}; kinds are {', '.join(KINDS)}")
+    return {k: out[k] for k in kinds}
+
+
+def _normed(source_norm: nn.Module, state: SourceState, hidden: int) -> Tensor:
+    if state.normed is not None:
+        return state.normed.reshape(-1, hidden).float()
+    return moe_input(source_norm, state.residual)
+
+
+def _quasi(target_norm: nn.Module, default_vectors: Tensor, shared: nn.Module | None, source_norm: nn.Module,
+           state: SourceState, normed: Tensor | None) -> Tensor:
+    if state.ids is None or state.weights is None:
+        raise SpecmoeError("the quasi-hidden state needs the source layer's routing (ids and weights)")
+    mix = default_mix(default_vectors, state.ids, state.weights)
+    extra = None
+    if shared is not None:
+        extra = state.shared
+        if extra is None:
+            s = _normed(source_norm, state, default_vectors.shape[1]) if normed is None else normed
+            with fp32_region(s.device):
+                extra = shared(s).float()
+    return quasi_state(target_norm, state.residual, mix, extra)
+
+
+def _router_logits(family, router: nn.Module, x: Tensor) -> Tensor:
+    with fp32_region(x.device):
+        return family.router_logits(router, x.float()).float()
+
+
+def _correction_features(q: Tensor, state: SourceState | None, normed: Tensor | None, routing_features: bool,
+                         normed_features: bool, source_norm: nn.Module, num_experts: int) -> Tensor:
+    feats = [q.float()]
+    if routing_features:
+        if state is None or state.ids is None or state.weights is None:
+            raise SpecmoeError("routing_features needs the source layer's routing (ids and weights)")
+        feats.append(routing_vector(state.ids, state.weights, num_experts).to(q.device))
+    if normed_features:
+        if normed is None:
+            if state is None:
+                raise SpecmoeError("normed_features needs the source state (s_l or r_l)")
+            normed = _normed(source_norm, state, q.shape[-1])
+        feats.append(normed.float())
+    return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+
+def _route(family, router: nn.Module, logits: Tensor) -> tuple[Tensor, Tensor]:
+    ids, weights = family.route(router, logits)
+    return _sorted_by_weight(ids, weights)
 
 
 def _sorted_by_weight(ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -435,6 +500,13 @@ class Predictor:
 
     def predict_ids(self, target: int, state: SourceState) -> Tensor:
         return self.predict(target, state)[0]
+
+    def target_parts(self, target: int) -> tuple[str, dict] | None:
+        """(the concrete kind at `target`, its parts): predict_target(family, kind, state, **parts)
+        then predicts what `predict` does. None for `previous`, which reads no parts."""
+        if self.kind == "previous":
+            return None
+        return self.kind_of(target), self.estimator.target_parts(target)
 
 
 def _previous(state: SourceState) -> tuple[Tensor, Tensor]:

@@ -110,6 +110,22 @@ def head(norm, lm_head, x, logits_out) -> None:
     logits_out.copy_(lm_head(norm(x)[0, -1:]).float())
 
 
+def predict(family, kind, residual, s, ids, weights, pid_out, pw_out, source_norm, target_norm, router,
+            default_vectors, shared, correction, routing_features, normed_features) -> None:
+    """The estimators stage's prediction of a later layer from this one (estimators.predict_target,
+    on one target's parts) into pid_out / pw_out. The parts come as arguments: one trace serves
+    every layer of a kind. Compiled, its thirty-odd float32 kernels (default mix, norm, router,
+    top-k, sort by weight) fuse into a few."""
+    from estimators import SourceState, predict_target
+
+    state = SourceState(residual=residual, ids=ids, weights=weights, normed=s)
+    pid, pw = predict_target(family, kind, state, source_norm=source_norm, target_norm=target_norm, router=router,
+                             default_vectors=default_vectors, shared=shared, correction=correction,
+                             routing_features=routing_features, normed_features=normed_features)
+    pid_out.copy_(pid)
+    pw_out.copy_(pw)
+
+
 def add_hits(predicted, true, hits, exact) -> None:
     """The prediction's hit counters (telemetry.add_hits): compiled, one kernel where eager
     launches eight."""
@@ -117,11 +133,11 @@ def add_hits(predicted, true, hits, exact) -> None:
 
 
 _FUNCTIONS = ("attention_block", "dense_mlp", "route", "experts_from_slots", "experts_from_table", "add_experts",
-              "head", "add_hits")
+              "head", "add_hits", "predict")
 # The pieces whose shapes do not depend on the GPU expert budget. The expert pieces take the
 # slot stack, whose length is the budget: compiled, every budget would be a new compilation
 # (and past torch's recompile limit, eager anyway); they are a few kernels in any case.
-_COMPILED = ("attention_block", "dense_mlp", "route", "head", "add_hits")
+_COMPILED = ("attention_block", "dense_mlp", "route", "head", "add_hits", "predict")
 _compiled: dict[tuple[str, str, str | None], object] = {}
 
 

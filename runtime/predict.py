@@ -58,6 +58,11 @@ class EstimatorPredictor(RuntimePredictor):
         state = self._state(residual=residual, ids=ids, weights=weights, normed=normed)
         return self.predictor.predict(target, state)
 
+    def target_parts(self, target) -> tuple[str, dict] | None:
+        """(kind, parts) for estimators.predict_target: the prediction as a function of its
+        modules and tensors, which a compiled decode piece traces once for every layer."""
+        return self.predictor.target_parts(target)
+
 
 @dataclass
 class RecordedRouting:

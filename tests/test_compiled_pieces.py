@@ -88,3 +88,46 @@ def test_compiled_routing_and_experts_equal_a_brute_force_sum():
                 expected += w[0, j] * family.apply_expert(moe._experts[l], moe.store.expert(l, e), s)
             torch.testing.assert_close(x.reshape(1, H), expected, rtol=1e-5, atol=1e-5)
     engine.close()
+
+
+@pytest.mark.parametrize("mode", ["current", "quasi", "learned", "hybrid"])
+def test_compiled_prediction_equals_the_estimators_and_traces_once_per_kind(mode):
+    """The decode graphs' prediction piece (the estimators' predict_target on one target's
+    parts) predicts what the estimator's own predictor does at every layer of the demo model,
+    with one trace per concrete kind (hybrid picks quasi or learned per layer), not one per layer."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from runtime.predict import build_predictor
+    from specmoe.families import detect_family
+    from specmoe.paths import DEMO_MODEL_DIR, REPO_ROOT
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+    family = detect_family(model)
+    spec = family.spec(model)
+    predictor = build_predictor(mode, model, family, spec, estimators=str(REPO_ROOT / "checkpoints" / "demo-estimator-h1"))
+    pieces = Pieces(compile=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    H, k, E = spec.hidden_size, spec.top_k, spec.num_experts
+    kinds = set()
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for source in spec.moe_layers:
+            target = predictor.target_of(source)
+            if target is None:
+                continue
+            r = torch.randn(1, H, generator=gen)
+            s = family.moe_norm(model, source)(r)
+            ids = torch.randperm(E, generator=gen)[:k].reshape(1, k)
+            w = torch.softmax(torch.randn(1, k, generator=gen), -1)
+            ref_ids, ref_w = predictor.predict(target, r, s, ids, w, 0)
+            kind, parts = predictor.target_parts(target)
+            kinds.add(kind)
+            got_ids, got_w = torch.full_like(ref_ids, -1), torch.full_like(ref_w, float("nan"))
+            pieces.predict(family, kind, r, s, ids, w, got_ids, got_w, **parts)
+            torch.testing.assert_close(got_ids, ref_ids)
+            torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert kinds <= {"quasi", "learned"} if mode == "hybrid" else kinds == {mode}
+    assert 1 <= graphs <= len(kinds), f"{graphs} traces for {len(spec.moe_layers) - 1} layers"

@@ -366,6 +366,50 @@ def test_routing_features(root, tiny_trace, tiny_q3):
 # ----------------------------------------------------------------------------- data split
 
 
+def test_a_target_predicted_from_its_parts(tiny_trace, tiny_q3):
+    """predict_target on Estimator.target_parts (what the runtime's compiled decode piece calls)
+    gives each kind's logits as recomputed here by hand from the model's modules: the router
+    of t on s_l (current), on q_l (quasi), plus the correction net on [q_l, m_l, s_l] (learned);
+    the `previous` predictor has no parts, and `learned` without a correction net is refused."""
+    from estimators import predict_target, target_logits
+    from estimators.predictors import routing_vector
+
+    model = load_model(tiny_q3)
+    family = detect_family(model)
+    spec = family.spec(model)
+    reader = TraceReader(tiny_trace)
+    pairs = layer_pairs(spec.moe_layers, reader.layers, 1)
+    dv = reader.default_vectors()
+    est = Estimator(family, pairs=pairs, default_vectors=dv, parts=collect_parts(model, family, pairs),
+                    num_experts=spec.num_experts, top_k=spec.top_k, hidden_size=spec.hidden_size, lookahead=1,
+                    width=8, routing_features=True, normed_features=True)
+    _randomise_corrections(est)
+    batch = next(iter(make_loader(PairBatches([Source(str(tiny_trace))], pairs, 16))))
+    with torch.no_grad():
+        for i, (src, t) in enumerate(pairs):
+            state = batch_source_state(batch, i)
+            parts = est.target_parts(t)
+            r = state.residual.reshape(-1, spec.hidden_size).float()
+            s = family.moe_norm(model, src).float()(r)
+            mix = torch.zeros(r.shape[0], spec.num_experts).scatter_add_(1, state.ids.long(), state.weights.float()) \
+                @ dv[src].float()
+            q = family.moe_norm(model, t).float()(r + mix)
+            router = family.router(model, t).float()
+            by_hand = {"current": family.router_logits(router, s), "quasi": family.router_logits(router, q)}
+            x = torch.cat([q, routing_vector(state.ids, state.weights, spec.num_experts), s], -1)
+            by_hand["learned"] = by_hand["quasi"] + est.corrections[str(t)](x)
+            for kind, expected in by_hand.items():
+                torch.testing.assert_close(target_logits(family, kind, state, **parts), expected.float(),
+                                           rtol=1e-4, atol=1e-4)
+                ids, w = predict_target(family, kind, state, **parts)
+                ref_ids, ref_w = est.predict(t, state, kind)
+                assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+    assert est.predictor("previous").target_parts(pairs[0][1]) is None
+    assert est.predictor("hybrid" if est.hybrid else "learned").target_parts(pairs[0][1])[0] in ("quasi", "learned")
+    with pytest.raises(SpecmoeError, match="correction net"):
+        target_logits(family, "learned", state, **(parts | {"correction": None}))
+
+
 def test_split_is_by_whole_sequences_and_deterministic(tiny_trace):
     reader = TraceReader(tiny_trace)
     mask = split_sequences(reader.num_sequences, 0.1, seed=0)
