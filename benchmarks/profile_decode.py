@@ -347,7 +347,7 @@ def main() -> int:
              ("none", "cpu", "25%", True, 1.0, True), ("none", "cpu", "50%", True, 1.0, True),
              ("current", "fetch", "100%", True, 1.0, True), ("quasi", "fetch", "0", True, 1.0, True, 2),
              ("quasi", "speculate", "0", False, 1.0, True), ("quasi", "fetch", "0", True, 1.0, True),
-             ("quasi", "fetch", "0", True, 1.0, True, 4)]
+             ("quasi", "fetch", "0", True, 1.0, True, 4), ("quasi", "fetch", "100%", True, 1.0, True)]
     if args.modes:
         modes = [modes[int(i)] for i in args.modes.split(",")]
     out = Path(args.out)
