@@ -250,12 +250,13 @@ def serial_chain(trace: Path) -> dict | None:
 
 
 def copy_timeline(trace: Path, expert_bytes: int, steps: int) -> dict | None:
-    """Where the copy engine idles in a profiled trace (--chrome-trace), per step: from the first
-    expert copy to the last, the time some expert copy is running (streams overlapping counted
-    once), the idle rest, and the idle rest's gaps by length: short (under 20 us, a copy's own
-    start), the longest of each step (the token's end: the last layer, the logits and the next
-    token's first layer before its first copy) and the others (the copies running dry inside
-    a step). None where the trace has no expert copy."""
+    """Where the copy engine idles in a profiled trace (--chrome-trace) of `steps` steps: from the
+    first expert copy to the last, the time some expert copy is running (streams overlapping
+    counted once, per step), and the idle rest's gaps: the steps - 1 longest (the tokens' ends:
+    the last layer, the logits and the next token's first layer before its first copy), short
+    ones (under 20 us, a copy's own start) and longer ones (the copies running dry inside a
+    step). The profiler slows the host's graph launches, so host-bound gaps read longer here
+    than they are unprofiled. None where the trace has no expert copy."""
     import gzip
 
     with gzip.open(trace) as f:

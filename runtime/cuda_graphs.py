@@ -193,7 +193,7 @@ class DecodeGraphs:
         pin = dev.type == "cuda"
         self._fix_staging = torch.empty((2, k), dtype=torch.long, pin_memory=pin)
         self._fix_np = self._fix_staging.numpy()
-        self._token_host = None   # pinned staging of a host token (_set_token)
+        self._token_host, self._token_done = None, [None, None]   # pinned staging of a host token (_set_token)
         self.fix_w = None
         self._fix_graph = None
         # The CPU's part of each MoE layer, one row per layer: the CPU writes it in pinned memory
@@ -492,7 +492,6 @@ class DecodeGraphs:
             return
         if self._token_host is None:
             self._token_host = [torch.empty((1, 1), dtype=self.token.dtype, pin_memory=True) for _ in range(2)]
-            self._token_done = [None, None]
         turn = self._count % 2
         if self._token_done[turn] is not None:
             self._token_done[turn].synchronize()   # the step before last has read this buffer
