@@ -55,6 +55,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--out", default=str(RESULTS / "copy_streams"))
     args = p.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    if min(counts) < 1 or args.copies < 1 or args.experts < 1 or args.rounds < 1:
+        print("error: --streams, --copies, --experts and --rounds must be positive", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: copy_streams measures host-to-device copies and needs a CUDA device", file=sys.stderr)
         return 1
@@ -65,7 +69,6 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     large = copy_bandwidth(device)
     rows = []
-    counts = [int(n) for n in args.streams.split(",")]
     times: dict[int, list[float]] = {n: [] for n in counts}
     high = torch.cuda.Stream.priority_range()[1]   # the runtime's copy stream has the highest priority
     all_streams = {n: [torch.cuda.Stream(device, priority=high) for _ in range(n)] for n in counts}

@@ -408,6 +408,8 @@ def test_a_target_predicted_from_its_parts(tiny_trace, tiny_q3):
     assert est.predictor("hybrid" if est.hybrid else "learned").target_parts(pairs[0][1])[0] in ("quasi", "learned")
     with pytest.raises(SpecmoeError, match="correction net"):
         target_logits(family, "learned", state, **(parts | {"correction": None}))
+    with pytest.raises(SpecmoeError, match="unknown predictor kind 'hybrid'"):
+        predict_target(family, "hybrid", state, **parts)   # a view, resolved per layer by Predictor
 
 
 def test_split_is_by_whole_sequences_and_deterministic(tiny_trace):

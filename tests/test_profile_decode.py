@@ -99,3 +99,18 @@ def test_the_copy_timeline_counts_overlapping_copies_once_and_splits_the_gaps(tm
     assert got["long_gaps_per_step"] == 0.5 and got["idle_long_ms_per_step"] == 1e-3 * 50 / 2
     assert got["long_gap_us_median"] == 50
     assert copy_timeline(trace, expert_bytes=99, steps=2) is None
+
+
+def test_copy_streams_refuses_bad_counts_and_a_machine_without_cuda(monkeypatch, capsys):
+    """benchmarks/copy_streams.py: one error line and a non-zero exit, before anything is pinned."""
+    import sys
+
+    from benchmarks import copy_streams
+
+    monkeypatch.setattr(sys, "argv", ["copy_streams.py", "--streams", "0,2"])
+    assert copy_streams.main() == 2
+    assert capsys.readouterr().err.strip() == "error: --streams, --copies, --experts and --rounds must be positive"
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["copy_streams.py"])
+        assert copy_streams.main() == 1
+        assert "needs a CUDA device" in capsys.readouterr().err
