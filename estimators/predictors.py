@@ -330,10 +330,7 @@ class Estimator(nn.Module):
 
     def all_logits(self, target: int, state: SourceState, kinds: Iterable[str]) -> dict[str, Tensor]:
         """Logits of several kinds at once, sharing s_l and q_l."""
-        kinds = list(kinds)
-        if "learned" in kinds and str(target) not in self.corrections:
-            raise SpecmoeError(f"the estimator has no correction net for layer {target} (no 'learned' predictor)")
-        return _logits_of_kinds(self.family, kinds, state, **self.target_parts(target))
+        return _logits_of_kinds(self.family, list(kinds), state, **self.target_parts(target))
 
     def logits(self, target: int, state: SourceState, kind: str | None = None) -> Tensor:
         kind = self.kinds[target] if kind is None else kind
@@ -375,8 +372,6 @@ class Estimator(nn.Module):
 def target_logits(family, kind: str, state: SourceState, **parts) -> Tensor:
     """Logits [T, E] (fp32) of one concrete kind (current, quasi or learned) at the layer
     whose `parts` (Estimator.target_parts) are given: what Estimator.logits computes."""
-    if kind == "learned" and parts.get("correction") is None:
-        raise SpecmoeError("the 'learned' predictor needs the target's correction net")
     return _logits_of_kinds(family, [kind], state, **parts)[kind]
 
 
@@ -402,6 +397,9 @@ def _logits_of_kinds(family, kinds: list[str], state: SourceState, *, source_nor
             if "quasi" not in out:
                 out["quasi"] = _router_logits(family, router, q)
             if kind == "learned":
+                if correction is None:
+                    raise SpecmoeError("the 'learned' predictor needs the target layer's correction net, and the "
+                                       "estimator has none for it")
                 x = _correction_features(q, state, s, routing_features, normed_features, source_norm,
                                          default_vectors.shape[0])
                 out[kind] = out["quasi"] + correction(x).float()

@@ -295,17 +295,19 @@ class DecodeGraphs:
         target = moe.predictor.target_of(l) if moe.predictor is not None else None
         if target is not None and self.graphable_prediction:
             src_ids, src_w = self._source_routing(l)
-            if target not in self.pred_ids:
-                pid, pw = moe.predictor.predict(target, self.r.reshape(1, -1), s, src_ids, src_w, 0)
-                self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
+            r = self.r.reshape(1, -1)
             parts = moe.predictor.target_parts(target)
+            if parts is None or target not in self.pred_ids:
+                # Eager: a predictor without parts, or the warm-up pass sizing the buffers.
+                pid, pw = moe.predictor.predict(target, r, s, src_ids, src_w, 0)
+                if target not in self.pred_ids:
+                    self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
             if parts is None:
-                pid, pw = moe.predictor.predict(target, self.r.reshape(1, -1), s, src_ids, src_w, 0)
                 self.pred_ids[target].copy_(pid)
                 self.pred_w[target].copy_(pw)
             else:
                 kind, parts = parts
-                self.pieces.predict(moe.family, kind, self.r.reshape(1, -1), s, src_ids, src_w, self.pred_ids[target],
+                self.pieces.predict(moe.family, kind, r, s, src_ids, src_w, self.pred_ids[target],
                                     self.pred_w[target], **parts)
         if self.run_ahead:
             self._stage_reads(l)

@@ -292,7 +292,7 @@ class OffloadedMoE:
             if read is not None:
                 host, ev = read
                 ev.synchronize()
-                self._prefetch(target, pred, self._as_numpy(host).reshape(host.shape[0], -1).tolist())
+                self._prefetch(target, pred, self._as_numpy(host).tolist())
             return out
 
         if T == 1 and self.device_table:
