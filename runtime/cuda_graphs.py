@@ -18,6 +18,9 @@ decide something, and every piece in between is captured once and replayed:
 A step with every expert of every MoE layer on the GPU and its prediction made inside the
 graphs needs none of those decisions: its graphs are queued with none between them, the host
 at most a layer ahead of the GPU, and it counts the step's uses afterwards (`all_resident`).
+Nothing reads its predictions before the next layer's routing, so such steps replay graphs of
+their own in which each layer's prediction runs on a second stream beside its experts, off
+the GPU's path (`predicts_beside_experts`).
 
 With the `cpu` miss policy and nothing copied during decode (no predictor, no demand
 copies), the host runs ahead: each layer's graphs copy their routing, input and the step's
@@ -228,6 +231,10 @@ class DecodeGraphs:
         self._queue = None
         self._w32: dict[int, torch.Tensor] = {}
         self._part_written = False
+        # Steps with every expert on the GPU replay these instead (_pieces(resident=True)), where
+        # there is a prediction to take off the GPU's path: on this stream beside the experts.
+        self._resident_graphs: list | None = None
+        self._side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self._capture()
         # What all_resident needs besides every expert on the GPU, fixed once captured: every
         # MoE layer looks its experts up in the device table, any prediction is made in the graphs.
@@ -278,7 +285,9 @@ class DecodeGraphs:
             return self.pred_ids[l], self.pred_w[l]
         return self.ids[l], self.w[l]
 
-    def _pre(self, l: int):
+    def _pre(self, l: int, predict: bool = True):
+        """Attention, the true routing of l, its prediction's hits and (predict) the prediction
+        for a later layer: the host reads it after this graph to place that layer's experts."""
         moe = self.moe
         self._attention(l)
         s = self.s.reshape(1, -1)
@@ -292,25 +301,33 @@ class DecodeGraphs:
         tel = moe.telemetry
         if tel.track_hits and l in self.pred_ids:
             tel.prefetch_hits_device(l, self.pred_ids[l], self.ids[l], count=False, add=self.pieces.add_hits)
-        target = moe.predictor.target_of(l) if moe.predictor is not None else None
-        if target is not None and self.graphable_prediction:
-            src_ids, src_w = self._source_routing(l)
-            r = self.r.reshape(1, -1)
-            parts = moe.predictor.target_parts(target)
-            if parts is None or target not in self.pred_ids:
-                # Eager: a predictor without parts, or the warm-up pass sizing the buffers.
-                pid, pw = moe.predictor.predict(target, r, s, src_ids, src_w, 0)
-                if target not in self.pred_ids:
-                    self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
-            if parts is None:
-                self.pred_ids[target].copy_(pid)
-                self.pred_w[target].copy_(pw)
-            else:
-                kind, parts = parts
-                self.pieces.predict(moe.family, kind, r, s, src_ids, src_w, self.pred_ids[target],
-                                    self.pred_w[target], **parts)
+        if predict:
+            self._predict(l)
         if self.run_ahead:
             self._stage_reads(l)
+
+    def _predict(self, l: int) -> None:
+        """The prediction made at layer l (for predictor.target_of(l)) into pred_ids / pred_w,
+        from l's residual, router input and routing, which the experts graph only reads."""
+        moe = self.moe
+        target = moe.predictor.target_of(l) if moe.predictor is not None else None
+        if target is None or not self.graphable_prediction:
+            return
+        src_ids, src_w = self._source_routing(l)
+        r, s = self.r.reshape(1, -1), self.s.reshape(1, -1)
+        parts = moe.predictor.target_parts(target)
+        if parts is None or target not in self.pred_ids:
+            # Eager: a predictor without parts, or the warm-up pass sizing the buffers.
+            pid, pw = moe.predictor.predict(target, r, s, src_ids, src_w, 0)
+            if target not in self.pred_ids:
+                self.pred_ids[target], self.pred_w[target] = torch.empty_like(pid), torch.empty_like(pw)
+        if parts is None:
+            self.pred_ids[target].copy_(pid)
+            self.pred_w[target].copy_(pw)
+        else:
+            kind, parts = parts
+            self.pieces.predict(moe.family, kind, r, s, src_ids, src_w, self.pred_ids[target],
+                                self.pred_w[target], **parts)
 
     def _stage_reads(self, l: int) -> None:
         """Copies of layer l's routing and input to pinned memory, inside its pre graph: the
@@ -331,7 +348,23 @@ class DecodeGraphs:
             return True
         return self.speculate and (l in self.pred_ids or not self.graphable_prediction)
 
-    def _post(self, l: int, reads: bool = True):
+    def _post(self, l: int, reads: bool = True, predict: bool = False):
+        """The experts of l and the residual; with `predict`, l's prediction beside them on a
+        second stream (a step with every expert on the GPU: no host reads it, and the next
+        layer's hit counting comes after this graph), so it does not lengthen the step."""
+        if not predict or self._side is None:
+            if predict:
+                self._predict(l)
+            self._experts(l, reads)
+            return
+        main = torch.cuda.current_stream(self.engine.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            self._predict(l)
+        self._experts(l, reads)
+        main.wait_stream(self._side)
+
+    def _experts(self, l: int, reads: bool = True):
         moe = self.moe
         s = self.s.reshape(1, -1)
         experts, shared, stack = moe._experts[l], moe._shared[l], moe.slots.stack
@@ -380,13 +413,15 @@ class DecodeGraphs:
             self.logits = e.model.lm_head(e.base.norm(self.x)[0, -1:]).float()
         self.pieces.head(e.base.norm, e.model.lm_head, self.x, self.logits)
 
-    def _pieces(self):
+    def _pieces(self, resident: bool = False):
+        """The step's pieces in order; `resident`: the variant for steps with every expert on the
+        GPU, each layer's prediction made beside its experts instead of before them."""
         e = self.engine
         yield "prologue", -1, self._prologue
         for l in range(len(e.layers)):
             if l in e._moe_layers:
-                yield "pre", l, (lambda l=l: self._pre(l))
-                yield "post", l, (lambda l=l: self._post(l))
+                yield "pre", l, (lambda l=l: self._pre(l, predict=not resident))
+                yield "post", l, (lambda l=l: self._post(l, reads=not resident, predict=resident))
             else:
                 yield "dense", l, (lambda l=l: self._dense(l))
         yield "epilogue", -1, self._epilogue
@@ -416,6 +451,19 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool):
                 fn()
             self._graphs.append((kind, l, g))
+        if self._wants_resident_variant():
+            with torch.cuda.stream(side):
+                for _, _, fn in self._pieces(resident=True):
+                    fn()
+            torch.cuda.current_stream(self.engine.device).wait_stream(side)
+            torch.cuda.synchronize(self.engine.device)
+            resident_pool = torch.cuda.graph_pool_handle()   # replayed instead of the step's graphs
+            self._resident_graphs = []
+            for kind, l, fn in self._pieces(resident=True):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=resident_pool):
+                    fn()
+                self._resident_graphs.append((kind, l, g))
         self._count = int(self.step_count.item())   # what the warm-up passes counted
         plain_pool = torch.cuda.graph_pool_handle()   # replayed instead of a step graph, in layer order
         for l in self._reading_layers():
@@ -445,10 +493,21 @@ class DecodeGraphs:
         gate = self.gate if self.run_ahead else None
         self._graphs = [(kind, l, _Eager(fn, gate)) for kind, l, fn in self._pieces()]
         self._plain_posts = {l: _Eager(lambda l=l: self._post(l, reads=False), gate) for l in self._reading_layers()}
+        if self._wants_resident_variant():
+            self._resident_graphs = [(kind, l, _Eager(fn)) for kind, l, fn in self._pieces(resident=True)]
         self._count = int(self.step_count.item())
         if self._moe_table_layers():
             self.fix_w = torch.zeros_like(self.w[self.moe.spec.moe_layers[0]])
             self._fix_graph = _Eager(self._fix)
+
+    def _wants_resident_variant(self) -> bool:
+        """Whether steps with every expert on the GPU get graphs of their own: a prediction made
+        inside the graphs, a device table at every MoE layer, and a budget that holds every
+        expert (otherwise such a step never comes)."""
+        moe = self.moe
+        return (self.graphable_prediction and bool(self.pred_ids)
+                and all(not self.host_fed(l) for l in moe.spec.moe_layers)
+                and moe.slots.num_slots >= len(moe.spec.moe_layers) * moe.spec.num_experts)
 
     def _reading_layers(self) -> list[int]:
         return [l for l in self.moe.spec.moe_layers if not self.host_fed(l) and self.moe.host_reads(l) is not None]
@@ -467,16 +526,23 @@ class DecodeGraphs:
         decision between them: the device's own time for a step (meaningful when every
         expert is resident)."""
         times = []
+        graphs = self._resident_graphs if self._resident_graphs and self.all_resident() else self._graphs
         for _ in range(warmup + repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for kind, l, g in self._graphs:
-                (self._experts_graph(l, g) if kind == "post" else g).replay()
+            for kind, l, g in graphs:
+                (self._experts_graph(l, g) if kind == "post" and graphs is self._graphs else g).replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         self._count = int(self.step_count.item())   # the prologue counted these replays
         return statistics.median(times[warmup:])
+
+    @property
+    def predicts_beside_experts(self) -> bool:
+        """Whether steps with every expert on the GPU make their prediction beside the experts
+        (graphs of their own) rather than before them."""
+        return self._resident_graphs is not None
 
     @property
     def graph_count(self) -> int:
@@ -546,8 +612,9 @@ class DecodeGraphs:
         queued at once decoded slower than that path (benchmarks/results/profile_decode_resident.md)."""
         streams, depth = self.moe.streams, self.resident_depth
         routed = deque()   # events after queued layers' pre graphs
-        for kind, l, g in self._graphs:
-            (self._experts_graph(l, g) if kind == "post" else g).replay()
+        own = self._resident_graphs   # their experts graphs read nothing in host memory already
+        for kind, l, g in own or self._graphs:
+            (self._experts_graph(l, g) if kind == "post" and not own else g).replay()
             if depth and kind == "pre":
                 routed.append(streams.host_event())
             elif kind == "post" and len(routed) >= depth > 0:

@@ -833,9 +833,10 @@ def test_graphed_decode_path_equals_eager_with_estimators(prefetch, on_miss):
 @pytest.mark.parametrize("budget", ["100%", "60%"])
 def test_a_step_with_every_expert_on_the_gpu_needs_no_host_decision(budget, monkeypatch):
     """The demo model, `quasi` predicting inside the decode pieces and `fetch`: at a budget that
-    holds every expert the graphed step reads no layer's routing (no host round trip a layer)
-    and still matches the stock forward, counting every use as a hit and the same prediction
-    hits as the eager step; at 60% it reads each layer's routing as before."""
+    holds every expert the graphed step reads no layer's routing (no host round trip a layer),
+    replays the graphs that predict beside the experts, and still matches the stock forward,
+    counting every use as a hit and the same prediction hits as the eager step; at 60% it
+    reads each layer's routing as before."""
     from transformers import AutoModelForCausalLM
 
     from runtime.offloaded_moe import OffloadedMoE
@@ -857,6 +858,8 @@ def test_a_step_with_every_expert_on_the_gpu_needs_no_host_decision(budget, monk
         got = engine_logits(engine, ids, prompt_len=len(PROMPT))
         spec, tel = engine.moe.spec, engine.telemetry
         assert engine.moe.all_resident() == (budget == "100%")
+        if graphed:   # graphs of its own, the prediction beside the experts, where it can come
+            assert engine.decode_graphs.predicts_beside_experts == (budget == "100%")
         hits[graphed] = tel.summary()["prefetch_hit_rate"]
         engine.close()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

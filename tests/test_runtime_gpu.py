@@ -452,3 +452,37 @@ def test_a_decode_step_copies_nothing_from_pageable_memory(prefetch, on_miss, bu
     copies = [e.name for e in prof.events() if "Memcpy" in e.name]
     assert any("HtoD" in name for name in copies)
     assert not [name for name in copies if "Pageable" in name]
+
+
+@pytest.mark.parametrize("prefetch", ["quasi", "current"])
+def test_a_resident_step_predicts_beside_its_experts(prefetch):
+    """With every expert on the GPU a graphed step makes each layer's prediction on a second
+    stream beside the layer's experts: kernels of one step overlap in time (on one stream they
+    never do, and no copies run at this budget), and the step still computes what the eager
+    step computes, with the same prediction hits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from specmoe.paths import REPO_ROOT
+
+    est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
+    ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3, 5, 9])])
+    rows, hits = {}, {}
+    for graphs in (False, True):
+        engine = runtime.from_model(_demo(torch.float32), cfg(prefetch=prefetch, on_miss="fetch", estimators=est,
+                                                                gpu_expert_budget="100%", cuda_graphs=graphs))
+        rows[graphs] = engine_logits(engine, ids, prompt_len=len(PROMPT))
+        hits[graphs] = engine.telemetry.summary()["prefetch_hit_rate"]
+        if graphs:
+            assert engine.decode_graphs.predicts_beside_experts and engine.decode_graphs.all_resident()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for t in (7, 11, 13):
+                    engine.step(torch.tensor([t]))
+                torch.cuda.synchronize()
+            kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name
+                             and "Memset" not in e.name)
+        engine.close()
+    torch.testing.assert_close(rows[True], rows[False], rtol=1e-3, atol=1e-3)
+    assert hits[True] == pytest.approx(hits[False], abs=0.02)
+    overlapping = sum(1 for (_, end), (start, _) in zip(kernels, kernels[1:]) if start < end)
+    assert overlapping >= 3, overlapping   # at least one a step
