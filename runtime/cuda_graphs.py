@@ -438,32 +438,9 @@ class DecodeGraphs:
             tel.restore_device_counters(*counted)
             return
         side = torch.cuda.Stream(self.engine.device)
-        side.wait_stream(torch.cuda.current_stream(self.engine.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                for _, _, fn in self._pieces():
-                    fn()
-        torch.cuda.current_stream(self.engine.device).wait_stream(side)
-        torch.cuda.synchronize(self.engine.device)
-        pool = torch.cuda.graph_pool_handle()
-        for kind, l, fn in self._pieces():
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                fn()
-            self._graphs.append((kind, l, g))
+        self._graphs = self._warm_and_capture(side, passes=2)
         if self._wants_resident_variant():
-            with torch.cuda.stream(side):
-                for _, _, fn in self._pieces(resident=True):
-                    fn()
-            torch.cuda.current_stream(self.engine.device).wait_stream(side)
-            torch.cuda.synchronize(self.engine.device)
-            resident_pool = torch.cuda.graph_pool_handle()   # replayed instead of the step's graphs
-            self._resident_graphs = []
-            for kind, l, fn in self._pieces(resident=True):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=resident_pool):
-                    fn()
-                self._resident_graphs.append((kind, l, g))
+            self._resident_graphs = self._warm_and_capture(side, passes=1, resident=True)
         self._count = int(self.step_count.item())   # what the warm-up passes counted
         plain_pool = torch.cuda.graph_pool_handle()   # replayed instead of a step graph, in layer order
         for l in self._reading_layers():
@@ -484,6 +461,26 @@ class DecodeGraphs:
                 self._fix()
             self.x.copy_(x)
         tel.restore_device_counters(*counted)
+
+    def _warm_and_capture(self, side, passes: int, resident: bool = False) -> list:
+        """The step's pieces run eagerly on a side stream (compilations, library workspaces),
+        then captured one graph each, in one memory pool: replayed in the order captured."""
+        dev = self.engine.device
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(passes):
+                for _, _, fn in self._pieces(resident):
+                    fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for kind, l, fn in self._pieces(resident):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                fn()
+            graphs.append((kind, l, g))
+        return graphs
 
     def _capture_eager(self) -> None:
         """Off CUDA, each piece is 'replayed' by calling it: the same step, host decisions and
