@@ -18,6 +18,7 @@ from .decode_attention import use_grouped_decode_attention
 from .engine import Engine
 from .expert_layout import ExpertLayout
 from .host_store import HostExpertStore
+from .miss_policy import choose_on_miss, expected_misses
 from .offloaded_moe import OffloadedMoE
 from .predict import RecordedRouting, build_predictor, lookahead_of
 from .slots import ExpertSlots
@@ -158,6 +159,19 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     slots = ExpertSlots(layout, num_slots, device, config.eviction)
     telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
     cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry) if config.on_miss == "cpu" else None
+    measured = None   # (copy, CPU expert) bytes per second, measured once for whatever needs them
+    auto_reason = None
+    if config.on_miss == "auto":
+        if streams.cuda and num_slots < total:
+            cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry)
+            measured = _channel_rates(cpu, model, family, spec, store, device)
+        choice = choose_on_miss(cuda=streams.cuda, holds_every_expert=num_slots >= total,
+                                misses_per_layer=expected_misses(spec.top_k, num_slots, total),
+                                expert_bytes=layout.block_bytes, copy_bytes_per_s=measured and measured[0],
+                                cpu_bytes_per_s=measured and measured[1])
+        config, auto_reason = dataclasses.replace(config, on_miss=choice.on_miss), choice.reason
+        if choice.on_miss != "cpu":
+            cpu = None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window
@@ -166,10 +180,12 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
         # A share set to None starts at the measured split and follows the host during decode
         # (CUDA only; on a CPU a copy is a memcpy: predictions are all copied, misses computed).
         adapt = streams.cuda and None in (config.cpu_copy_share, config.cpu_demand_share)
-        measured = _copy_share(moe, device) if adapt else None
+        if adapt and measured is None:
+            measured = _channel_rates(cpu, model, family, spec, store, device)
+        split = measured[0] / (measured[0] + measured[1]) if adapt else None
         for name, off_cuda in (("cpu_copy_share", 1.0), ("cpu_demand_share", 0.0)):
             value = getattr(config, name)
-            setattr(moe, name, value if value is not None else measured if streams.cuda else off_cuda)
+            setattr(moe, name, value if value is not None else split if streams.cuda else off_cuda)
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
         moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
     if config.host_read_share is None and cpu is not None and streams.cuda and config.device_table:
@@ -184,6 +200,10 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     info = dict(parts.info)
     info.update({"family": family.name, "device": str(device), "dtype": str(layout.dtype).replace("torch.", ""),
                  "prefetch": prefetch, "on_miss": config.on_miss, "eviction": config.eviction,
+                 "on_miss_auto": auto_reason,
+                 # measured at start where a choice needed them: copies to the GPU, CPU experts
+                 "copy_bytes_per_s": measured[0] if measured else None,
+                 "cpu_expert_bytes_per_s": measured[1] if measured else None,
                  "lookahead": lookahead, "gpu_expert_budget": config.gpu_expert_budget, "gpu_slots": num_slots,
                  "gpu_expert_bytes": slots.nbytes, "expert_block_bytes": layout.block_bytes,
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
@@ -202,41 +222,43 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     return engine
 
 
-def _cpu_call(moe):
+def _cpu_call(cpu, experts_of, spec, store):
     """A call of the CPU experts as decode makes it (8 experts of one token), on another layer
-    each time so that weights come from memory, as misses' do; and how many experts it computes."""
-    layers = moe.spec.moe_layers
-    n = min(8, moe.spec.num_experts)
-    x = torch.randn((1, moe.spec.hidden_size)).to(moe.store.layout.dtype)
+    each time so that weights come from memory, as misses' do; and how many experts it computes.
+    `experts_of(layer)`: the layer's experts module."""
+    layers = spec.moe_layers
+    n = min(8, spec.num_experts)
+    x = torch.randn((1, spec.hidden_size)).to(store.layout.dtype)
     work = [(0, e, 1.0) for e in range(n)]
     turn = [0]
 
     def call():
         layer = layers[turn[0] % len(layers)]
         turn[0] += 1
-        moe.cpu.compute(moe._experts[layer], layer, x, work)
+        cpu.compute(experts_of(layer), layer, x, work)
 
     return call, n
 
 
-def _copy_share(moe, device: torch.device) -> float:
-    """Copy bandwidth / (copy + CPU expert bandwidth), both measured now: the split of
-    predicted misses that keeps the copy engine and the CPU busy for about the same time."""
+def _channel_rates(cpu, model, family, spec, store, device: torch.device) -> tuple[float, float]:
+    """Bytes per second of the two ways a miss is served, measured now on the store: copies to
+    the GPU, and the CPU computing experts where they lie."""
     import statistics
     import time
 
     from .bench import copy_bandwidth
 
     copy_bw = copy_bandwidth(device, 32 << 20, 4)
-    call, n = _cpu_call(moe)
+    call, n = _cpu_call(cpu, lambda l: getattr(family.moe_block(model, l), family.experts_attr), spec, store)
     times = []
     for _ in range(4):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    moe.cpu.seconds = moe.telemetry.cpu_expert_seconds = 0.0
-    cpu_bw = n * moe.store.layout.block_bytes / statistics.median(times[1:])
-    return copy_bw / (copy_bw + cpu_bw)
+    cpu.seconds = 0.0
+    if cpu.telemetry is not None:
+        cpu.telemetry.cpu_expert_seconds = 0.0
+    return copy_bw, n * store.layout.block_bytes / statistics.median(times[1:])
 
 
 def _host_read_split(moe, device: torch.device) -> float:
@@ -244,7 +266,7 @@ def _host_read_split(moe, device: torch.device) -> float:
     in host memory over PCIe and the CPU computing others, measured now on the store."""
     from .bench import host_reads_beside_cpu
 
-    call, n = _cpu_call(moe)
+    call, n = _cpu_call(moe.cpu, moe._experts.__getitem__, moe.spec, moe.store)
     layer = moe.spec.moe_layers[0]
     rates = host_reads_beside_cpu(moe.store, moe.family, moe._experts[layer], moe.spec.hidden_size, call,
                                   n * moe.store.layout.tensor_bytes, device, calls=4, rounds=3)

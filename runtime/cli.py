@@ -49,7 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "else quasi with --default-vectors, else current)")
     p.add_argument("--on-miss", default=None, choices=ON_MISS,
                    help="speculate: run the predicted experts; fetch: exact, copy what is missing; cpu: exact, "
-                        "compute what is missing on the CPU (default: fetch)")
+                        "compute what is missing on the CPU; auto: exact, cpu or fetch, whichever serves a "
+                        "layer's misses sooner on this machine, measured at start (default: auto)")
     p.add_argument("--eviction", default=None, choices=tuple(POLICIES), help="GPU expert cache policy (default: lru)")
     p.add_argument("--lookahead", type=int, default=None, help="layers ahead (default: the estimator's, else 1)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default: 4096)")

@@ -17,7 +17,7 @@ from .eviction import POLICIES
 from .predict import MODES
 
 DEFAULT_CONFIG_PATH = CONFIGS_DIR / "infer.yaml"
-ON_MISS = ("speculate", "fetch", "cpu")
+ON_MISS = ("speculate", "fetch", "cpu", "auto")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 CACHE_FILLS = ("prompt", "recent")
 
@@ -31,7 +31,7 @@ class RuntimeConfig:
     dtype: str = "auto"                   # auto keeps the checkpoint's dtype; bf16 | fp16 | fp32
     gpu_expert_budget: str | int = "0"         # bytes, with units (8GiB), or a share of all expert bytes (25%); 0 = minimum
     prefetch: str = "auto"                # none | current | quasi | learned | hybrid | oracle | auto
-    on_miss: str = "fetch"                # speculate | fetch | cpu
+    on_miss: str = "auto"                 # speculate | fetch | cpu | auto (fetch or cpu: runtime.miss_policy)
     eviction: str = "lru"                 # lru | lfu
     lookahead: int | None = None          # layers ahead; None: the estimator's own (1 without one)
     max_context: int = 4096               # KV cache length (prompt + new tokens)

@@ -207,7 +207,12 @@ def format_summary(s: dict) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    rows = [
+    engine = s.get("engine") or {}
+    rows = []
+    if engine.get("on_miss"):
+        mode = f"{engine.get('prefetch')}+{engine['on_miss']}"
+        rows.append(("mode", mode + (f" (auto: {engine['on_miss_auto']})" if engine.get("on_miss_auto") else "")))
+    rows += [
         ("prompt tokens", num(s["prompt_tokens"], ",")),
         ("decoded tokens", num(s["decoded_tokens"], ",")),
         ("prefill", num(s["prefill_seconds"] * 1e3 if s["prefill_seconds"] else None, ".1f") + " ms"),
