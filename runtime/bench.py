@@ -163,7 +163,7 @@ def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, con
         tel.prefill_seconds = prefill
         tel.prompt_tokens = int(prompt.numel())
         summary = tel.summary()
-        summary["mode"] = f"{config.resolved_prefetch()}+{engine.info['on_miss']}"   # auto: what it chose
+        summary["mode"] = f"{engine.info['prefetch']}+{engine.info['on_miss']}"   # auto: what it chose
         summary["gpu_expert_budget"] = config.gpu_expert_budget
         summary["engine"] = engine.info
         return summary

@@ -18,7 +18,7 @@ from .decode_attention import use_grouped_decode_attention
 from .engine import Engine
 from .expert_layout import ExpertLayout
 from .host_store import HostExpertStore
-from .miss_policy import choose_on_miss, expected_misses
+from .miss_policy import choose_on_miss, cpu_runs_ahead_without_prediction, expected_misses
 from .offloaded_moe import OffloadedMoE
 from .predict import RecordedRouting, build_predictor, lookahead_of
 from .slots import ExpertSlots
@@ -139,10 +139,35 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     layout = store.layout
     use_grouped_decode_attention(model, config.grouped_attention)
     streams = Streams(device)
+    free = torch.cuda.mem_get_info(device)[0] if streams.cuda else None
+    total = len(spec.moe_layers) * spec.num_experts
+    telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
+    cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry) if config.on_miss == "cpu" else None
+    measured = None   # (copy, CPU expert) bytes per second, measured once for whatever needs them
+    auto_reason = None
+    if config.on_miss == "auto":
+        # Decided before the predictor: the misses it expects depend on the budget's share only.
+        share = slots_for_budget(config.gpu_expert_budget, layout.block_bytes, total, spec.top_k,
+                                 lookahead_of(config), False, free)
+        if streams.cuda and share < total:
+            cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry)
+            measured = _channel_rates(cpu, model, family, spec, store, device)
+        choice = choose_on_miss(cuda=streams.cuda, holds_every_expert=share >= total,
+                                misses_per_layer=expected_misses(spec.top_k, share, total),
+                                expert_bytes=layout.block_bytes, copy_bytes_per_s=measured and measured[0],
+                                cpu_bytes_per_s=measured and measured[1])
+        config, auto_reason = dataclasses.replace(config, on_miss=choice.on_miss), choice.reason
+        if choice.on_miss != "cpu":
+            cpu = None
     prefetch = config.resolved_prefetch()
     lookahead = lookahead_of(config)
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:
         prefetch = "none"  # nothing lies `lookahead` MoE layers ahead of any layer
+    if config.prefetch == "auto" and predictor is None and cpu_runs_ahead_without_prediction(config, streams.cuda):
+        # A predictor's copies would cost `cpu` its run-ahead step: on the H200 machine, model A at
+        # a quarter of its experts on the GPU decoded in 32.4 ms with none, 45.3 with predictions
+        # at 85% recall (benchmarks/results/runtime_decode.md).
+        prefetch = "none"
     if predictor is None:
         predictor = build_predictor(prefetch, model, family, spec, estimators=config.estimators,
                                     default_vectors=config.default_vectors, lookahead=lookahead, recorded=recorded,
@@ -152,26 +177,9 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     if config.on_miss == "speculate" and predictor is None:
         raise SpecmoeError("--on-miss speculate executes predicted experts: choose a predictor with --prefetch "
                            "(current, quasi, learned, hybrid or oracle)")
-    free = torch.cuda.mem_get_info(device)[0] if streams.cuda else None
-    total = len(spec.moe_layers) * spec.num_experts
     num_slots = slots_for_budget(config.gpu_expert_budget, layout.block_bytes, total, spec.top_k, lookahead,
                                  predictor is not None, free)
     slots = ExpertSlots(layout, num_slots, device, config.eviction)
-    telemetry = Telemetry(tuple(spec.moe_layers), device, track_hits=config.track_hits)
-    cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry) if config.on_miss == "cpu" else None
-    measured = None   # (copy, CPU expert) bytes per second, measured once for whatever needs them
-    auto_reason = None
-    if config.on_miss == "auto":
-        if streams.cuda and num_slots < total:
-            cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry)
-            measured = _channel_rates(cpu, model, family, spec, store, device)
-        choice = choose_on_miss(cuda=streams.cuda, holds_every_expert=num_slots >= total,
-                                misses_per_layer=expected_misses(spec.top_k, num_slots, total),
-                                expert_bytes=layout.block_bytes, copy_bytes_per_s=measured and measured[0],
-                                cpu_bytes_per_s=measured and measured[1])
-        config, auto_reason = dataclasses.replace(config, on_miss=choice.on_miss), choice.reason
-        if choice.on_miss != "cpu":
-            cpu = None
     moe = OffloadedMoE(family, model, spec, store, slots, streams, config.on_miss, predictor, telemetry, cpu)
     moe.device_table = config.device_table
     moe.copy_window = config.prefetch_window

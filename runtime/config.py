@@ -99,7 +99,8 @@ class RuntimeConfig:
 
     def resolved_prefetch(self) -> str:
         """`auto`: the estimators' deployed predictors when given, else quasi with default
-        vectors from a trace, else the router on the current state."""
+        vectors from a trace, else the router on the current state (runtime.build.configure
+        makes it none where `cpu` decode runs ahead without one, or nothing lies ahead)."""
         if self.prefetch != "auto":
             return self.prefetch
         if self.estimators:

@@ -52,3 +52,12 @@ def expected_misses(top_k: int, slots: int, total_experts: int) -> float:
     """Misses a layer can expect when its slots hold a uniform share of its experts (real
     routing, concentrated on fewer experts, misses less)."""
     return top_k * max(0.0, 1.0 - slots / total_experts)
+
+
+def cpu_runs_ahead_without_prediction(config, cuda: bool) -> bool:
+    """Whether `cpu` decode queues whole steps ahead of the CPU's parts once no predictor places
+    experts during decode (OffloadedMoE.runs_ahead: graphed, the device table, no demand
+    copies), which `prefetch: auto` then keeps: predicted copies would cost that step more
+    than they save on a host where copies and the CPU read the same memory."""
+    return (cuda and config.on_miss == "cpu" and config.run_ahead and config.cuda_graphs and config.device_table
+            and config.cpu_demand_share == 0.0)

@@ -11,7 +11,8 @@ import torch
 import runtime
 from runtime.cli import main
 from runtime.config import RuntimeConfig, load_config
-from runtime.miss_policy import CPU_LAYER_LATENCY_S, choose_on_miss, expected_misses
+from runtime.miss_policy import (CPU_LAYER_LATENCY_S, choose_on_miss, cpu_runs_ahead_without_prediction,
+                                 expected_misses)
 from tests.test_runtime import PROMPT, engine_logits, stock_logits
 from tests.tiny_models import tiny_model
 
@@ -75,3 +76,19 @@ def test_infer_says_what_auto_chose(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "none+fetch (auto: no GPU" in err
     assert json.loads(tel.read_text())["engine"]["on_miss"] == "fetch"
+
+
+def test_auto_prefetch_gives_way_to_a_cpu_step_queued_ahead():
+    """`prefetch: auto` predicts nothing where `cpu` decode on a GPU would run ahead without a
+    predictor; wherever something stops that step (no GPU, demand copies, eager decode) it
+    keeps its predictor."""
+    cpu = RuntimeConfig(on_miss="cpu")
+    assert cpu_runs_ahead_without_prediction(cpu, cuda=True)
+    assert not cpu_runs_ahead_without_prediction(cpu, cuda=False)
+    for change in (dict(on_miss="fetch"), dict(cpu_demand_share=None), dict(cpu_demand_share=0.25),
+                   dict(run_ahead=False), dict(cuda_graphs=False), dict(device_table=False)):
+        assert not cpu_runs_ahead_without_prediction(RuntimeConfig(**{"on_miss": "cpu", **change}), cuda=True), change
+    # off CUDA an auto-prefetch cpu engine keeps its predictor, as before
+    engine = runtime.from_model(tiny_model("qwen3_moe"), RuntimeConfig(device="cpu", max_context=64, on_miss="cpu"))
+    assert engine.info["prefetch"] == "current" and engine.moe.predictor is not None
+    engine.close()

@@ -491,12 +491,13 @@ def test_a_resident_step_predicts_beside_its_experts(prefetch):
 def test_auto_miss_policy_measures_both_channels_and_follows_its_rule():
     """`on_miss: auto` on CUDA, two layers of model A's shape at the minimum budget: the copy
     and CPU expert rates are measured on the store, the policy is the one the rule gives for
-    them, and the engine is built for it (a CPU part where it chose `cpu`)."""
+    them, and the engine is built for it (a CPU part where it chose `cpu`, with no predictor
+    and its steps queued ahead)."""
     from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape
     from runtime.build import parts_random
     from runtime.miss_policy import choose_on_miss, expected_misses
 
-    base = cfg(dtype="bf16", max_context=300, prefetch="none", on_miss="auto")
+    base = cfg(dtype="bf16", max_context=300, on_miss="auto")   # prefetch auto too
     parts = parts_random(qwen3_30b_shape(2), base, progress=False, embedding_std=EMBEDDING_STD)
     engine = runtime.configure(parts, base)
     info, spec = engine.info, engine.spec
@@ -507,7 +508,10 @@ def test_auto_miss_policy_measures_both_channels_and_follows_its_rule():
                           cpu_bytes_per_s=info["cpu_expert_bytes_per_s"])
     assert info["on_miss"] == engine.moe.on_miss == rule.on_miss
     assert (engine.moe.cpu is not None) == (rule.on_miss == "cpu")
+    # `cpu` then predicts nothing, and its steps are queued ahead of the CPU's parts
+    assert info["prefetch"] == ("none" if rule.on_miss == "cpu" else "current")
     engine.step(torch.randint(0, parts.model.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)))
     for t in (5, 6, 7):
         assert torch.isfinite(engine.step(torch.tensor([t]))[-1]).all()
+    assert engine.decode_graphs.run_ahead == (rule.on_miss == "cpu")
     engine.close()

@@ -1,0 +1,107 @@
+"""What `infer` runs when told nothing, against the modes it chooses between, on model A's shape.
+
+    python benchmarks/default_modes.py     # on a CUDA machine; writes benchmarks/results/default_modes.*
+
+`on_miss: auto` and `prefetch: auto`, the defaults, resolve on the machine they run on
+(runtime.miss_policy): `cpu` where the CPU computes a layer's expected misses sooner than
+PCIe copies them, with no predictor then (its whole step is queued ahead of the CPU's parts),
+else `fetch` with the router on the current state predicting. Beside them in the same run,
+each GPU budget: the default before `auto` (`current+fetch`), on-demand loading
+(`none+fetch`) and `none+cpu`. Model A is benchmarks/runtime_decode.py's (Qwen3-30B-A3B's
+shape, random weights, uniform routing), decoding the same forced random tokens after the
+same random prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.runtime_decode import EMBEDDING_STD, qwen3_30b_shape  # noqa: E402
+from runtime.bench import bench  # noqa: E402
+from runtime.build import parts_random  # noqa: E402
+from runtime.config import RuntimeConfig  # noqa: E402
+from specmoe.paths import REPO_ROOT  # noqa: E402
+
+COMPARED = ("current+fetch", "none+fetch", "none+cpu")
+
+
+def runs_for(base: RuntimeConfig, budgets: list[str]) -> tuple[list[RuntimeConfig], list[str | None]]:
+    """Per budget: the defaults (labelled by what they resolve to, after the run), then the rest."""
+    runs, labels = [], []
+    for budget in budgets:
+        runs.append(dataclasses.replace(base, gpu_expert_budget=budget))
+        labels.append(None)
+        for mode in COMPARED:
+            prefetch, on_miss = mode.split("+")
+            runs.append(dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
+            labels.append(mode)
+    return runs, labels
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"# What `infer` runs by default, on model A's shape\n", f"    {command}\n",
+             f"Model A with {result['layers']} layers, context {result['prompt_tokens']}, "
+             f"{result['decode_tokens'] - result['warmup']} decoded tokens timed after {result['warmup']} warm-up, "
+             f"{result['gpu']}; host-to-device copies {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s in the "
+             f"same run. Times are medians (p90 beside them).\n",
+             "| GPU expert budget | mode | ms/token median | p90 | against the previous default | why `auto` chose it |",
+             "|---|---|---|---|---|---|"]
+    by_budget: dict = {}
+    for r in result["modes"]:
+        by_budget.setdefault(r["gpu_expert_budget"], []).append(r)
+    for budget, rows in by_budget.items():
+        before = next(r["ms_per_token_median"] for r in rows if r["mode"] == "current+fetch" and not r.get("default"))
+        for r in rows:
+            auto = r["engine"].get("on_miss_auto")
+            name = f"defaults: {r['mode']}" if r.get("default") else r["mode"]
+            lines.append(f"| {budget} | {name} | {r['ms_per_token_median']:.2f} | {r['ms_per_token_p90']:.2f} "
+                         f"| {r['ms_per_token_median'] / before:.2f}x | {auto if r.get('default') and auto else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--decode", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--budgets", default="0,25%,50%")
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "default_modes"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("default_modes: needs a CUDA device (the defaults resolve differently without one)", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    base = RuntimeConfig(device="cuda", dtype="bf16", max_context=args.context + args.decode + 8)
+    parts = parts_random(qwen3_30b_shape(args.layers), base, progress=False, embedding_std=EMBEDDING_STD)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, parts.model.config.vocab_size, (args.context,), generator=gen)
+    forced = torch.randint(0, parts.model.config.vocab_size, (args.decode + 1,), generator=gen).tolist()
+    runs, labels = runs_for(base, [b for b in args.budgets.split(",") if b])
+    result = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=True, forced=forced)
+    for row, label in zip(result["modes"], labels):
+        row["default"] = label is None   # its mode is what the defaults resolved to
+    result.update({"layers": args.layers, "gpu": torch.cuda.get_device_name(),
+                   "seconds": time.perf_counter() - started})
+    command = "python benchmarks/default_modes.py " + " ".join(sys.argv[1:])
+    result["command"] = command.strip()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = markdown(result, result["command"])
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
