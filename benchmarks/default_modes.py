@@ -47,23 +47,36 @@ def runs_for(base: RuntimeConfig, budgets: list[str]) -> tuple[list[RuntimeConfi
     return runs, labels
 
 
+def floors_ms(row: dict, cpu_bytes_per_s: float | None) -> tuple[float, float | None]:
+    """The row's copy floor (bytes over PCIe per token / the copy bandwidth of the run) and CPU
+    floor (expert bytes the CPU computed per token / the CPU's rate `auto` measured)."""
+    cpu_bytes = (row.get("cpu_experts_per_token") or 0.0) * row["engine"]["expert_block_bytes"]
+    return row["copy_floor_ms"], (1e3 * cpu_bytes / cpu_bytes_per_s if cpu_bytes_per_s else None)
+
+
 def markdown(result: dict, command: str) -> str:
     lines = [f"# What `infer` runs by default, on model A's shape\n", f"    {command}\n",
              f"Model A with {result['layers']} layers, context {result['prompt_tokens']}, "
              f"{result['decode_tokens'] - result['warmup']} decoded tokens timed after {result['warmup']} warm-up, "
              f"{result['gpu']}; host-to-device copies {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s in the "
-             f"same run. Times are medians (p90 beside them).\n",
-             "| GPU expert budget | mode | ms/token median | p90 | against the previous default | why `auto` chose it |",
-             "|---|---|---|---|---|---|"]
+             f"same run. Times are medians (p90 beside them). Floors: the copy floor (bytes over PCIe per token / "
+             f"that bandwidth) and the CPU floor (expert bytes the CPU computed per token / the CPU's rate that "
+             f"`auto` measured at the same budget).\n",
+             "| GPU expert budget | mode | ms/token median | p90 | copy floor ms | CPU floor ms "
+             "| against the previous default | why `auto` chose it |",
+             "|---|---|---|---|---|---|---|---|"]
     by_budget: dict = {}
     for r in result["modes"]:
         by_budget.setdefault(r["gpu_expert_budget"], []).append(r)
     for budget, rows in by_budget.items():
         before = next(r["ms_per_token_median"] for r in rows if r["mode"] == "current+fetch" and not r.get("default"))
+        cpu_rate = next((r["engine"].get("cpu_expert_bytes_per_s") for r in rows if r.get("default")), None)
         for r in rows:
             auto = r["engine"].get("on_miss_auto")
             name = f"defaults: {r['mode']}" if r.get("default") else r["mode"]
+            copy_ms, cpu_ms = floors_ms(r, cpu_rate)
             lines.append(f"| {budget} | {name} | {r['ms_per_token_median']:.2f} | {r['ms_per_token_p90']:.2f} "
+                         f"| {copy_ms:.2f} | {'-' if cpu_ms is None else format(cpu_ms, '.2f')} "
                          f"| {r['ms_per_token_median'] / before:.2f}x | {auto if r.get('default') and auto else ''} |")
     return "\n".join(lines) + "\n"
 
