@@ -7,7 +7,8 @@
 PCIe copies them, with no predictor then (its whole step is queued ahead of the CPU's parts),
 else `fetch` with the router on the current state predicting. Beside them in the same run,
 each GPU budget: the default before `auto` (`current+fetch`), on-demand loading
-(`none+fetch`) and `none+cpu`. Model A is benchmarks/runtime_decode.py's (Qwen3-30B-A3B's
+(`none+fetch`), and `none+cpu` with and without the GPU reading a measured share of the
+misses in host memory (`host_read_share`, auto by default). Model A is benchmarks/runtime_decode.py's (Qwen3-30B-A3B's
 shape, random weights, uniform routing), decoding the same forced random tokens after the
 same random prompt.
 """
@@ -31,19 +32,22 @@ from runtime.build import parts_random  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from specmoe.paths import REPO_ROOT  # noqa: E402
 
-COMPARED = ("current+fetch", "none+fetch", "none+cpu")
+# (label, settings): each as a user sets it by hand, the rest of the settings at their defaults
+COMPARED = (("current+fetch", dict(prefetch="current", on_miss="fetch")),
+            ("none+fetch", dict(prefetch="none", on_miss="fetch")),
+            ("none+cpu", dict(prefetch="none", on_miss="cpu")),
+            ("none+cpu, no GPU reads", dict(prefetch="none", on_miss="cpu", host_read_share=0.0)))
 
 
 def runs_for(base: RuntimeConfig, budgets: list[str]) -> tuple[list[RuntimeConfig], list[str | None]]:
-    """Per budget: the defaults (labelled by what they resolve to, after the run), then the rest."""
+    """Per budget: the defaults (None: labelled by what they resolve to), then the rest."""
     runs, labels = [], []
     for budget in budgets:
         runs.append(dataclasses.replace(base, gpu_expert_budget=budget))
         labels.append(None)
-        for mode in COMPARED:
-            prefetch, on_miss = mode.split("+")
-            runs.append(dataclasses.replace(base, prefetch=prefetch, on_miss=on_miss, gpu_expert_budget=budget))
-            labels.append(mode)
+        for label, settings in COMPARED:
+            runs.append(dataclasses.replace(base, gpu_expert_budget=budget, **settings))
+            labels.append(label)
     return runs, labels
 
 
@@ -73,7 +77,9 @@ def markdown(result: dict, command: str) -> str:
         cpu_rate = next((r["engine"].get("cpu_expert_bytes_per_s") for r in rows if r.get("default")), None)
         for r in rows:
             auto = r["engine"].get("on_miss_auto")
-            name = f"defaults: {r['mode']}" if r.get("default") else r["mode"]
+            reads = r["engine"].get("host_read_share") or 0.0
+            name = (f"defaults: {r['mode']}" + (f", GPU reads {reads:.2f} of misses" if reads else "")
+                    if r.get("default") else r["mode"])
             copy_ms, cpu_ms = floors_ms(r, cpu_rate)
             lines.append(f"| {budget} | {name} | {r['ms_per_token_median']:.2f} | {r['ms_per_token_p90']:.2f} "
                          f"| {copy_ms:.2f} | {'-' if cpu_ms is None else format(cpu_ms, '.2f')} "
@@ -103,6 +109,7 @@ def main() -> int:
     result = bench(parts, base, runs, prompt, args.decode, args.warmup, progress=True, forced=forced)
     for row, label in zip(result["modes"], labels):
         row["default"] = label is None   # its mode is what the defaults resolved to
+        row["mode"] = label or row["mode"]
     result.update({"layers": args.layers, "gpu": torch.cuda.get_device_name(),
                    "seconds": time.perf_counter() - started})
     command = "python benchmarks/default_modes.py " + " ".join(sys.argv[1:])

@@ -68,7 +68,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-read-share", type=_share_or_auto, default=None,
                    help="exact decode: share of a layer's missed experts the GPU computes by reading their weights "
                         "in place in host memory over PCIe, beside the CPU (cpu) or the copies (fetch); auto: "
-                        "with --on-miss cpu, measured at start (default: 0)")
+                        "with --on-miss cpu on a GPU, measured at start; else 0 (default: auto)")
     p.add_argument("--cache-fill", default=None, choices=CACHE_FILLS,
                    help="what the expert slots hold after a prompt: prompt, each layer's experts it used most; "
                         "recent, what its last copies left, the last layers whole (default: prompt)")

@@ -53,8 +53,9 @@ def test_expected_misses_follow_the_budget_share():
 
 
 def test_auto_is_the_default_in_the_dataclass_and_the_yaml():
-    assert RuntimeConfig().on_miss == "auto"
-    assert load_config().on_miss == "auto"
+    for config in (RuntimeConfig(), load_config()):
+        assert config.on_miss == "auto" and config.prefetch == "auto"
+        assert config.host_read_share is None   # auto: measured with `cpu` on a GPU, else none
 
 
 def test_an_auto_engine_off_cuda_fetches_and_matches_stock():
