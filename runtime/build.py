@@ -196,8 +196,10 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
             setattr(moe, name, value if value is not None else split if streams.cuda else off_cuda)
         moe.adapt_copy_share = config.cpu_copy_share is None and streams.cuda
         moe.adapt_demand_share = config.cpu_demand_share is None and streams.cuda
+    host_read_measured = None
     if config.host_read_share is None and cpu is not None and streams.cuda and config.device_table:
-        moe.set_host_reads(_host_read_split(moe, device), whole=True)
+        host_read_measured = _host_read_split(moe, device)
+        moe.set_host_reads(HOST_READ_SHADE * host_read_measured, whole=True)
     elif config.host_read_share:
         if not config.device_table:
             raise SpecmoeError("host_read_share needs the device table (device_table: true)")
@@ -217,6 +219,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
                  "host_expert_bytes": store.nbytes, "total_experts": total, "device_table": config.device_table,
                  "compile": config.compile and streams.cuda and config.cuda_graphs,
                  "prefetch_window": config.prefetch_window, "host_read_share": moe.host_read_share,
+                 "host_read_measured": host_read_measured,
                  "cache_fill": config.cache_fill,
                  "cpu_copy_share": moe.cpu_copy_share if cpu is not None else None,
                  "cpu_demand_share": moe.cpu_demand_share if cpu is not None else None})
@@ -267,6 +270,15 @@ def _channel_rates(cpu, model, family, spec, store, device: torch.device) -> tup
     if cpu.telemetry is not None:
         cpu.telemetry.cpu_expert_seconds = 0.0
     return copy_bw, n * store.layout.block_bytes / statistics.median(times[1:])
+
+
+# `host_read_share: auto` gives the GPU this much of its measured part. Measured at start on
+# 8-expert calls, the part came to 0.31-0.43 in one run on the H200 machine (0.33 typically),
+# and 0.43 decoded model A slower than no reads at all (38.0 against 36.4 ms at the minimum
+# budget; 0.33: 31.2): inside a decode step the GPU's reads share the link and the host's
+# memory with more than the measurement saw. 0.75 of the usual part is the fixed 0.25 that
+# decoded fastest in every measured row (benchmarks/results/default_modes.md, runtime_decode.md).
+HOST_READ_SHADE = 0.75
 
 
 def _host_read_split(moe, device: torch.device) -> float:

@@ -193,7 +193,10 @@ def test_gpu_reads_experts_in_host_memory_and_stays_exact(family, on_miss, budge
 
 def test_auto_host_reads_measure_the_split_and_stay_exact():
     """`host_read_share: null` with `cpu` on CUDA: the split is measured at start (both channels
-    at once on this store) and the GPU takes whole misses by it; the stock forward's logits."""
+    at once on this store), shaded, and the GPU takes whole misses by it; the stock forward's
+    logits."""
+    from runtime.build import HOST_READ_SHADE
+
     ref = tiny_model("qwen3_moe").cuda()
     ids = torch.cat([PROMPT, torch.tensor([4, 8, 15, 16, 23, 42, 1, 3])])
     expected = stock_logits(ref, ids.cuda())
@@ -201,6 +204,7 @@ def test_auto_host_reads_measure_the_split_and_stay_exact():
                                                              host_read_share=None))
     share = engine.moe.host_read_share
     assert 0.0 <= share < 1.0 and engine.info["host_read_share"] == share
+    assert share == pytest.approx(HOST_READ_SHADE * engine.info["host_read_measured"])   # shaded
     got = engine_logits(engine, ids, prompt_len=len(PROMPT))
     engine.close()
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
