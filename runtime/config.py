@@ -55,9 +55,8 @@ class RuntimeConfig:
     run_ahead: bool = True
     # exact decode (graphed, device table): share of a layer's misses the GPU computes by reading their
     # weights in place in host memory over PCIe, beside the CPU (`cpu`) or the copies (`fetch`); None
-    # (`auto` on the command line): `cpu` on CUDA measures both channels at start and gives the GPU
-    # as many whole misses as it finishes no later than the CPU the rest (the default: on the H200
-    # machine 3-17% faster than none at budgets up to half); otherwise 0
+    # (`auto` on the command line, the default): `cpu` on CUDA measures both channels at start and
+    # gives the GPU whole misses by 0.75 of its part (runtime.build.HOST_READ_SHADE); otherwise 0
     host_read_share: float | None = None
     # grouped-query attention under `sdpa`: a decoded token attends with torch's grouped-query
     # kernel, without the copy of the KV cache per query head that the stock path makes
