@@ -47,7 +47,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
-    base = RuntimeConfig(device=args.device, dtype="bf16", estimators=est,
+    base = RuntimeConfig(device=args.device, dtype="bf16", estimators=est, host_read_share=0.0,
                          max_context=args.prompt_tokens + args.decode + 8)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.bfloat16)
     parts = parts_from_model(model, base, tokenizer=AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))

@@ -492,7 +492,9 @@ def model_b(args, out: dict, save=lambda: None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     est = str(REPO_ROOT / "checkpoints" / "demo-estimator-h1")
-    base = RuntimeConfig(device=args.device, dtype="bf16", estimators=est, max_context=args.demo_context + args.decode + 8)
+    # No GPU reads in model B's rows: each row is its mode alone, as in model A's (reads: own rows).
+    base = RuntimeConfig(device=args.device, dtype="bf16", estimators=est, max_context=args.demo_context + args.decode + 8,
+                         host_read_share=0.0)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.bfloat16)
     parts = parts_from_model(model, base, tokenizer=AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
     from runtime.cli import bench_prompt
