@@ -146,19 +146,7 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     measured = None   # (copy, CPU expert) bytes per second, measured once for whatever needs them
     auto_reason = None
     if config.on_miss == "auto":
-        # Decided before the predictor: the misses it expects depend on the budget's share only.
-        share = slots_for_budget(config.gpu_expert_budget, layout.block_bytes, total, spec.top_k,
-                                 lookahead_of(config), False, free)
-        if streams.cuda and share < total:
-            cpu = CpuExperts(family, store, config.cpu_threads or None, telemetry)
-            measured = _channel_rates(cpu, model, family, spec, store, device)
-        choice = choose_on_miss(cuda=streams.cuda, holds_every_expert=share >= total,
-                                misses_per_layer=expected_misses(spec.top_k, share, total),
-                                expert_bytes=layout.block_bytes, copy_bytes_per_s=measured and measured[0],
-                                cpu_bytes_per_s=measured and measured[1])
-        config, auto_reason = dataclasses.replace(config, on_miss=choice.on_miss), choice.reason
-        if choice.on_miss != "cpu":
-            cpu = None
+        config, cpu, measured, auto_reason = _resolve_on_miss(config, parts, streams, telemetry, total, free)
     prefetch = config.resolved_prefetch()
     lookahead = lookahead_of(config)
     if config.prefetch == "auto" and len(spec.moe_layers) <= lookahead:
@@ -231,6 +219,25 @@ def configure(parts: ModelParts, config: RuntimeConfig, *, recorded: RecordedRou
     engine.compile_mode = config.compile_mode
     engine.run_ahead = config.run_ahead
     return engine
+
+
+def _resolve_on_miss(config: RuntimeConfig, parts: ModelParts, streams: Streams, telemetry, total: int, free):
+    """`on_miss: auto` made `fetch` or `cpu` (runtime.miss_policy); returns the config with it, the
+    CPU experts (`cpu`), the measured (copy, CPU expert) rates or None, and why. Decided before
+    the predictor: the misses a layer can expect depend on the budget's share only."""
+    spec, store, layout = parts.spec, parts.store, parts.store.layout
+    share = slots_for_budget(config.gpu_expert_budget, layout.block_bytes, total, spec.top_k, lookahead_of(config),
+                             False, free)
+    cpu = measured = None
+    if streams.cuda and share < total:
+        cpu = CpuExperts(parts.family, store, config.cpu_threads or None, telemetry)
+        measured = _channel_rates(cpu, parts.model, parts.family, spec, store, parts.device)
+    choice = choose_on_miss(cuda=streams.cuda, holds_every_expert=share >= total,
+                            misses_per_layer=expected_misses(spec.top_k, share, total),
+                            expert_bytes=layout.block_bytes, copy_bytes_per_s=measured and measured[0],
+                            cpu_bytes_per_s=measured and measured[1])
+    return (dataclasses.replace(config, on_miss=choice.on_miss), cpu if choice.on_miss == "cpu" else None,
+            measured, choice.reason)
 
 
 def _cpu_call(cpu, experts_of, spec, store):
