@@ -3,8 +3,8 @@
 A layer's misses either cross PCIe to the GPU (`fetch`) or are computed by the CPU where
 they lie in host memory (`cpu`). Which is faster depends on the machine: on the H200
 machine's 16-core host the CPU's kernels read experts at about 95-115 GB/s against 54 GB/s
-of copies, and `cpu` decoded model A 2.5x faster than `fetch` at a quarter of its experts on
-the GPU (benchmarks/results/runtime_decode.md); a host with a few cores and a fast link turns
+of copies, and `cpu` decoded model A about twice as fast as `fetch` at a quarter of its experts
+on the GPU (benchmarks/results/runtime_decode.md); a host with a few cores and a fast link turns
 that around. Both rates are measured when the engine starts, on the model's own store.
 """
 
@@ -23,8 +23,6 @@ CPU_LAYER_LATENCY_S = 100e-6
 class MissPolicyChoice:
     on_miss: str                       # fetch | cpu
     reason: str                        # one line for a person
-    copy_bytes_per_s: float | None = None
-    cpu_bytes_per_s: float | None = None
 
 
 def choose_on_miss(*, cuda: bool, holds_every_expert: bool, misses_per_layer: float, expert_bytes: int,
@@ -45,7 +43,7 @@ def choose_on_miss(*, cuda: bool, holds_every_expert: bool, misses_per_layer: fl
     reason = (f"{misses_per_layer:.1f} misses a layer: the CPU {1e3 * cpu_s:.2f} ms "
               f"({cpu_bytes_per_s / 1e9:.1f} GB/s, {1e6 * CPU_LAYER_LATENCY_S:.0f} us of serial wait), "
               f"copies {1e3 * copy_s:.2f} ms ({copy_bytes_per_s / 1e9:.1f} GB/s)")
-    return MissPolicyChoice(on_miss, reason, copy_bytes_per_s, cpu_bytes_per_s)
+    return MissPolicyChoice(on_miss, reason)
 
 
 def expected_misses(top_k: int, slots: int, total_experts: int) -> float:
