@@ -99,7 +99,7 @@ def measure(parts, base: RuntimeConfig, budgets: list[str], prompt, forced: list
     result["thrown_away"] = result["modes"].pop(0)["mode"]
     for row, label in zip(result["modes"], labels):
         row["default"] = label is None   # its mode is what the defaults resolved to
-        row["mode"] = label or row["mode"]
+        row["mode"] = label or row["engine"]["prefetch"] + "+" + row["engine"]["on_miss"]
     return result
 
 

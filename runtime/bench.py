@@ -163,7 +163,10 @@ def run_mode(parts: ModelParts, config: RuntimeConfig, prompt: torch.Tensor, con
         tel.prefill_seconds = prefill
         tel.prompt_tokens = int(prompt.numel())
         summary = tel.summary()
-        summary["mode"] = f"{engine.info['prefetch']}+{engine.info['on_miss']}"   # auto: what it chose
+        ran = f"{engine.info['prefetch']}+{engine.info['on_miss']}"
+        asked = f"{config.prefetch}+{config.on_miss}"
+        # an `auto` part is named with what it resolved to on this machine
+        summary["mode"] = f"{asked} ({ran})" if "auto" in (config.prefetch, config.on_miss) else ran
         summary["gpu_expert_budget"] = config.gpu_expert_budget
         summary["engine"] = engine.info
         return summary

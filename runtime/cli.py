@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--telemetry", default=None, help="also write the telemetry as JSON to this file")
     _common(g)
     b = sub.add_parser("bench", help="modes side by side: time per token beside the copy floor")
-    b.add_argument("--modes", default="none+fetch,current+fetch,current+cpu,current+speculate",
+    b.add_argument("--modes", default="auto+auto,none+fetch,current+fetch,none+cpu,current+speculate",
                    help="PREFETCH+ON_MISS, comma-separated (default: %(default)s)")
     b.add_argument("--budgets", default="0", help="GPU expert budgets, comma-separated (default: %(default)s)")
     b.add_argument("--prompt-tokens", type=int, default=256, help="(default: %(default)s)")

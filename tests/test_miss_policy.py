@@ -93,3 +93,12 @@ def test_auto_prefetch_gives_way_to_a_cpu_step_queued_ahead():
     engine = runtime.from_model(tiny_model("qwen3_moe"), RuntimeConfig(device="cpu", max_context=64, on_miss="cpu"))
     assert engine.info["prefetch"] == "current" and engine.moe.predictor is not None
     engine.close()
+
+
+def test_infer_bench_names_an_auto_mode_with_what_it_resolved_to(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "cpu", "--modes", "auto+auto,none+cpu", "--prompt-tokens", "16",
+                 "--decode-tokens", "4", "--warmup", "1", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["mode"] for r in data["modes"]] == ["auto+auto (current+fetch)", "none+cpu"]
+    assert "| auto+auto (current+fetch) |" in (out / "bench.md").read_text()
