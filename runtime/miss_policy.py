@@ -2,7 +2,7 @@
 
 A layer's misses either cross PCIe to the GPU (`fetch`) or are computed by the CPU where
 they lie in host memory (`cpu`). Which is faster depends on the machine: on the H200
-machine's 16-core host the CPU's kernels read experts at about 95-115 GB/s against 54 GB/s
+machine's 16-core host the CPU's kernels read experts at about 76-115 GB/s against 54 GB/s
 of copies, and `cpu` decoded model A about twice as fast as `fetch` at a quarter of its experts
 on the GPU (benchmarks/results/runtime_decode.md); a host with a few cores and a fast link turns
 that around. Both rates are measured when the engine starts, on the model's own store.
