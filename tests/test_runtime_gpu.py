@@ -18,7 +18,9 @@ pytestmark = pytest.mark.gpu
 
 
 def cfg(**kw) -> RuntimeConfig:
-    base = dict(device="cuda", max_context=64)
+    # No GPU reads unless a test asks: measured at start, the split varies between engines, and
+    # tests compare engines bit for bit.
+    base = dict(device="cuda", max_context=64, host_read_share=0.0)
     base.update(kw)
     return RuntimeConfig(**base)
 
