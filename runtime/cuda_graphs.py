@@ -238,8 +238,7 @@ class DecodeGraphs:
         self._capture()
         # What all_resident needs besides every expert on the GPU, fixed once captured: every
         # MoE layer looks its experts up in the device table, any prediction is made in the graphs.
-        self._table_only = ((moe.predictor is None or self.graphable_prediction)
-                            and all(not self.host_fed(l) for l in moe.spec.moe_layers))
+        self._table_only = (moe.predictor is None or self.graphable_prediction) and self._every_layer_on_table()
 
     # ---------------------------------------------------------------- pieces (run eagerly to warm up, then captured)
 
@@ -502,9 +501,13 @@ class DecodeGraphs:
         inside the graphs, a device table at every MoE layer, and a budget that holds every
         expert (otherwise such a step never comes)."""
         moe = self.moe
-        return (self.graphable_prediction and bool(self.pred_ids)
-                and all(not self.host_fed(l) for l in moe.spec.moe_layers)
+        return (self.graphable_prediction and bool(self.pred_ids) and self._every_layer_on_table()
                 and moe.slots.num_slots >= len(moe.spec.moe_layers) * moe.spec.num_experts)
+
+    def _every_layer_on_table(self) -> bool:
+        """Every MoE layer's experts graph looks its slots up in the device table (none fed by
+        the host)."""
+        return all(not self.host_fed(l) for l in self.moe.spec.moe_layers)
 
     def _reading_layers(self) -> list[int]:
         return [l for l in self.moe.spec.moe_layers if not self.host_fed(l) and self.moe.host_reads(l) is not None]
@@ -523,17 +526,25 @@ class DecodeGraphs:
         decision between them: the device's own time for a step (meaningful when every
         expert is resident)."""
         times = []
-        graphs = self._resident_graphs if self._resident_graphs and self.all_resident() else self._graphs
+        graphs = self._replays(self.all_resident())
         for _ in range(warmup + repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for kind, l, g in graphs:
-                (self._experts_graph(l, g) if kind == "post" and graphs is self._graphs else g).replay()
+            for _, _, g in graphs:
+                g.replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         self._count = int(self.step_count.item())   # the prologue counted these replays
         return statistics.median(times[warmup:])
+
+    def _replays(self, resident: bool) -> list:
+        """(kind, layer, graph) a step replays with no host decision between them: with every
+        expert on the GPU (`resident`) the graphs of its own where captured; otherwise the
+        step's graphs, each experts graph without host reads where its layer misses nothing."""
+        if resident and self._resident_graphs is not None:
+            return self._resident_graphs
+        return [(kind, l, self._experts_graph(l, g) if kind == "post" else g) for kind, l, g in self._graphs]
 
     @property
     def predicts_beside_experts(self) -> bool:
@@ -609,9 +620,8 @@ class DecodeGraphs:
         queued at once decoded slower than that path (benchmarks/results/profile_decode_resident.md)."""
         streams, depth = self.moe.streams, self.resident_depth
         routed = deque()   # events after queued layers' pre graphs
-        own = self._resident_graphs   # their experts graphs read nothing in host memory already
-        for kind, l, g in own or self._graphs:
-            (self._experts_graph(l, g) if kind == "post" and not own else g).replay()
+        for kind, _, g in self._replays(resident=True):
+            g.replay()
             if depth and kind == "pre":
                 routed.append(streams.host_event())
             elif kind == "post" and len(routed) >= depth > 0:
