@@ -150,8 +150,9 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             with open(raw, "rb") as src, gzip.open(chrome_trace, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             raw.unlink()
-            chain = serial_chain(chrome_trace) if graphs.run_ahead else None
-            copies = copy_timeline(chrome_trace, moe.store.layout.block_bytes, 3)
+            events = read_trace(chrome_trace)
+            chain = serial_chain(events) if graphs.run_ahead else None
+            copies = copy_timeline(events, moe.store.layout.block_bytes, 3)
         else:
             chain = copies = None
         kernels = gpu_events(prof)
@@ -214,17 +215,21 @@ def profile_mode(parts, config, prompt, tokens, warmup, recorded, host_profile: 
             torch.cuda.empty_cache()
 
 
-def serial_chain(trace: Path) -> dict | None:
+def read_trace(trace: Path) -> list:
+    """The events of a profiled trace written with --chrome-trace (gzipped JSON)."""
+    import gzip
+
+    with gzip.open(trace) as f:
+        return json.load(f)["traceEvents"]
+
+
+def serial_chain(events: list) -> dict | None:
     """Medians over a queued `cpu` step's layers, from a profiled trace (--chrome-trace), in us:
     a layer's period (the routing of one layer landing in pinned memory to the next one's), the
     longest gap within it (the GPU waiting at the gate for the CPU's part), then the next layer's
     graph from its first kernel to its first staging copy (attention and routing), and the
     staging copies through the last (the step's count). The serial part of a CPU layer is the
-    last two. None where the trace has no staged routing."""
-    import gzip
-
-    with gzip.open(trace) as f:
-        events = json.load(f)["traceEvents"]
+    last two. `events`: read_trace's. None where the trace has no staged routing."""
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     # The count: an 8-byte device-to-host copy, the last a layer stages.
     counts = [i for i, e in enumerate(gpu) if e["cat"] == "gpu_memcpy" and "DtoH" in e["name"]
@@ -249,18 +254,14 @@ def serial_chain(trace: Path) -> dict | None:
     return {n: round(statistics.median(r[i] for r in rows), 1) for i, n in enumerate(names)} | {"layers": len(rows)}
 
 
-def copy_timeline(trace: Path, expert_bytes: int, steps: int) -> dict | None:
+def copy_timeline(events: list, expert_bytes: int, steps: int) -> dict | None:
     """Where the copy engine idles in a profiled trace (--chrome-trace) of `steps` steps: from the
     first expert copy to the last, the time some expert copy is running (streams overlapping
     counted once, per step), and the idle rest's gaps: the steps - 1 longest (the tokens' ends:
     the last layer, the logits and the next token's first layer before its first copy), short
     ones (under 20 us, a copy's own start) and longer ones (the copies running dry inside a
     step). The profiler slows the host's graph launches, so host-bound gaps read longer here
-    than they are unprofiled. None where the trace has no expert copy."""
-    import gzip
-
-    with gzip.open(trace) as f:
-        events = json.load(f)["traceEvents"]
+    than they are unprofiled. `events`: read_trace's. None where the trace has no expert copy."""
     copies = sorted(((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_memcpy"
                      and "HtoD" in e["name"] and e["args"].get("bytes") == expert_bytes))
     if not copies:

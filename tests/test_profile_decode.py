@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from benchmarks.profile_decode import copy_timeline, serial_chain
+from benchmarks.profile_decode import copy_timeline, read_trace, serial_chain
 
 
 def _kernel(ts, dur, name="k"):
@@ -50,7 +50,7 @@ def test_the_serial_chain_is_read_layer_by_layer_from_a_trace(tmp_path):
     trace = tmp_path / "t.trace.json.gz"
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events[::-1]}, f)   # any order: sorted by start
-    got = serial_chain(trace)
+    got = serial_chain(read_trace(trace))
     medians = [sorted(row[i] for row in expected)[1] for i in range(4)]
     assert got == {"period": round(medians[0], 1), "gate_gap": medians[1], "attention_and_routing": medians[2],
                    "staging": medians[3], "layers": 3}
@@ -61,7 +61,7 @@ def test_a_trace_with_no_staged_routing_gives_none(tmp_path):
     trace = tmp_path / "t.trace.json.gz"
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": [_kernel(0, 5), _copy(10, 2, 64)]}, f)
-    assert serial_chain(trace) is None
+    assert serial_chain(read_trace(trace)) is None
 
 
 def test_the_gpu_time_of_a_resident_step_counts_only_gpu_work():
@@ -89,7 +89,7 @@ def test_the_copy_timeline_counts_overlapping_copies_once_and_splits_the_gaps(tm
     trace = tmp_path / "t.trace.json.gz"
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
-    got = copy_timeline(trace, expert_bytes=100, steps=2)
+    got = copy_timeline(read_trace(trace), expert_bytes=100, steps=2)
     busy = 22 + 10 + 10 + 10 + 10
     assert got["copies_per_step"] == 3.5
     assert got["busy_ms_per_step"] == 1e-3 * busy / 2
@@ -98,7 +98,7 @@ def test_the_copy_timeline_counts_overlapping_copies_once_and_splits_the_gaps(tm
     assert got["short_gaps_per_step"] == 1 and got["idle_short_ms_per_step"] == 1e-3 * (3 + 5) / 2
     assert got["long_gaps_per_step"] == 0.5 and got["idle_long_ms_per_step"] == 1e-3 * 50 / 2
     assert got["long_gap_us_median"] == 50
-    assert copy_timeline(trace, expert_bytes=99, steps=2) is None
+    assert copy_timeline(read_trace(trace), expert_bytes=99, steps=2) is None
 
 
 def test_copy_streams_refuses_bad_counts_and_a_machine_without_cuda(monkeypatch, capsys):
